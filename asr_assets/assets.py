@@ -1,0 +1,202 @@
+"""The six partitioned assets. Thin: each reads its config, calls the stage function and reports metadata."""
+
+import dagster as dg
+from pydantic import Field
+
+from asr_assets import layout
+from asr_assets.distill import (
+    EmptyText,
+    HallucinationPhrase,
+    LowConfidence,
+    NoSpeech,
+    PackSettings,
+    RepetitionLoop,
+    SpeakingRate,
+    TooLong,
+    TooShort,
+    distill_shard,
+)
+from asr_assets.pool import default_workers
+from asr_assets.stages import (
+    DecodeSettings,
+    PoolSettings,
+    StageReport,
+    TranscribeSettings,
+    build_index,
+    decode_shard,
+    features_shard,
+    transcribe_shard,
+    vad_shard,
+)
+from asr_assets.stages import PackSettings as AudioPackSettings
+from asr_assets.vad import VadParams, silero_model_path
+from partitions import NUM_SHARDS, shard_partitions
+from resources.storage import StorageResource
+from resources.teachers import TeacherResource
+
+GROUP = "asr"
+
+
+class PoolConfig(dg.Config):
+    workers: int = Field(default=0, description="Worker processes; 0 uses every usable CPU.")
+    timeout_s: float = Field(default=600.0, description="Per-item time limit; a worker past it is killed.")
+
+    def pool(self) -> PoolSettings:
+        return PoolSettings(workers=self.workers or default_workers(), timeout_s=self.timeout_s)
+
+
+class AudioWavConfig(PoolConfig):
+    max_file_mb: float = Field(default=4096.0, description="Larger files are dead-lettered (TooLarge) undecoded.")
+    max_duration_h: float = Field(default=6.0, description="Longer audio is dead-lettered (TooLong).")
+
+
+class VadConfig(PoolConfig):
+    threshold: float = Field(default=0.5, description="Speech probability threshold.")
+    min_speech_ms: int = Field(default=250, description="Shorter speech runs are dropped.")
+    min_silence_ms: int = Field(default=500, description="Pauses shorter than this stay inside a segment.")
+    speech_pad_ms: int = Field(
+        default=100, description="Padding on each side of a segment (100 ms measured best for WER)."
+    )
+    max_segment_s: float = Field(default=30.0, description="Segments are split to at most this (teacher window).")
+    merge_gap_s: float = Field(
+        default=0.0, description="Merge neighbouring segments across pauses up to this long (within max_segment_s)."
+    )
+
+    def params(self) -> VadParams:
+        return VadParams(
+            threshold=self.threshold,
+            min_speech_ms=self.min_speech_ms,
+            min_silence_ms=self.min_silence_ms,
+            speech_pad_ms=self.speech_pad_ms,
+            max_segment_s=self.max_segment_s,
+            merge_gap_s=self.merge_gap_s,
+        )
+
+
+class FeaturesConfig(PoolConfig):
+    part_max_hours: float = Field(default=4.0, description="Packed FLAC parts roll over at this much audio.")
+
+
+class TranscriptsConfig(dg.Config):
+    wave_size: int = Field(default=256, description="Segments read and checkpointed together (bounds memory).")
+    batch_size: int = Field(default=16, description="Segments per teacher call.")
+
+
+class DistilledConfig(dg.Config):
+    min_duration_s: float = Field(default=0.5, description="too_short below this.")
+    max_duration_s: float = Field(default=30.0, description="too_long above this.")
+    max_compression_ratio: float = Field(default=2.4, description="repetition above this zlib ratio.")
+    max_repeats: int = Field(default=4, description="repetition when an n-gram repeats this many times in a row.")
+    min_avg_logprob: float = Field(default=-1.0, description="low_confidence below this mean token logprob.")
+    no_speech_prob: float = Field(default=0.6, description="no_speech above this (with logprob below -1).")
+    min_chars_per_s: float = Field(default=2.0, description="speaking_rate below this.")
+    max_chars_per_s: float = Field(default=30.0, description="speaking_rate above this.")
+    target_tar_mb: float = Field(default=256.0, description="WebDataset tar shards roll over at this size.")
+
+    def rules(self) -> list:
+        return [
+            EmptyText(),
+            TooShort(self.min_duration_s),
+            TooLong(self.max_duration_s),
+            HallucinationPhrase(),
+            RepetitionLoop(self.max_compression_ratio, self.max_repeats),
+            NoSpeech(self.no_speech_prob),
+            LowConfidence(self.min_avg_logprob),
+            SpeakingRate(self.min_chars_per_s, self.max_chars_per_s),
+        ]
+
+
+def _metadata(report: StageReport, unit: str) -> dict:
+    rate = report.processed / report.seconds if report.seconds else 0.0
+    meta: dict = {
+        f"{unit}_processed": report.processed,
+        f"{unit}_succeeded": report.succeeded,
+        f"{unit}_failed": report.failed,
+        "errors_by_kind": dict(report.errors),
+        "audio_hours": round(report.audio_s / 3600, 4),
+        f"{unit}_per_s": round(rate, 2),
+        "x_realtime": round(report.audio_s / report.seconds, 1) if report.seconds else 0.0,
+        "seconds": round(report.seconds, 2),
+        "outputs": dg.MetadataValue.json(report.outputs[:50]),
+    }
+    for name, value in report.totals.items():
+        meta[f"shard_{name}"] = round(value, 4) if isinstance(value, float) else value
+    return meta
+
+
+@dg.asset(partitions_def=shard_partitions, group_name=GROUP, kinds={"parquet"})
+def media_index(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
+    """The shard's media objects (one row each: media_id, uri, size, mtime, extension), appended as new ones appear."""
+    out = storage.output()
+    layout.check_dataset(out, NUM_SHARDS)
+    report = build_index(storage.source(), out, context.partition_key, NUM_SHARDS)
+    context.log.info(f"{context.partition_key}: {report.processed} new media, {report.totals['media']} in the shard")
+    return dg.MaterializeResult(
+        metadata=_metadata(report, "media") | {"path": out.uri_of(layout.index_key(context.partition_key))}
+    )
+
+
+@dg.asset(partitions_def=shard_partitions, group_name=GROUP, deps=[media_index], kinds={"ffmpeg"})
+def audio_wav(
+    context: dg.AssetExecutionContext, config: AudioWavConfig, storage: StorageResource
+) -> dg.MaterializeResult:
+    """Every indexed media object probed and decoded to 16 kHz mono FLAC, or dead-lettered with the reason."""
+    out = storage.output()
+    settings = DecodeSettings(int(config.max_file_mb * 1024 * 1024), config.max_duration_h * 3600)
+    report = decode_shard(storage.source(), out, context.partition_key, settings, config.pool())
+    context.log.info(
+        f"{context.partition_key}: decoded {report.succeeded}, failed {report.failed} {dict(report.errors)}"
+    )
+    return dg.MaterializeResult(metadata=_metadata(report, "media"))
+
+
+@dg.asset(partitions_def=shard_partitions, group_name=GROUP, deps=[audio_wav], kinds={"onnx"})
+def vad_segments(
+    context: dg.AssetExecutionContext, config: VadConfig, storage: StorageResource
+) -> dg.MaterializeResult:
+    """Speech segments (at most 30 s) found by Silero VAD, with the model hash and parameters."""
+    out = storage.output()
+    report = vad_shard(out, context.partition_key, config.params(), silero_model_path(), config.pool())
+    return dg.MaterializeResult(metadata=_metadata(report, "media") | {"vad_params": config.params().to_json()})
+
+
+@dg.asset(partitions_def=shard_partitions, group_name=GROUP, deps=[vad_segments], kinds={"flac"})
+def segment_features(
+    context: dg.AssetExecutionContext, config: FeaturesConfig, storage: StorageResource
+) -> dg.MaterializeResult:
+    """Each segment cut, measured (levels, clipping, SNR, VAD stats) and packed into the shard's FLAC parts."""
+    out = storage.output()
+    report = features_shard(out, context.partition_key, AudioPackSettings(config.part_max_hours * 3600), config.pool())
+    return dg.MaterializeResult(metadata=_metadata(report, "segments"))
+
+
+@dg.asset(partitions_def=shard_partitions, group_name=GROUP, deps=[segment_features], kinds={"python"})
+def transcripts(
+    context: dg.AssetExecutionContext, config: TranscriptsConfig, storage: StorageResource, teacher: TeacherResource
+) -> dg.MaterializeResult:
+    """Teacher labels for every segment, written in parts as they complete (a killed step resumes)."""
+    out = storage.output()
+
+    def progress(report: StageReport) -> None:
+        context.log.info(
+            f"{context.partition_key}: {report.succeeded} labelled, {report.failed} failed, "
+            f"{report.audio_s / max(report.seconds, 1e-9):.1f}x realtime"
+        )
+
+    settings = TranscribeSettings(config.wave_size, config.batch_size, teacher.language)
+    report = transcribe_shard(out, context.partition_key, teacher.load, settings, on_wave=progress)
+    return dg.MaterializeResult(metadata=_metadata(report, "segments") | {"teacher_engine": teacher.engine})
+
+
+@dg.asset(partitions_def=shard_partitions, group_name=GROUP, deps=[transcripts], kinds={"webdataset"})
+def distilled_dataset(
+    context: dg.AssetExecutionContext, config: DistilledConfig, storage: StorageResource
+) -> dg.MaterializeResult:
+    """Filtered labels packed as WebDataset tars, a Parquet manifest, and per-file transcripts (JSONL)."""
+    out = storage.output()
+    pack = PackSettings(int(config.target_tar_mb * 1024 * 1024))
+    report = distill_shard(out, context.partition_key, config.rules(), pack)
+    meta = _metadata(report, "segments")
+    meta["dropped_by_reason"] = dict(report.errors)
+    meta["files_jsonl"] = out.uri_of(layout.files_key(context.partition_key))
+    return dg.MaterializeResult(metadata=meta)

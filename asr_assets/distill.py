@@ -1,0 +1,489 @@
+"""Filter teacher labels and pack the kept segments for trainers (``distilled_dataset``).
+
+Each filter is a small named rule with its parameters; rules run in a fixed order, a segment is dropped by the first
+rule that fires, and every rule that would have fired is recorded too. Kept segments are packed as WebDataset tar
+shards (``{key}.flac`` + ``{key}.json``) with deterministic bytes, plus a Parquet manifest and per-file transcripts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import tarfile
+import time
+import unicodedata
+from abc import ABC, abstractmethod
+from collections import Counter
+from dataclasses import asdict, dataclass
+from typing import ClassVar
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import soundfile as sf
+
+from asr_assets import layout
+from asr_assets.media import read_audio
+from asr_assets.records import (
+    AUDIO_SCHEMA,
+    DECISION_SCHEMA,
+    FEATURE_SCHEMA,
+    MEDIA_SCHEMA,
+    SAMPLE_RATE,
+    SEGMENT_SCHEMA,
+    VAD_MEDIA_SCHEMA,
+    DecisionRow,
+    to_table,
+)
+from asr_assets.stages import StageReport, read_transcripts
+from resources.storage import ObjectStore, read_table, write_table
+
+FILTER_VERSION = "filters-v1"
+
+# The dataset manifest (distilled/{shard}.parquet): one row per kept segment, the same fields as its {key}.json plus
+# the tar that holds it.
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("tar_key", pa.string()),
+        ("text", pa.string()),
+        ("language", pa.string()),
+        ("duration", pa.float64()),
+        ("source_uri", pa.string()),
+        ("media_id", pa.string()),
+        ("start", pa.float64()),
+        ("end", pa.float64()),
+        ("avg_logprob", pa.float32()),
+        ("no_speech_prob", pa.float32()),
+        ("teacher_model", pa.string()),
+        ("teacher_engine", pa.string()),
+        ("teacher_settings_hash", pa.string()),
+        ("prompt_version", pa.string()),
+        ("vad_model_sha256", pa.string()),
+        ("vad_params", pa.string()),
+        ("filter_version", pa.string()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One transcribed segment with the signals the rules look at.
+
+    Attributes:
+        segment_id: the segment.
+        text: teacher transcript.
+        duration_s: segment length in seconds.
+        rms_dbfs: segment level in dBFS.
+        avg_logprob: mean token log probability (None when no tokens).
+        no_speech_prob: engine's no-speech probability (None when the engine has none).
+        compression_ratio: zlib ratio of the text (None for empty text).
+        finish_reason: ``stop`` or ``length``.
+    """
+
+    segment_id: str
+    text: str
+    duration_s: float
+    rms_dbfs: float
+    avg_logprob: float | None
+    no_speech_prob: float | None
+    compression_ratio: float | None
+    finish_reason: str
+
+
+def normalize_text(text: str) -> str:
+    """Lower case, punctuation removed, whitespace collapsed (for phrase matching and WER)."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    text = "".join(ch if (ch.isalnum() or ch.isspace() or ch == "'") else " " for ch in text)
+    return " ".join(text.replace("'", "").split())
+
+
+class Rule(ABC):
+    """A filter: ``drops`` says whether the candidate should be removed, ``name`` is the recorded reason."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def drops(self, c: Candidate) -> bool:
+        """True when this rule removes the candidate."""
+
+
+@dataclass(frozen=True)
+class EmptyText(Rule):
+    """No letters or digits at all (empty or punctuation-only)."""
+
+    name: ClassVar[str] = "empty_text"
+
+    def drops(self, c: Candidate) -> bool:
+        return not any(ch.isalnum() for ch in c.text)
+
+
+@dataclass(frozen=True)
+class TooShort(Rule):
+    """Shorter than ``min_s`` seconds: fragments carry little signal and attract hallucinations."""
+
+    min_s: float = 0.5
+    name: ClassVar[str] = "too_short"
+
+    def drops(self, c: Candidate) -> bool:
+        return c.duration_s < self.min_s
+
+
+@dataclass(frozen=True)
+class TooLong(Rule):
+    """Longer than ``max_s`` seconds: past the teacher's window, so the label is likely truncated."""
+
+    max_s: float = 30.0
+    name: ClassVar[str] = "too_long"
+
+    def drops(self, c: Candidate) -> bool:
+        return c.duration_s > self.max_s + 1e-6
+
+
+HALLUCINATION_PHRASES = (
+    "you",
+    "thank you",
+    "thank you very much",
+    "thanks for watching",
+    "thank you for watching",
+    "please subscribe",
+    "subtitles by the amaraorg community",
+    "bye",
+)
+
+
+@dataclass(frozen=True)
+class HallucinationPhrase(Rule):
+    """A phrase Whisper-style teachers emit on silence or noise, when the audio is short, quiet or judged non-speech."""
+
+    phrases: tuple[str, ...] = HALLUCINATION_PHRASES
+    max_duration_s: float = 2.0
+    max_rms_dbfs: float = -45.0
+    min_no_speech_prob: float = 0.5
+    name: ClassVar[str] = "hallucination_phrase"
+
+    def drops(self, c: Candidate) -> bool:
+        if normalize_text(c.text) not in self.phrases:
+            return False
+        suspicious_audio = c.duration_s <= self.max_duration_s or c.rms_dbfs <= self.max_rms_dbfs
+        return suspicious_audio or (c.no_speech_prob or 0.0) >= self.min_no_speech_prob
+
+
+_REPEAT = re.compile(r"\b(\w+(?:\W+\w+){0,3}?)(?:\W+\1\b){%d,}", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class RepetitionLoop(Rule):
+    """A decoding loop: highly compressible text, a 1-4 word n-gram repeated back to back, or a ``length`` finish."""
+
+    max_compression_ratio: float = 2.4
+    max_repeats: int = 4
+    name: ClassVar[str] = "repetition"
+
+    def drops(self, c: Candidate) -> bool:
+        if c.finish_reason == "length":
+            return True
+        if c.compression_ratio is not None and c.compression_ratio > self.max_compression_ratio:
+            return True
+        pattern = re.compile(_REPEAT.pattern % self.max_repeats, re.IGNORECASE)
+        return pattern.search(c.text) is not None
+
+
+@dataclass(frozen=True)
+class NoSpeech(Rule):
+    """Whisper's own no-speech rule: high no-speech probability together with low confidence."""
+
+    min_no_speech_prob: float = 0.6
+    max_avg_logprob: float = -1.0
+    name: ClassVar[str] = "no_speech"
+
+    def drops(self, c: Candidate) -> bool:
+        if c.no_speech_prob is None or c.avg_logprob is None:
+            return False
+        return c.no_speech_prob > self.min_no_speech_prob and c.avg_logprob < self.max_avg_logprob
+
+
+@dataclass(frozen=True)
+class LowConfidence(Rule):
+    """Mean token log probability below ``min_avg_logprob``."""
+
+    min_avg_logprob: float = -1.0
+    name: ClassVar[str] = "low_confidence"
+
+    def drops(self, c: Candidate) -> bool:
+        return c.avg_logprob is None or c.avg_logprob < self.min_avg_logprob
+
+
+@dataclass(frozen=True)
+class SpeakingRate(Rule):
+    """Characters (letters and digits) per second outside ``[min_cps, max_cps]``: truncated or invented text."""
+
+    min_cps: float = 2.0
+    max_cps: float = 30.0
+    name: ClassVar[str] = "speaking_rate"
+
+    def drops(self, c: Candidate) -> bool:
+        chars = sum(ch.isalnum() for ch in c.text)
+        cps = chars / max(c.duration_s, 1e-3)
+        return not self.min_cps <= cps <= self.max_cps
+
+
+def apply_rules(rules: list[Rule], c: Candidate) -> list[str]:
+    """The names of every rule that drops the candidate, in rule order (empty: kept)."""
+    return [rule.name for rule in rules if rule.drops(c)]
+
+
+@dataclass(frozen=True)
+class PackSettings:
+    """WebDataset packing: a new tar starts once the current one reaches ``target_tar_bytes``."""
+
+    target_tar_bytes: int = 256 * 1024 * 1024
+
+
+def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    # Fixed metadata so the same samples give byte-identical tars on every run.
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def flac_bytes(pcm_float) -> bytes:
+    """16-bit FLAC of 16 kHz mono float samples."""
+    buf = io.BytesIO()
+    sf.write(buf, pcm_float, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def distill_shard(out: ObjectStore, shard: str, rules: list[Rule], pack: PackSettings) -> StageReport:
+    """Applies the rules to every transcript of the shard and rebuilds its dataset files when the inputs changed.
+
+    The outputs depend on the whole shard (tar boundaries, per-file texts), so they are rebuilt as a unit; a
+    fingerprint of the inputs and settings makes an unchanged re-run a no-op.
+    """
+    started = time.perf_counter()
+    report = StageReport()
+    index = read_table(out, layout.index_key(shard), MEDIA_SCHEMA)
+    audio = read_table(out, layout.audio_manifest_key(shard), AUDIO_SCHEMA)
+    vad_media = read_table(out, layout.vad_media_key(shard), VAD_MEDIA_SCHEMA)
+    segments = read_table(out, layout.segments_key(shard), SEGMENT_SCHEMA)
+    features = read_table(out, layout.features_key(shard), FEATURE_SCHEMA)
+    transcripts = read_transcripts(out, shard).sort_by("segment_id")
+    dead = {stage: layout.read_dead_letters(out, stage, shard) for stage in layout.STAGES}
+
+    fingerprint = _fingerprint(index, audio, vad_media, segments, transcripts, dead, rules, pack)
+    state_key = layout.distilled_state_key(shard)
+    if out.exists(state_key) and json.loads(out.read_bytes(state_key))["fingerprint"] == fingerprint:
+        report.totals = json.loads(out.read_bytes(state_key))["totals"]
+        report.seconds = time.perf_counter() - started
+        return report
+
+    feats = {r["segment_id"]: r for r in features.to_pylist()}
+    segs = {r["segment_id"]: r for r in segments.to_pylist()}
+    uris = dict(zip(index["media_id"].to_pylist(), index["uri"].to_pylist(), strict=True))
+    decisions: list[DecisionRow] = []
+    kept_rows: list[dict] = []
+    scratch = out.scratch_dir()
+    tar_keys: list[str] = []
+    tar = None
+    tar_path = None
+
+    def close_tar() -> None:
+        nonlocal tar
+        if tar is not None:
+            tar.close()
+            out.put_file(tar_keys[-1], tar_path)
+            tar = None
+
+    try:
+        for t in transcripts.to_pylist():
+            f = feats[t["segment_id"]]
+            cand = Candidate(
+                segment_id=t["segment_id"],
+                text=t["text"],
+                duration_s=f["duration_s"],
+                rms_dbfs=f["rms_dbfs"],
+                avg_logprob=t["avg_logprob"],
+                no_speech_prob=t["no_speech_prob"],
+                compression_ratio=t["compression_ratio"],
+                finish_reason=t["finish_reason"],
+            )
+            would = apply_rules(rules, cand)
+            if would:
+                decisions.append(DecisionRow(t["segment_id"], t["media_id"], False, would[0], would, None))
+                report.fail(would[0])
+                continue
+            if tar is None:
+                tar_keys.append(layout.distilled_tar_key(shard, len(tar_keys)))
+                tar_path = scratch / f"{shard}-{len(tar_keys) - 1:06d}.tar"
+                # Open across loop iterations (a tar spans many samples); closed by close_tar or the except below.
+                tar = tarfile.open(tar_path, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
+            seg = segs[t["segment_id"]]
+            sample = _sample_json(t, f, seg, uris[t["media_id"]])
+            _tar_member(
+                tar,
+                f"{t['segment_id']}.flac",
+                flac_bytes(read_audio(out.local_path(f["audio_key"]), f["audio_offset"], f["audio_frames"])),
+            )
+            _tar_member(tar, f"{t['segment_id']}.json", json.dumps(sample, sort_keys=True, ensure_ascii=False).encode())
+            decisions.append(DecisionRow(t["segment_id"], t["media_id"], True, None, [], tar_keys[-1]))
+            kept_rows.append({**sample, "tar_key": tar_keys[-1]})
+            report.ok(f["duration_s"])
+            if tar_path.stat().st_size >= pack.target_tar_bytes:
+                close_tar()
+        close_tar()
+    except BaseException:
+        if tar is not None:
+            tar.close()
+            tar_path.unlink(missing_ok=True)
+        raise
+
+    # Tars from an earlier, larger build of this shard are no longer part of it.
+    for info in list(out.list(f"distilled/{shard}/")):
+        if info.key not in tar_keys:
+            out.delete(info.key)
+    write_table(out, layout.decisions_key(shard), to_table(decisions, DECISION_SCHEMA))
+    write_table(out, layout.distilled_manifest_key(shard), _manifest_table(kept_rows))
+    out.put_bytes(
+        layout.files_key(shard), _files_jsonl(index, audio, vad_media, segments, transcripts, decisions, dead)
+    )
+    report.totals = {
+        "transcribed": transcripts.num_rows,
+        "kept": len(kept_rows),
+        "dropped": transcripts.num_rows - len(kept_rows),
+        "kept_hours": sum(r["duration"] for r in kept_rows) / 3600,
+        "tars": len(tar_keys),
+    }
+    report.outputs = [
+        *tar_keys,
+        layout.distilled_manifest_key(shard),
+        layout.decisions_key(shard),
+        layout.files_key(shard),
+    ]
+    out.put_bytes(state_key, json.dumps({"fingerprint": fingerprint, "totals": report.totals}).encode())
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _sample_json(t: dict, f: dict, seg: dict, uri: str) -> dict:
+    return {
+        "key": t["segment_id"],
+        "text": t["text"],
+        "language": t["language"],
+        "duration": f["duration_s"],
+        "source_uri": uri,
+        "media_id": t["media_id"],
+        "start": f["start_s"],
+        "end": f["end_s"],
+        "avg_logprob": t["avg_logprob"],
+        "no_speech_prob": t["no_speech_prob"],
+        "teacher_model": t["model_id"],
+        "teacher_engine": t["engine"],
+        "teacher_settings_hash": t["settings_hash"],
+        "prompt_version": t["prompt_version"],
+        "vad_model_sha256": seg["vad_model_sha256"],
+        "vad_params": seg["vad_params"],
+        "filter_version": FILTER_VERSION,
+    }
+
+
+def _manifest_table(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(
+        [{name: r[name] for name in MANIFEST_SCHEMA.names} for r in rows], schema=MANIFEST_SCHEMA
+    )
+
+
+def _fingerprint(index, audio, vad_media, segments, transcripts, dead, rules, pack) -> str:
+    h = hashlib.sha256()
+    for table, column in (
+        (index, "media_id"),
+        (audio, "media_id"),
+        (vad_media, "media_id"),
+        (segments, "segment_id"),
+        (transcripts, "segment_id"),
+        (transcripts, "settings_hash"),
+    ):
+        h.update(json.dumps(sorted(table[column].to_pylist())).encode())
+    for stage in sorted(dead):
+        h.update(json.dumps([stage, sorted(dead[stage]["item_id"].to_pylist())]).encode())
+    h.update(json.dumps([FILTER_VERSION, [(r.name, asdict(r)) for r in rules], asdict(pack)], default=str).encode())
+    return h.hexdigest()
+
+
+def _files_jsonl(index, audio, vad_media, segments, transcripts, decisions, dead) -> bytes:
+    """One line per indexed media object: its outcome, its segments in time order and the kept full text."""
+    failed: dict[str, dict] = {}
+    for stage in ("audio_wav", "vad_segments"):
+        for r in dead[stage].to_pylist():
+            failed.setdefault(r["item_id"], {"stage": stage, "error_class": r["error_class"], "error": r["message"]})
+    seg_failed = {
+        r["item_id"]: f"failed:{stage}"
+        for stage in ("segment_features", "transcripts")
+        for r in dead[stage].to_pylist()
+    }
+    durations = dict(zip(audio["media_id"].to_pylist(), audio["duration_s"].to_pylist(), strict=True))
+    vad_done = set(vad_media["media_id"].to_pylist())
+    texts = {r["segment_id"]: r for r in transcripts.select(["segment_id", "text", "avg_logprob"]).to_pylist()}
+    decided = {d.segment_id: d for d in decisions}
+    by_media: dict[str, list[dict]] = {}
+    for s in segments.sort_by([("media_id", "ascending"), ("index", "ascending")]).to_pylist():
+        d = decided.get(s["segment_id"])
+        status = ("kept" if d.kept else f"dropped:{d.drop_reason}") if d else seg_failed.get(s["segment_id"], "pending")
+        t = texts.get(s["segment_id"], {})
+        by_media.setdefault(s["media_id"], []).append(
+            {
+                "segment_id": s["segment_id"],
+                "start": round(s["start_s"], 3),
+                "end": round(s["end_s"], 3),
+                "text": t.get("text"),
+                "avg_logprob": t.get("avg_logprob"),
+                "status": status,
+            }
+        )
+    lines = []
+    for m in index.sort_by("uri").to_pylist():
+        segs = by_media.get(m["media_id"], [])
+        if m["media_id"] in failed:
+            outcome = "failed"
+        elif m["media_id"] not in vad_done:
+            outcome = "pending"
+        elif not segs:
+            outcome = "no_speech"
+        else:
+            outcome = "transcribed"
+        line = {
+            "media_id": m["media_id"],
+            "uri": m["uri"],
+            "outcome": outcome,
+            "duration_s": durations.get(m["media_id"]),
+            "text": " ".join(s["text"] for s in segs if s["status"] == "kept" and s["text"]),
+            "segments": segs,
+        }
+        if outcome == "failed":
+            line["failure"] = failed[m["media_id"]]
+        lines.append(json.dumps(line, ensure_ascii=False, sort_keys=True))
+    return ("\n".join(lines) + "\n").encode() if lines else b""
+
+
+def drop_counts(decisions: pa.Table) -> dict[str, int]:
+    """Dropped segments by first reason."""
+    dropped = decisions.filter(pc.invert(decisions["kept"]))
+    return dict(Counter(dropped["drop_reason"].to_pylist()))
+
+
+def default_rules() -> list[Rule]:
+    """The rule set in its fixed order, with default parameters."""
+    return [
+        EmptyText(),
+        TooShort(),
+        TooLong(),
+        HallucinationPhrase(),
+        RepetitionLoop(),
+        NoSpeech(),
+        LowConfidence(),
+        SpeakingRate(),
+    ]

@@ -1,0 +1,110 @@
+"""Where every output lives under the output root (DESIGN §6), and the dead-letter table shared by all stages."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from asr_assets.records import DEAD_LETTER_SCHEMA, DeadLetterRow, to_table
+from resources.storage import ObjectStore, read_table, write_table
+
+DATASET_KEY = "dataset.json"
+# Stages that dead-letter items, in pipeline order.
+STAGES = ("audio_wav", "vad_segments", "segment_features", "transcripts")
+
+
+def index_key(shard: str) -> str:
+    return f"index/{shard}.parquet"
+
+
+def audio_manifest_key(shard: str) -> str:
+    return f"audio_wav/{shard}.parquet"
+
+
+def audio_key(shard: str, media_id: str) -> str:
+    return f"audio_wav/{shard}/{media_id}.flac"
+
+
+def segments_key(shard: str) -> str:
+    return f"vad_segments/{shard}.parquet"
+
+
+def vad_media_key(shard: str) -> str:
+    return f"vad_segments/{shard}.media.parquet"
+
+
+def features_key(shard: str) -> str:
+    return f"segment_features/{shard}.parquet"
+
+
+def packed_audio_key(shard: str, part: int) -> str:
+    return f"segment_features/{shard}/part-{part:05d}.flac"
+
+
+def transcripts_prefix(shard: str) -> str:
+    return f"transcripts/{shard}/"
+
+
+def transcript_part_key(shard: str, part: int) -> str:
+    return f"transcripts/{shard}/part-{part:05d}.parquet"
+
+
+def distilled_tar_key(shard: str, n: int) -> str:
+    return f"distilled/{shard}/{n:06d}.tar"
+
+
+def distilled_manifest_key(shard: str) -> str:
+    return f"distilled/{shard}.parquet"
+
+
+def decisions_key(shard: str) -> str:
+    return f"distilled/{shard}.decisions.parquet"
+
+
+def files_key(shard: str) -> str:
+    return f"distilled/{shard}.files.jsonl"
+
+
+def distilled_state_key(shard: str) -> str:
+    return f"distilled/{shard}.state.json"
+
+
+def dead_letter_key(stage: str, shard: str) -> str:
+    return f"dead_letter/{stage}/{shard}.parquet"
+
+
+def read_dead_letters(store: ObjectStore, stage: str, shard: str) -> pa.Table:
+    """The stage's dead-letter table for a shard (empty when none)."""
+    return read_table(store, dead_letter_key(stage, shard), DEAD_LETTER_SCHEMA)
+
+
+def append_dead_letters(store: ObjectStore, stage: str, shard: str, rows: Sequence[DeadLetterRow]) -> None:
+    """Adds failures to the stage's dead-letter table (one row per item: a retried item replaces its old row)."""
+    if not rows:
+        return
+    old = read_dead_letters(store, stage, shard)
+    new_ids = pa.array([r.item_id for r in rows])
+    kept = old.filter(pc.invert(pc.is_in(old["item_id"], value_set=new_ids)))
+    write_table(store, dead_letter_key(stage, shard), pa.concat_tables([kept, to_table(rows, DEAD_LETTER_SCHEMA)]))
+
+
+def dead_letter(item_id: str, uri: str, stage: str, error_class: str, message: str, attempt: int = 1) -> DeadLetterRow:
+    """A dead-letter row stamped now."""
+    return DeadLetterRow(item_id, uri, stage, error_class, message, attempt, datetime.now(UTC))
+
+
+def check_dataset(store: ObjectStore, num_shards: int) -> None:
+    """Records the shard count on first use and refuses a different one later (it would move media between shards)."""
+    if store.exists(DATASET_KEY):
+        recorded = json.loads(store.read_bytes(DATASET_KEY))["num_shards"]
+        if recorded != num_shards:
+            raise ValueError(
+                f"ASR_NUM_SHARDS={num_shards} but the output root {store.root_uri} was built with {recorded} shards; "
+                f"set ASR_NUM_SHARDS={recorded} or use a new ASR_OUTPUT_ROOT"
+            )
+        return
+    store.put_bytes(DATASET_KEY, json.dumps({"num_shards": num_shards}).encode())

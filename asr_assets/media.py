@@ -1,0 +1,284 @@
+"""Probe and decode media to 16 kHz mono FLAC with FFmpeg (through PyAV, in-process).
+
+Runs inside pool workers: this module must stay import-light and never import Dagster or the definitions.
+Why PyAV rather than one ``ffmpeg`` CLI process per file: see README "Decoding" (bench/decode.py measures both).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+import numpy as np
+import soundfile as sf
+
+from asr_assets.records import SAMPLE_RATE
+
+# Container families recognised from the first bytes of a file. Order matters: more specific signatures first.
+_SIGNATURES: tuple[tuple[str, int, bytes], ...] = (
+    ("flac", 0, b"fLaC"),
+    ("ogg", 0, b"OggS"),
+    ("mkv", 0, b"\x1a\x45\xdf\xa3"),  # EBML: Matroska and WebM
+    ("flv", 0, b"FLV"),
+    ("asf", 0, bytes.fromhex("3026b2758e66cf11a6d900aa0062ce6c")),  # wma/wmv
+    ("mp3", 0, b"ID3"),
+    ("caf", 0, b"caff"),
+    ("amr", 0, b"#!AMR"),
+)
+SUPPORTED_EXTENSIONS = frozenset(
+    {
+        "wav",
+        "mp3",
+        "flac",
+        "aac",
+        "m4a",
+        "ogg",
+        "oga",
+        "opus",
+        "wma",
+        "mp4",
+        "mov",
+        "mkv",
+        "webm",
+        "avi",
+        "flv",
+        "3gp",
+        "aiff",
+        "aif",
+        "amr",
+        "caf",
+        "m4v",
+        "mka",
+        "ts",
+    }
+)
+
+
+class MediaError(Exception):
+    """An item-level failure with a short kind; the item is dead-lettered, the shard goes on."""
+
+    kind = "MediaError"
+
+
+class EmptyFile(MediaError):
+    kind = "EmptyFile"
+
+
+class TooLarge(MediaError):
+    kind = "TooLarge"
+
+
+class UnsupportedFormat(MediaError):
+    kind = "UnsupportedFormat"
+
+
+class NoAudioStream(MediaError):
+    kind = "NoAudioStream"
+
+
+class DecodeError(MediaError):
+    kind = "DecodeError"
+
+
+class TooLong(MediaError):
+    kind = "TooLong"
+
+
+class EmptyAudio(MediaError):
+    kind = "EmptyAudio"
+
+
+def sniff_format(head: bytes) -> str:
+    """The container family of a file from its first bytes (``unknown`` when nothing matches).
+
+    Args:
+        head: at least the first 16 bytes of the file (64 recommended).
+    """
+    for name, offset, magic in _SIGNATURES:
+        if head[offset : offset + len(magic)] == magic:
+            return name
+    if head[:4] == b"RIFF" and head[8:12] in (b"WAVE", b"AVI "):
+        return "wav" if head[8:12] == b"WAVE" else "avi"
+    if head[:4] == b"FORM" and head[8:12] in (b"AIFF", b"AIFC"):
+        return "aiff"
+    if head[4:8] == b"ftyp":
+        return "mp4"  # ISO base media: mp4, m4a, mov, 3gp
+    if head[:4] in (b"\x00\x00\x00\x14", b"\x00\x00\x00\x08") and head[4:8] in (b"wide", b"mdat", b"moov"):
+        return "mp4"  # QuickTime without ftyp
+    if len(head) >= 2 and head[0] == 0xFF and (head[1] & 0xF6) == 0xF0:
+        return "aac"  # ADTS
+    if len(head) >= 2 and head[0] == 0xFF and (head[1] & 0xE0) == 0xE0 and (head[1] & 0x06) != 0:
+        return "mp3"  # MPEG audio frame sync without an ID3 tag
+    if head[:1] == b"\x47" and len(head) > 188 and head[188:189] == b"\x47":
+        return "ts"
+    return "unknown"
+
+
+@dataclass(frozen=True)
+class DecodeJob:
+    """One media object to decode in a worker.
+
+    Attributes:
+        media_id: the index id.
+        uri: the source uri, for messages.
+        src: local path of the media.
+        dst: local path for the FLAC output (written whole; the caller moves it into the store).
+        max_bytes: files larger than this are refused before decoding.
+        max_duration_s: audio longer than this is refused (by the probed duration, or while decoding).
+    """
+
+    media_id: str
+    uri: str
+    src: Path
+    dst: Path
+    max_bytes: int
+    max_duration_s: float
+
+
+@dataclass(frozen=True)
+class DecodeResult:
+    """What a worker found and wrote for one media object.
+
+    Attributes:
+        media_id: the index id.
+        detected_format: container family from the file's first bytes.
+        error_class: the MediaError kind when it failed, else None.
+        error: readable message when it failed.
+        container: FFmpeg's demuxer name, when the file opened.
+        codec: audio codec name.
+        source_sample_rate: Hz of the source stream.
+        source_channels: channels of the source stream.
+        duration_s: decoded seconds at 16 kHz.
+        seconds: wall time spent.
+    """
+
+    media_id: str
+    detected_format: str
+    error_class: str | None = None
+    error: str | None = None
+    container: str | None = None
+    codec: str | None = None
+    source_sample_rate: int | None = None
+    source_channels: int | None = None
+    duration_s: float | None = None
+    seconds: float = 0.0
+
+
+def decode_media(job: DecodeJob) -> DecodeResult:
+    """Probes ``job.src`` and decodes its first audio stream to 16 kHz mono 16-bit FLAC at ``job.dst``.
+
+    Never raises for a bad file: the failure comes back as ``error_class``/``error`` and no output is left behind.
+    """
+    started = time.perf_counter()
+    detected = "unknown"
+    info: dict[str, object] = {}
+    try:
+        size = job.src.stat().st_size
+        if size == 0:
+            raise EmptyFile("file is empty (0 bytes)")
+        if size > job.max_bytes:
+            raise TooLarge(f"file is {size} bytes, over the {job.max_bytes}-byte limit")
+        with open(job.src, "rb") as f:
+            detected = sniff_format(f.read(512))
+        if detected == "unknown":
+            raise UnsupportedFormat("content matches no supported audio or video format")
+        _decode_to_flac(job, info)
+    except MediaError as exc:
+        job.dst.unlink(missing_ok=True)
+        return DecodeResult(
+            media_id=job.media_id,
+            detected_format=detected,
+            error_class=exc.kind,
+            error=f"audio_wav: media {job.media_id} ({job.uri}): {exc}",
+            seconds=time.perf_counter() - started,
+            **info,  # type: ignore[arg-type]
+        )
+    return DecodeResult(
+        media_id=job.media_id,
+        detected_format=detected,
+        seconds=time.perf_counter() - started,
+        **info,  # type: ignore[arg-type]
+    )
+
+
+def _decode_to_flac(job: DecodeJob, info: dict[str, object]) -> None:
+    """Decodes into ``job.dst``, filling ``info`` with what it learns as it goes (kept for failures too)."""
+    try:
+        container = av.open(str(job.src), mode="r", metadata_errors="ignore")
+    except av.FFmpegError as exc:
+        raise DecodeError(f"FFmpeg cannot open it: {exc}") from None
+    with container:
+        audio_streams = container.streams.audio
+        if not audio_streams:
+            raise NoAudioStream(
+                f"no audio stream ({container.format.name} with {len(container.streams)} other streams)"
+            )
+        stream = audio_streams[0]
+        info.update(
+            {
+                "container": container.format.name,
+                "codec": stream.codec_context.name,
+                "source_sample_rate": stream.codec_context.sample_rate or None,
+                "source_channels": stream.codec_context.channels or None,
+            }
+        )
+        probed = _probed_duration(container, stream)
+        if probed is not None and probed > job.max_duration_s:
+            raise TooLong(f"duration {probed:.0f} s is over the {job.max_duration_s:.0f} s limit")
+        # FFmpeg's resampler (swresample) converts any layout/rate to mono 16 kHz float; frames stream to the FLAC
+        # writer so a long file is never held whole in memory.
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+        max_frames = int(job.max_duration_s * SAMPLE_RATE)
+        written = 0
+        try:
+            with sf.SoundFile(job.dst, "w", samplerate=SAMPLE_RATE, channels=1, format="FLAC", subtype="PCM_16") as out:
+                for frame in _audio_frames(container, stream):
+                    for converted in resampler.resample(frame):
+                        written += _write(out, converted)
+                    if written > max_frames:
+                        raise TooLong(f"decoded audio is over the {job.max_duration_s:.0f} s limit")
+                for converted in resampler.resample(None):
+                    written += _write(out, converted)
+        except MediaError:
+            raise
+        except (av.FFmpegError, ValueError, RuntimeError) as exc:
+            raise DecodeError(f"decoding failed after {written / SAMPLE_RATE:.2f} s: {exc}") from None
+        if written == 0:
+            raise EmptyAudio("the audio stream decoded to no samples")
+        info["duration_s"] = written / SAMPLE_RATE
+
+
+def _probed_duration(container: av.container.InputContainer, stream: av.AudioStream) -> float | None:
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / av.time_base
+    return None
+
+
+def _audio_frames(container: av.container.InputContainer, stream: av.AudioStream):
+    for packet in container.demux(stream):
+        try:
+            yield from packet.decode()
+        except av.InvalidDataError:
+            # One corrupt packet (common in crawled mp3s) costs that packet, not the file; a file that yields no
+            # audio at all still fails as EmptyAudio.
+            continue
+
+
+def _write(out: sf.SoundFile, frame: av.AudioFrame) -> int:
+    samples = frame.to_ndarray().reshape(-1).astype(np.float32, copy=False)
+    out.write(np.clip(samples, -1.0, 1.0))
+    return samples.shape[0]
+
+
+def read_audio(path: Path, start: int = 0, frames: int = -1) -> np.ndarray:
+    """Reads 16 kHz mono float32 samples from a FLAC/WAV written by this project."""
+    with sf.SoundFile(path) as f:
+        if f.samplerate != SAMPLE_RATE or f.channels != 1:
+            raise ValueError(f"{path}: expected 16 kHz mono, got {f.samplerate} Hz x {f.channels}")
+        if start:
+            f.seek(start)
+        return f.read(frames, dtype="float32")

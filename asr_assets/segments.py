@@ -1,0 +1,101 @@
+"""Cut VAD segments out of decoded audio and measure them (``segment_features``).
+
+Runs inside pool workers (import-light, no Dagster). A worker returns each segment's 16-bit samples; the step appends
+them to one packed FLAC per run so the teacher reads a few large objects sequentially instead of millions of small ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from asr_assets.media import read_audio
+from asr_assets.records import SAMPLE_RATE
+
+SILENCE_DBFS = -120.0  # floor for digital silence, instead of -inf
+MIN_NOISE_S = 0.5  # the noise floor needs at least this much non-speech audio
+CLIP_LEVEL = 0.999
+
+
+@dataclass(frozen=True)
+class SegmentSpan:
+    """A segment to cut: its id, bounds in seconds and VAD probability stats."""
+
+    segment_id: str
+    start_s: float
+    end_s: float
+    prob_mean: float
+    prob_min: float
+
+
+@dataclass(frozen=True)
+class CutJob:
+    """All segments of one media object, cut in one read of its audio."""
+
+    media_id: str
+    audio_path: Path
+    spans: tuple[SegmentSpan, ...]
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One cut segment: its measurements and its samples.
+
+    Attributes:
+        span: the segment.
+        rms_dbfs: RMS level in dBFS.
+        peak_dbfs: peak level in dBFS.
+        clip_ratio: fraction of samples at or above 0.999 full scale.
+        snr_db: RMS of the segment over RMS of the media's non-speech audio, in dB (None if too little non-speech).
+        pcm: the samples as int16.
+    """
+
+    span: SegmentSpan
+    rms_dbfs: float
+    peak_dbfs: float
+    clip_ratio: float
+    snr_db: float | None
+    pcm: np.ndarray
+
+
+def dbfs(value: float) -> float:
+    """Amplitude (1.0 = full scale) in dBFS, floored at -120 dB."""
+    return max(SILENCE_DBFS, 20.0 * float(np.log10(max(value, 1e-6))))
+
+
+def rms(x: np.ndarray) -> float:
+    """Root mean square of float samples (0 for no samples)."""
+    return float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))) if x.size else 0.0
+
+
+def cut_and_measure(job: CutJob) -> list[Measured]:
+    """Worker entry point: reads the media's audio once and returns every segment measured, in segment order."""
+    audio = read_audio(job.audio_path)
+    bounds = [
+        (max(0, round(s.start_s * SAMPLE_RATE)), min(audio.shape[0], round(s.end_s * SAMPLE_RATE))) for s in job.spans
+    ]
+    speech = np.zeros(audio.shape[0], dtype=bool)
+    for start, end in bounds:
+        speech[start:end] = True
+    noise = audio[~speech]
+    noise_rms = rms(noise) if noise.shape[0] >= MIN_NOISE_S * SAMPLE_RATE else None
+
+    measured = []
+    for span, (start, end) in zip(job.spans, bounds, strict=True):
+        x = audio[start:end]
+        if x.size == 0:
+            raise ValueError(f"segment_features: segment {span.segment_id} is empty ({start}..{end} samples)")
+        seg_rms = rms(x)
+        measured.append(
+            Measured(
+                span=span,
+                rms_dbfs=dbfs(seg_rms),
+                peak_dbfs=dbfs(float(np.max(np.abs(x)))),
+                clip_ratio=float(np.mean(np.abs(x) >= CLIP_LEVEL)),
+                snr_db=None if noise_rms is None else dbfs(seg_rms) - dbfs(noise_rms),
+                pcm=np.round(np.clip(x, -1.0, 1.0) * 32767.0).astype(np.int16),
+            )
+        )
+    return measured

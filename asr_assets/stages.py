@@ -1,0 +1,544 @@
+"""The per-shard work of each CPU and teacher stage, as plain functions (the assets only wrap them).
+
+Every stage is incremental: it reads its upstream table and its own outcomes (results + dead letters), processes only
+the items without an outcome, and checkpoints as it goes, so a re-run after new arrivals or a crash does only the
+missing work and a re-run with nothing new writes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import soundfile as sf
+
+from asr_assets import layout
+from asr_assets.media import SUPPORTED_EXTENSIONS, DecodeJob, DecodeResult, decode_media, read_audio
+from asr_assets.pool import PoolOutcome, run_pool
+from asr_assets.records import (
+    AUDIO_SCHEMA,
+    FEATURE_SCHEMA,
+    MEDIA_SCHEMA,
+    SAMPLE_RATE,
+    SEGMENT_SCHEMA,
+    TRANSCRIPT_SCHEMA,
+    VAD_MEDIA_SCHEMA,
+    AudioRow,
+    DeadLetterRow,
+    FeatureRow,
+    MediaRow,
+    TranscriptRow,
+    VadMediaRow,
+    to_table,
+)
+from asr_assets.segments import CutJob, Measured, SegmentSpan, cut_and_measure
+from asr_assets.vad import VadJob, VadParams, VadResult, detect_speech, model_sha256
+from partitions import shard_of
+from resources.storage import ObjectStore, read_table, write_table
+from resources.teachers.base import TeacherEngine, TeacherError, TeacherInput
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageReport:
+    """What one stage run did on one shard; the asset turns it into Dagster metadata.
+
+    Attributes:
+        processed: items this run gave an outcome to.
+        succeeded: of those, how many succeeded.
+        failed: of those, how many were dead-lettered.
+        errors: failures by error kind.
+        audio_s: seconds of audio this run handled.
+        seconds: wall time of the run.
+        totals: whole-shard counts after the run (what the shard holds now).
+        outputs: keys written.
+    """
+
+    processed: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    errors: Counter = field(default_factory=Counter)
+    audio_s: float = 0.0
+    seconds: float = 0.0
+    totals: dict[str, float] = field(default_factory=dict)
+    outputs: list[str] = field(default_factory=list)
+
+    def fail(self, kind: str) -> None:
+        self.processed += 1
+        self.failed += 1
+        self.errors[kind] += 1
+
+    def ok(self, audio_s: float = 0.0) -> None:
+        self.processed += 1
+        self.succeeded += 1
+        self.audio_s += audio_s
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    """Worker processes and per-item limits for a CPU stage."""
+
+    workers: int
+    timeout_s: float
+    checkpoint_every: int = 200
+
+
+def _ids(table: pa.Table, column: str) -> set[str]:
+    return set(table.column(column).to_pylist())
+
+
+def _error_of(outcome: PoolOutcome) -> tuple[str, str]:
+    exc = outcome.error
+    assert exc is not None
+    return getattr(exc, "kind", type(exc).__name__), str(exc)
+
+
+# --------------------------------------------------------------------------------------------------------- media_index
+
+
+def build_index(source: ObjectStore, out: ObjectStore, shard: str, num_shards: int) -> StageReport:
+    """Lists the source and appends the shard's media objects that the index does not have yet."""
+    started = time.perf_counter()
+    report = StageReport()
+    existing = read_table(out, layout.index_key(shard), MEDIA_SCHEMA)
+    known = _ids(existing, "uri")
+    now = datetime.now(UTC)
+    new_rows: list[MediaRow] = []
+    listed = unsupported = 0
+    for info in source.list():
+        listed += 1
+        extension = info.key.rsplit(".", 1)[-1].lower() if "." in info.key.rsplit("/", 1)[-1] else ""
+        if extension not in SUPPORTED_EXTENSIONS:
+            unsupported += 1
+            continue
+        uri = source.uri_of(info.key)
+        if shard_of(uri, num_shards) != shard or uri in known:
+            continue
+        media_id = media_id_of(uri)
+        new_rows.append(MediaRow(media_id, uri, info.key, info.size, info.mtime, extension, now))
+    if new_rows:
+        write_table(out, layout.index_key(shard), pa.concat_tables([existing, to_table(new_rows, MEDIA_SCHEMA)]))
+        report.outputs.append(layout.index_key(shard))
+    report.processed = report.succeeded = len(new_rows)
+    report.totals = {
+        "listed": listed,
+        "unsupported_extension": unsupported,
+        "media": existing.num_rows + len(new_rows),
+        "bytes": (pc.sum(existing["size"]).as_py() or 0) + sum(r.size for r in new_rows),
+    }
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def media_id_of(uri: str) -> str:
+    """16 hex chars of blake2b over the uri."""
+    return hashlib.blake2b(uri.encode("utf-8"), digest_size=8).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------- audio_wav
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """Limits for decoding. Files over ``max_bytes`` or ``max_duration_s`` are dead-lettered, not decoded."""
+
+    max_bytes: int
+    max_duration_s: float
+
+
+def decode_shard(
+    source: ObjectStore, out: ObjectStore, shard: str, settings: DecodeSettings, pool: PoolSettings
+) -> StageReport:
+    """Decodes every indexed media object without an outcome to ``audio_wav/{shard}/{media_id}.flac``."""
+    started = time.perf_counter()
+    report = StageReport()
+    index = read_table(out, layout.index_key(shard), MEDIA_SCHEMA)
+    manifest = read_table(out, layout.audio_manifest_key(shard), AUDIO_SCHEMA)
+    done = _ids(manifest, "media_id")
+    todo = [r for r in index.to_pylist() if r["media_id"] not in done]
+    scratch = out.scratch_dir()
+
+    def jobs() -> Iterator[DecodeJob]:
+        for row in todo:
+            yield DecodeJob(
+                media_id=row["media_id"],
+                uri=row["uri"],
+                src=source.local_path(row["key"]),
+                dst=scratch / f"{shard}-{row['media_id']}.flac",
+                max_bytes=settings.max_bytes,
+                max_duration_s=settings.max_duration_s,
+            )
+
+    rows: list[AudioRow] = []
+    dead: list[DeadLetterRow] = []
+
+    def flush() -> None:
+        nonlocal manifest
+        if rows:
+            manifest = pa.concat_tables([manifest, to_table(rows, AUDIO_SCHEMA)])
+            layout.append_dead_letters(out, "audio_wav", shard, dead)
+            write_table(out, layout.audio_manifest_key(shard), manifest)
+            rows.clear()
+            dead.clear()
+
+    for outcome in run_pool(decode_media, jobs(), workers=pool.workers, timeout_s=pool.timeout_s):
+        job: DecodeJob = outcome.job
+        result: DecodeResult | None = outcome.result
+        if result is not None and result.error_class is None:
+            key = layout.audio_key(shard, job.media_id)
+            out.put_file(key, job.dst)
+            rows.append(_audio_row(job, result, "decoded", key))
+            report.ok(result.duration_s or 0.0)
+        else:
+            job.dst.unlink(missing_ok=True)
+            if result is None:
+                kind, message = _error_of(outcome)
+                message = f"audio_wav: media {job.media_id} ({job.uri}): {message}"
+                result = DecodeResult(job.media_id, "unknown", kind, message)
+            rows.append(_audio_row(job, result, "failed", None))
+            dead.append(layout.dead_letter(job.media_id, job.uri, "audio_wav", result.error_class, result.error))
+            report.fail(result.error_class)
+        if len(rows) >= pool.checkpoint_every:
+            flush()
+    flush()
+    if report.processed:
+        report.outputs.append(layout.audio_manifest_key(shard))
+    statuses = Counter(manifest["status"].to_pylist())
+    report.totals = {
+        "media": index.num_rows,
+        "decoded": statuses["decoded"],
+        "failed": statuses["failed"],
+        "hours": (pc.sum(manifest["duration_s"]).as_py() or 0.0) / 3600,
+    }
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _audio_row(job: DecodeJob, result: DecodeResult, status: str, key: str | None) -> AudioRow:
+    return AudioRow(
+        media_id=job.media_id,
+        uri=job.uri,
+        status=status,
+        audio_key=key,
+        duration_s=result.duration_s if status == "decoded" else None,
+        detected_format=result.detected_format,
+        container=result.container,
+        codec=result.codec,
+        source_sample_rate=result.source_sample_rate,
+        source_channels=result.source_channels,
+        error_class=result.error_class,
+        error=result.error,
+        seconds=result.seconds,
+    )
+
+
+# -------------------------------------------------------------------------------------------------------- vad_segments
+
+
+def vad_shard(out: ObjectStore, shard: str, params: VadParams, model_path: Path, pool: PoolSettings) -> StageReport:
+    """Runs Silero VAD on every decoded media object without a VAD outcome and appends its segments."""
+    started = time.perf_counter()
+    report = StageReport()
+    audio = read_table(out, layout.audio_manifest_key(shard), AUDIO_SCHEMA)
+    decoded = audio.filter(pc.equal(audio["status"], "decoded"))
+    media = read_table(out, layout.vad_media_key(shard), VAD_MEDIA_SCHEMA)
+    segments = read_table(out, layout.segments_key(shard), SEGMENT_SCHEMA)
+    done = _ids(media, "media_id") | _ids(layout.read_dead_letters(out, "vad_segments", shard), "item_id")
+    todo = [r for r in decoded.select(["media_id", "uri", "audio_key"]).to_pylist() if r["media_id"] not in done]
+    uris = {r["media_id"]: r["uri"] for r in todo}
+    jobs = (VadJob(r["media_id"], out.local_path(r["audio_key"]), params, model_path) for r in todo)
+
+    media_rows: list[VadMediaRow] = []
+    segment_rows: list = []
+    dead: list[DeadLetterRow] = []
+
+    def flush() -> None:
+        nonlocal media, segments
+        if media_rows or dead:
+            segments = pa.concat_tables([segments, to_table(segment_rows, SEGMENT_SCHEMA)])
+            media = pa.concat_tables([media, to_table(media_rows, VAD_MEDIA_SCHEMA)])
+            layout.append_dead_letters(out, "vad_segments", shard, dead)
+            write_table(out, layout.segments_key(shard), segments)  # segments before the media outcomes that vouch
+            write_table(out, layout.vad_media_key(shard), media)
+            media_rows.clear()
+            segment_rows.clear()
+            dead.clear()
+
+    for outcome in run_pool(detect_speech, jobs, workers=pool.workers, timeout_s=pool.timeout_s):
+        job: VadJob = outcome.job
+        result: VadResult | None = outcome.result
+        if result is None:
+            kind, message = _error_of(outcome)
+            dead.append(layout.dead_letter(job.media_id, uris[job.media_id], "vad_segments", kind, message))
+            report.fail(kind)
+        else:
+            speech_s = sum(s.end_s - s.start_s for s in result.segments)
+            media_rows.append(VadMediaRow(job.media_id, result.duration_s, speech_s, len(result.segments)))
+            segment_rows.extend(result.segments)
+            report.ok(result.duration_s)
+        if len(media_rows) + len(dead) >= pool.checkpoint_every:
+            flush()
+    flush()
+    if report.processed:
+        report.outputs += [layout.segments_key(shard), layout.vad_media_key(shard)]
+    report.totals = {
+        "media": media.num_rows,
+        "segments": segments.num_rows,
+        "speech_hours": (pc.sum(media["speech_s"]).as_py() or 0.0) / 3600,
+        "audio_hours": (pc.sum(media["duration_s"]).as_py() or 0.0) / 3600,
+        "vad_model_sha256": model_sha256(model_path),
+    }
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------- segment_features
+
+
+@dataclass(frozen=True)
+class PackSettings:
+    """Packed segment audio: a new FLAC part starts once the current one holds ``part_max_s`` seconds."""
+
+    part_max_s: float = 4 * 3600.0
+
+
+class _PackWriter:
+    """Appends segments to packed FLAC parts in scratch space and moves each finished part into the store."""
+
+    def __init__(self, out: ObjectStore, shard: str, first_part: int, settings: PackSettings) -> None:
+        self._out, self._shard, self._settings = out, shard, settings
+        self._part = first_part
+        self._file: sf.SoundFile | None = None
+        self._path: Path | None = None
+        self._frames = 0
+        self.written: list[str] = []
+
+    def append(self, pcm) -> tuple[str, int]:
+        if self._file is None:
+            self._path = self._out.scratch_dir() / f"{self._shard}-part-{self._part:05d}.flac"
+            self._file = sf.SoundFile(
+                self._path, "w", samplerate=SAMPLE_RATE, channels=1, format="FLAC", subtype="PCM_16"
+            )
+            self._frames = 0
+        offset = self._frames
+        self._file.write(pcm)
+        self._frames += pcm.shape[0]
+        key = layout.packed_audio_key(self._shard, self._part)
+        if self._frames >= self._settings.part_max_s * SAMPLE_RATE:
+            self.close()
+        return key, offset
+
+    def close(self) -> None:
+        """Finishes the open part (if any) and moves it into the store."""
+        if self._file is None:
+            return
+        self._file.close()
+        key = layout.packed_audio_key(self._shard, self._part)
+        self._out.put_file(key, self._path)
+        self.written.append(key)
+        self._file, self._path = None, None
+        self._part += 1
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._path.unlink(missing_ok=True)
+            self._file = None
+
+
+def features_shard(out: ObjectStore, shard: str, pack: PackSettings, pool: PoolSettings) -> StageReport:
+    """Cuts and measures every segment without a feature row, packing its audio into the shard's FLAC parts.
+
+    The feature manifest is written only after the part it points into is in the store, so a crash leaves at most an
+    unreferenced part that the re-run overwrites.
+    """
+    started = time.perf_counter()
+    report = StageReport()
+    segments = read_table(out, layout.segments_key(shard), SEGMENT_SCHEMA)
+    features = read_table(out, layout.features_key(shard), FEATURE_SCHEMA)
+    dead_table = layout.read_dead_letters(out, "segment_features", shard)
+    done = _ids(features, "segment_id") | _ids(dead_table, "item_id")
+    audio = read_table(out, layout.audio_manifest_key(shard), AUDIO_SCHEMA)
+    audio_keys = dict(zip(audio["media_id"].to_pylist(), audio["audio_key"].to_pylist(), strict=True))
+    uris = dict(zip(audio["media_id"].to_pylist(), audio["uri"].to_pylist(), strict=True))
+
+    by_media: dict[str, list[SegmentSpan]] = {}
+    for row in segments.to_pylist():
+        if row["segment_id"] not in done:
+            by_media.setdefault(row["media_id"], []).append(
+                SegmentSpan(row["segment_id"], row["start_s"], row["end_s"], row["prob_mean"], row["prob_min"])
+            )
+    jobs = (CutJob(mid, out.local_path(audio_keys[mid]), tuple(spans)) for mid, spans in by_media.items())
+    parts = {k for k in features["audio_key"].to_pylist()}
+    writer = _PackWriter(out, shard, first_part=len(parts), settings=pack)
+    rows: list[FeatureRow] = []
+    dead: list[DeadLetterRow] = []
+    try:
+        for outcome in run_pool(cut_and_measure, jobs, workers=pool.workers, timeout_s=pool.timeout_s):
+            job: CutJob = outcome.job
+            measured: list[Measured] | None = outcome.result
+            if measured is None:
+                kind, message = _error_of(outcome)
+                for span in job.spans:
+                    dead.append(
+                        layout.dead_letter(span.segment_id, uris[job.media_id], "segment_features", kind, message)
+                    )
+                    report.fail(kind)
+                continue
+            for m in measured:
+                key, offset = writer.append(m.pcm)
+                rows.append(_feature_row(job.media_id, m, key, offset))
+                report.ok(m.pcm.shape[0] / SAMPLE_RATE)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    if rows or dead:
+        features = pa.concat_tables([features, to_table(rows, FEATURE_SCHEMA)])
+        layout.append_dead_letters(out, "segment_features", shard, dead)
+        write_table(out, layout.features_key(shard), features)
+        report.outputs += [*writer.written, layout.features_key(shard)]
+    report.totals = {
+        "segments": segments.num_rows,
+        "featured": features.num_rows,
+        "hours": (pc.sum(features["duration_s"]).as_py() or 0.0) / 3600,
+    }
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _feature_row(media_id: str, m: Measured, key: str, offset: int) -> FeatureRow:
+    return FeatureRow(
+        segment_id=m.span.segment_id,
+        media_id=media_id,
+        start_s=m.span.start_s,
+        end_s=m.span.end_s,
+        duration_s=m.pcm.shape[0] / SAMPLE_RATE,
+        rms_dbfs=m.rms_dbfs,
+        peak_dbfs=m.peak_dbfs,
+        clip_ratio=m.clip_ratio,
+        snr_db=m.snr_db,
+        prob_mean=m.span.prob_mean,
+        prob_min=m.span.prob_min,
+        audio_key=key,
+        audio_offset=offset,
+        audio_frames=m.pcm.shape[0],
+    )
+
+
+# --------------------------------------------------------------------------------------------------------- transcripts
+
+
+@dataclass(frozen=True)
+class TranscribeSettings:
+    """Feeding the teacher: segments are read in waves (bounded host memory), sorted by duration within a wave, and
+    each wave's results are written as one Parquet part (the resume checkpoint)."""
+
+    wave_size: int = 256
+    batch_size: int = 16
+    language: str = "en"
+
+
+def read_transcripts(out: ObjectStore, shard: str) -> pa.Table:
+    """Every transcript part of a shard, concatenated."""
+    tables = [read_table(out, info.key, TRANSCRIPT_SCHEMA) for info in out.list(layout.transcripts_prefix(shard))]
+    return pa.concat_tables(tables) if tables else TRANSCRIPT_SCHEMA.empty_table()
+
+
+def transcribe_shard(
+    out: ObjectStore,
+    shard: str,
+    engine: Callable[[], TeacherEngine],
+    settings: TranscribeSettings,
+    on_wave: Callable[[StageReport], None] | None = None,
+) -> StageReport:
+    """Labels every featured segment without a transcript or dead letter, writing one part per wave.
+
+    Args:
+        out: output store.
+        shard: partition key.
+        engine: returns the loaded teacher (called only when there is work, so a no-op run loads nothing).
+        settings: wave and batch sizes.
+        on_wave: called after each wave is written (progress logging).
+    """
+    started = time.perf_counter()
+    report = StageReport()
+    features = read_table(out, layout.features_key(shard), FEATURE_SCHEMA)
+    existing = read_transcripts(out, shard)
+    done = _ids(existing, "segment_id") | _ids(layout.read_dead_letters(out, "transcripts", shard), "item_id")
+    todo = features.filter(pc.invert(pc.is_in(features["segment_id"], value_set=pa.array(sorted(done), pa.string()))))
+    # Storage order: each packed part is read front to back.
+    todo = todo.sort_by([("audio_key", "ascending"), ("audio_offset", "ascending")]).to_pylist()
+    index = read_table(out, layout.index_key(shard), MEDIA_SCHEMA)
+    uris = dict(zip(index["media_id"].to_pylist(), index["uri"].to_pylist(), strict=True))
+    next_part = sum(1 for _ in out.list(layout.transcripts_prefix(shard)))
+    teacher = engine() if todo else None
+    for wave in _chunks(todo, settings.wave_size):
+        wave = sorted(wave, key=lambda r: r["audio_frames"])  # similar lengths batch together
+        rows: list[TranscriptRow] = []
+        dead: list[DeadLetterRow] = []
+        for batch in _chunks(wave, settings.batch_size):
+            inputs = [
+                TeacherInput(
+                    r["segment_id"],
+                    read_audio(out.local_path(r["audio_key"]), r["audio_offset"], r["audio_frames"]),
+                    settings.language,
+                )
+                for r in batch
+            ]
+            for row, result in zip(batch, teacher.transcribe(inputs), strict=True):
+                if isinstance(result, TeacherError):
+                    dead.append(
+                        layout.dead_letter(
+                            row["segment_id"], uris.get(row["media_id"], ""), "transcripts", result.kind, str(result)
+                        )
+                    )
+                    report.fail(result.kind)
+                    continue
+                rows.append(
+                    TranscriptRow(
+                        segment_id=row["segment_id"],
+                        media_id=row["media_id"],
+                        text=result.text,
+                        language=result.language,
+                        num_tokens=result.num_tokens,
+                        avg_logprob=result.avg_logprob,
+                        no_speech_prob=result.no_speech_prob,
+                        compression_ratio=result.compression_ratio,
+                        finish_reason=result.finish_reason,
+                        model_id=teacher.model_id,
+                        engine=teacher.name,
+                        settings_hash=teacher.settings_hash,
+                        prompt_version=teacher.prompt_version,
+                    )
+                )
+                report.ok(row["audio_frames"] / SAMPLE_RATE)
+        # Dead letters first: a crash between the two writes re-labels nothing twice (the part is the commit).
+        layout.append_dead_letters(out, "transcripts", shard, dead)
+        if rows:
+            key = layout.transcript_part_key(shard, next_part)
+            write_table(out, key, to_table(rows, TRANSCRIPT_SCHEMA))
+            report.outputs.append(key)
+            next_part += 1
+        if on_wave is not None:
+            report.seconds = time.perf_counter() - started
+            on_wave(report)
+    report.totals = {"featured": features.num_rows, "transcribed": existing.num_rows + report.succeeded}
+    if teacher is not None:
+        report.totals.update({"model_id": teacher.model_id, "settings_hash": teacher.settings_hash})
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _chunks(items: Sequence, size: int) -> Iterable[Sequence]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]

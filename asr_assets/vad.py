@@ -1,0 +1,269 @@
+"""Silero VAD through onnxruntime on numpy, without torch.
+
+The ONNX model ships inside the ``silero-vad`` wheel; importing that package would import torch, so the file is located
+with ``importlib.util.find_spec`` instead. The window loop and the timestamp post-processing reproduce the semantics
+of silero-vad's ``get_speech_timestamps`` (same parameters, same results); it is re-implemented here because the
+original lives in a module that imports torch. Runs inside pool workers: import-light, no Dagster.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from asr_assets.records import SAMPLE_RATE, SegmentRow
+
+WINDOW = 512  # samples per model call at 16 kHz (32 ms)
+CONTEXT = 64  # samples of the previous window the model sees before each window
+
+
+@dataclass(frozen=True)
+class VadParams:
+    """Speech detection and segmentation parameters (silero-vad's names and meanings).
+
+    Attributes:
+        threshold: a window with speech probability at or above this is speech.
+        neg_threshold: speech ends once probability drops below this (default: threshold - 0.15).
+        min_speech_ms: speech runs shorter than this are dropped.
+        min_silence_ms: silence must last this long to end a segment; shorter pauses stay inside it.
+        speech_pad_ms: padding added on both sides of each segment.
+        max_segment_s: segments are split to at most this length, padding included (the teacher's window).
+        min_silence_at_max_speech_ms: silences at least this long are candidate split points for long speech.
+        merge_gap_s: neighbouring segments separated by at most this much silence are merged while the result stays
+            within ``max_segment_s``: the teacher transcribes better with context (0 disables merging).
+    """
+
+    threshold: float = 0.5
+    neg_threshold: float | None = None
+    min_speech_ms: int = 250
+    min_silence_ms: int = 500
+    speech_pad_ms: int = 100
+    max_segment_s: float = 30.0
+    min_silence_at_max_speech_ms: int = 98
+    merge_gap_s: float = 0.0
+
+    def to_json(self) -> str:
+        """Canonical JSON, recorded with every segment table."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+def silero_model_path() -> Path:
+    """The ONNX model inside the installed silero-vad wheel, found without importing the package (which imports torch).
+
+    Raises:
+        FileNotFoundError: silero-vad is not installed; the message says how to install it.
+    """
+    spec = importlib.util.find_spec("silero_vad")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "silero-vad is not installed: run `make install` (it installs the wheel with --no-deps, without torch)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "silero_vad.onnx"
+    if not path.is_file():
+        raise FileNotFoundError(f"Silero VAD model missing at {path}: reinstall silero-vad")
+    return path
+
+
+@functools.cache
+def model_sha256(path: Path) -> str:
+    """SHA-256 of the model file, recorded as lineage."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class SileroVad:
+    """One onnxruntime session of the Silero model, one intra-op thread (parallelism comes from worker processes)."""
+
+    def __init__(self, model_path: Path) -> None:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        opts.inter_op_num_threads = 1
+        self._session = ort.InferenceSession(str(model_path), sess_options=opts, providers=["CPUExecutionProvider"])
+        self._sr = np.array(SAMPLE_RATE, dtype=np.int64)
+
+    def speech_probs(self, audio: np.ndarray) -> np.ndarray:
+        """Speech probability of each 512-sample window of 16 kHz mono float32 audio (the last window zero-padded)."""
+        num_windows = -(-audio.shape[0] // WINDOW)
+        # Window i sees the 64 samples before it as context (zeros before the start), so the model input for window i
+        # is exactly padded[i*512 : i*512 + 576]: no per-window concatenation.
+        padded = np.zeros(CONTEXT + num_windows * WINDOW, dtype=np.float32)
+        padded[CONTEXT : CONTEXT + audio.shape[0]] = audio
+        state = np.zeros((2, 1, 128), dtype=np.float32)
+        probs = np.empty(num_windows, dtype=np.float32)
+        run = self._session.run
+        for i in range(num_windows):
+            start = i * WINDOW
+            out, state = run(
+                None, {"input": padded[None, start : start + CONTEXT + WINDOW], "state": state, "sr": self._sr}
+            )
+            probs[i] = out[0, 0]
+        return probs
+
+
+def speech_timestamps(probs: np.ndarray, num_samples: int, params: VadParams) -> list[tuple[int, int]]:
+    """Turns window probabilities into padded speech spans ``(start, end)`` in samples.
+
+    Same rules as silero-vad's ``get_speech_timestamps``: hysteresis between ``threshold`` and ``neg_threshold``,
+    silences shorter than ``min_silence_ms`` bridged, runs shorter than ``min_speech_ms`` dropped, speech longer than
+    ``max_segment_s`` split at its longest inner silence (or cut hard when it has none), then padding that never
+    overlaps the neighbour (a gap under twice the pad is shared half and half).
+    """
+    sr = SAMPLE_RATE
+    min_speech = sr * params.min_speech_ms / 1000
+    pad = sr * params.speech_pad_ms / 1000
+    max_speech = sr * params.max_segment_s - WINDOW - 2 * pad
+    min_silence = sr * params.min_silence_ms / 1000
+    split_silence = sr * params.min_silence_at_max_speech_ms / 1000
+    neg = params.neg_threshold if params.neg_threshold is not None else max(params.threshold - 0.15, 0.01)
+
+    spans: list[list[int]] = []
+    in_speech = False
+    start = 0
+    silence_from = 0  # where the current silence inside speech began (0: none)
+    split_end = split_start = 0  # a fallback split point for over-long speech
+    silences: list[tuple[int, int]] = []  # (where, how long) silences inside the current speech
+
+    for i, prob in enumerate(probs):
+        here = WINDOW * i
+        speech = prob >= params.threshold
+        if speech and silence_from:
+            if here - silence_from > split_silence:
+                silences.append((silence_from, here - silence_from))
+            silence_from = 0
+            if split_start < split_end:
+                split_start = here
+        if speech and not in_speech:
+            in_speech, start = True, here
+            continue
+        if in_speech and here - start > max_speech:
+            if silences:
+                split_end, length = max(silences, key=lambda s: s[1])
+                spans.append([start, split_end])
+                resume = split_end + length
+                # Speech resumes after that silence unless we are still inside it.
+                in_speech = resume < split_end + here
+                start = resume
+                split_end = split_start = silence_from = 0
+                silences = []
+            elif split_end:
+                spans.append([start, split_end])
+                in_speech = not split_start < split_end
+                start = split_start
+                split_end = split_start = silence_from = 0
+                silences = []
+            else:
+                spans.append([start, here])
+                in_speech = False
+                split_end = split_start = silence_from = 0
+                silences = []
+                continue
+        if prob < neg and in_speech:
+            if not silence_from:
+                silence_from = here
+            if here - silence_from < min_silence:
+                continue
+            if silence_from - start > min_speech:
+                spans.append([start, silence_from])
+            in_speech = False
+            split_end = split_start = silence_from = 0
+            silences = []
+            continue
+
+    if in_speech and num_samples - start > min_speech:
+        spans.append([start, num_samples])
+
+    for k, span in enumerate(spans):
+        if k == 0:
+            span[0] = int(max(0, span[0] - pad))
+        if k + 1 < len(spans):
+            gap = spans[k + 1][0] - span[1]
+            if gap < 2 * pad:
+                span[1] += int(gap // 2)
+                spans[k + 1][0] = int(max(0, spans[k + 1][0] - gap // 2))
+            else:
+                span[1] = int(min(num_samples, span[1] + pad))
+                spans[k + 1][0] = int(max(0, spans[k + 1][0] - pad))
+        else:
+            span[1] = int(min(num_samples, span[1] + pad))
+    return [(int(s), int(e)) for s, e in spans]
+
+
+def merge_spans(spans: list[tuple[int, int]], params: VadParams) -> list[tuple[int, int]]:
+    """Merges neighbouring spans separated by at most ``merge_gap_s`` while the merged span fits ``max_segment_s``."""
+    max_gap = params.merge_gap_s * SAMPLE_RATE
+    max_len = params.max_segment_s * SAMPLE_RATE
+    merged: list[tuple[int, int]] = []
+    for start, end in spans:
+        if merged and start - merged[-1][1] <= max_gap and end - merged[-1][0] <= max_len:
+            merged[-1] = (merged[-1][0], end)
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def segment_rows(
+    media_id: str, probs: np.ndarray, spans: list[tuple[int, int]], model_sha: str, params: VadParams
+) -> list[SegmentRow]:
+    """Segment records with the probability statistics of the windows each span covers, and their lineage."""
+    params_json = params.to_json()
+    rows = []
+    for index, (start, end) in enumerate(spans):
+        window_probs = probs[start // WINDOW : max(start // WINDOW + 1, -(-end // WINDOW))]
+        rows.append(
+            SegmentRow(
+                segment_id=f"{media_id}-{index:05d}",
+                media_id=media_id,
+                index=index,
+                start_s=start / SAMPLE_RATE,
+                end_s=end / SAMPLE_RATE,
+                prob_mean=float(window_probs.mean()),
+                prob_min=float(window_probs.min()),
+                prob_max=float(window_probs.max()),
+                vad_model_sha256=model_sha,
+                vad_params=params_json,
+            )
+        )
+    return rows
+
+
+@dataclass(frozen=True)
+class VadJob:
+    """One decoded media object to segment in a worker."""
+
+    media_id: str
+    audio_path: Path
+    params: VadParams
+    model_path: Path
+
+
+@dataclass(frozen=True)
+class VadResult:
+    """Segments of one media object (empty when it has no speech) and its duration in seconds."""
+
+    media_id: str
+    duration_s: float
+    segments: list[SegmentRow]
+
+
+@functools.cache
+def _session(model_path: Path) -> SileroVad:
+    return SileroVad(model_path)  # one per worker process, reused for every item
+
+
+def detect_speech(job: VadJob) -> VadResult:
+    """Worker entry point: reads the 16 kHz FLAC, runs the model and cuts segments."""
+    import soundfile as sf
+
+    audio, rate = sf.read(job.audio_path, dtype="float32")
+    if rate != SAMPLE_RATE or audio.ndim != 1:
+        raise ValueError(f"vad_segments: media {job.media_id}: expected 16 kHz mono audio, got {rate} Hz {audio.shape}")
+    probs = _session(job.model_path).speech_probs(audio)
+    spans = merge_spans(speech_timestamps(probs, audio.shape[0], job.params), job.params)
+    rows = segment_rows(job.media_id, probs, spans, model_sha256(job.model_path), job.params)
+    return VadResult(job.media_id, audio.shape[0] / SAMPLE_RATE, rows)

@@ -1,0 +1,53 @@
+"""The one partitioning of the dataset: static index shards.
+
+A media object's shard is a stable hash of its uri modulo the shard count, so new arrivals land in existing shards and
+the partition set never changes. The count is fixed per dataset (``ASR_NUM_SHARDS``, default 4); changing it for an
+existing output root would move objects between shards, so the assets refuse to run when the recorded count differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import dagster as dg
+
+DEFAULT_NUM_SHARDS = 4
+# Dagster handles about 100k partitions per asset; far fewer keep the UI and backfills responsive.
+MAX_NUM_SHARDS = 50_000
+
+
+def num_shards_from_env() -> int:
+    """Reads ``ASR_NUM_SHARDS``; fails with a clear message when it is not a usable count."""
+    raw = os.environ.get("ASR_NUM_SHARDS", str(DEFAULT_NUM_SHARDS))
+    try:
+        count = int(raw)
+    except ValueError:
+        raise ValueError(f"ASR_NUM_SHARDS must be an integer, got {raw!r}") from None
+    if not 1 <= count <= MAX_NUM_SHARDS:
+        raise ValueError(f"ASR_NUM_SHARDS must be between 1 and {MAX_NUM_SHARDS}, got {count}")
+    return count
+
+
+def shard_key(index: int) -> str:
+    """The partition key of shard ``index``: ``shard-00000``."""
+    return f"shard-{index:05d}"
+
+
+def shard_index(key: str) -> int:
+    """Inverse of :func:`shard_key`."""
+    prefix, _, digits = key.partition("-")
+    if prefix != "shard" or not digits.isdigit():
+        raise ValueError(f"not a shard partition key: {key!r}")
+    return int(digits)
+
+
+def shard_of(uri: str, num_shards: int) -> str:
+    """The shard a media uri belongs to: blake2b of the uri, modulo the shard count. Stable across runs and machines."""
+    digest = hashlib.blake2b(uri.encode("utf-8"), digest_size=8).digest()
+    return shard_key(int.from_bytes(digest, "big") % num_shards)
+
+
+NUM_SHARDS = num_shards_from_env()
+
+shard_partitions = dg.StaticPartitionsDefinition([shard_key(i) for i in range(NUM_SHARDS)])

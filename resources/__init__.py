@@ -1,0 +1,1 @@
+"""Dagster resources: every external system behind a small interface (storage, media decoding, VAD, teacher)."""

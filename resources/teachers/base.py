@@ -1,0 +1,135 @@
+"""The teacher interface and its registry.
+
+A teacher engine turns 16 kHz mono segments into text with confidence signals. Adding a teacher model is one
+subclass of :class:`TeacherEngine` in one module, decorated with :func:`register`; the ``TeacherResource`` selects it
+by name. Engines are loaded once per step and fed batches of segments; one failed segment comes back as an exception in
+its slot and never fails the batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TeacherSettings:
+    """Engine-independent teacher settings, plus engine-specific ones in ``options``.
+
+    Attributes:
+        model: local path of the model (weights are never downloaded at run time); "" for the engine's default.
+        language: ISO 639-1 code the teacher is asked to transcribe in.
+        beam_size: beams for decoding (1 = greedy).
+        threads: CPU threads for the engine (0 = all usable cores).
+        options: engine-specific settings, recorded in the settings hash.
+    """
+
+    model: str = ""
+    language: str = "en"
+    beam_size: int = 5
+    threads: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TeacherInput:
+    """One segment for the teacher: id, 16 kHz mono float32 samples, and the language to transcribe in."""
+
+    segment_id: str
+    audio: np.ndarray
+    language: str
+
+
+@dataclass(frozen=True)
+class TeacherOutput:
+    """The teacher's label for one segment.
+
+    Attributes:
+        text: transcript, stripped.
+        language: language of the transcript.
+        num_tokens: generated tokens.
+        avg_logprob: mean log probability per token (None when no tokens were generated).
+        no_speech_prob: engine's no-speech probability, when it has one.
+        compression_ratio: zlib ratio of the text (high means repetition), None for empty text.
+        finish_reason: ``stop`` or ``length``.
+    """
+
+    text: str
+    language: str
+    num_tokens: int
+    avg_logprob: float | None
+    no_speech_prob: float | None
+    compression_ratio: float | None
+    finish_reason: str
+
+
+class TeacherError(Exception):
+    """A segment the engine could not transcribe."""
+
+    kind = "TeacherError"
+
+
+def compression_ratio(text: str) -> float | None:
+    """Length of the UTF-8 text over its zlib-compressed length (Whisper's repetition signal)."""
+    if not text:
+        return None
+    raw = text.encode("utf-8")
+    return len(raw) / len(zlib.compress(raw))
+
+
+class TeacherEngine(ABC):
+    """A loaded teacher model. Subclasses set ``name`` and ``prompt_version`` and implement load and transcribe."""
+
+    name: ClassVar[str]
+    prompt_version: ClassVar[str]
+
+    def __init__(self, settings: TeacherSettings) -> None:
+        self.settings = settings
+
+    @property
+    @abstractmethod
+    def model_id(self) -> str:
+        """Identifies the weights (name and, where known, a revision or file hash)."""
+
+    @property
+    def settings_hash(self) -> str:
+        """Hash of everything that can change the output: engine, model, settings, prompt version."""
+        blob = json.dumps(
+            {"engine": self.name, "model": self.model_id, "prompt": self.prompt_version, **asdict(self.settings)},
+            sort_keys=True,
+            default=str,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @abstractmethod
+    def transcribe(self, batch: Sequence[TeacherInput]) -> list[TeacherOutput | TeacherError]:
+        """Transcribes a batch; the result list matches ``batch`` position by position."""
+
+    def close(self) -> None:  # noqa: B027 - engines without handles need nothing
+        """Releases the model."""
+
+
+TEACHERS: dict[str, type[TeacherEngine]] = {}
+
+
+def register(cls: type[TeacherEngine]) -> type[TeacherEngine]:
+    """Class decorator: makes an engine selectable by its ``name``."""
+    if cls.name in TEACHERS:
+        raise ValueError(f"teacher engine {cls.name!r} is registered twice")
+    TEACHERS[cls.name] = cls
+    return cls
+
+
+def create_engine(name: str, settings: TeacherSettings) -> TeacherEngine:
+    """Loads the engine registered as ``name``; an unknown name fails with the list of known ones."""
+    factory: Callable[[TeacherSettings], TeacherEngine] | None = TEACHERS.get(name)
+    if factory is None:
+        raise ValueError(f"unknown teacher engine {name!r}; registered: {', '.join(sorted(TEACHERS))}")
+    return factory(settings)
