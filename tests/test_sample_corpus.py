@@ -10,17 +10,11 @@ from pathlib import Path
 import pytest
 
 from asr_assets.sample_corpus import FORMATS, VOICES, Corpus, CorpusItem, generate_corpus
+from tests.conftest import NUM_FILES
 
-# Seven good files cover every format exactly once.
-NUM_FILES = len(FORMATS)
 TAIL_S = 0.5
 # Encoders pad or estimate: ffprobe reports mp3 about 75 ms long and AAC carries up to a 46 ms frame of priming.
 DURATION_TOLERANCE_S = 0.1
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
-    return generate_corpus(tmp_path_factory.mktemp("corpus"), seed=0, num_files=NUM_FILES)
 
 
 def _probe(path: Path) -> dict:

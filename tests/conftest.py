@@ -1,0 +1,59 @@
+"""Shared fixtures: a generated sample corpus and a pipeline run over it, made once per test session."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from asr_assets.definitions import all_assets, all_checks
+from asr_assets.sample_corpus import FORMATS, Corpus, generate_corpus
+from partitions import NUM_SHARDS, shard_of
+from resources.storage import LocalStore, StorageResource
+from resources.teachers import TeacherResource
+
+# Seven good files cover every format exactly once; the four broken files come on top.
+NUM_FILES = len(FORMATS)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
+    return generate_corpus(tmp_path_factory.mktemp("corpus"), seed=0, num_files=NUM_FILES)
+
+
+def uri_of(corpus: Corpus, path: str) -> str:
+    return LocalStore(corpus.media_dir).uri_of(path)
+
+
+@pytest.fixture(scope="session")
+def busiest_shard(corpus: Corpus) -> str:
+    """The shard holding the most sample files (good and broken), so one partition exercises the most paths."""
+    counts = Counter(shard_of(uri_of(corpus, item.path), NUM_SHARDS) for item in corpus.items)
+    return counts.most_common(1)[0][0]
+
+
+def resources_for(corpus: Corpus, output_root: Path) -> dict:
+    return {
+        "storage": StorageResource(source_uri=str(corpus.media_dir), output_root=str(output_root)),
+        "teacher": TeacherResource(),
+    }
+
+
+def materialize_shard(corpus: Corpus, output_root: Path, shard: str, run_config: dict | None = None):
+    """Runs every asset and check of the graph on one shard, in process, and returns the result."""
+    return dg.materialize(
+        [*all_assets, *all_checks],
+        resources=resources_for(corpus, output_root),
+        partition_key=shard,
+        run_config=run_config or {},
+        raise_on_error=True,
+    )
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(corpus: Corpus, busiest_shard: str, tmp_path_factory: pytest.TempPathFactory):
+    """The whole graph materialized once on the busiest shard: (result, output root, shard)."""
+    out = tmp_path_factory.mktemp("out")
+    return materialize_shard(corpus, out, busiest_shard), out, busiest_shard

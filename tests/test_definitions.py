@@ -1,0 +1,105 @@
+"""The code location loads: one Definitions, six partitioned assets, their checks, the job; the webserver shows them."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from asr_assets.definitions import defs
+from partitions import shard_of, shard_partitions
+
+ASSETS = {"media_index", "audio_wav", "vad_segments", "segment_features", "transcripts", "distilled_dataset"}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defs_load_and_every_job_resolves() -> None:
+    graph = defs.resolve_asset_graph()
+    assert {k.to_user_string() for k in graph.get_all_asset_keys()} == ASSETS
+    for key in graph.get_all_asset_keys():
+        assert graph.get(key).partitions_def == shard_partitions
+    assert {(c.asset_key.to_user_string(), c.name) for c in graph.asset_check_keys} == {
+        ("media_index", "ids_unique"),
+        *((a, "counts_reconcile") for a in ASSETS - {"media_index"}),
+    }
+    for job in defs.jobs or []:
+        defs.resolve_job_def(job.name)
+    assert defs.resolve_job_def("distill_job")
+
+
+def test_partitions_are_four_shards_and_hashing_is_stable() -> None:
+    assert shard_partitions.get_partition_keys() == [f"shard-0000{i}" for i in range(4)]
+    assert shard_of("file:///data/a.wav", 4) == shard_of("file:///data/a.wav", 4)
+    shards = {shard_of(f"file:///data/{i}.wav", 4) for i in range(200)}
+    assert shards == set(shard_partitions.get_partition_keys())
+
+
+def test_default_install_has_no_torch() -> None:
+    code = "import importlib.util as u; print(u.find_spec('torch') is None)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "True"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _graphql(port: int, query: str) -> dict:
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/graphql",
+        data=json.dumps({"query": query}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def test_webserver_loads_the_workspace_and_shows_assets_and_partitions(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text((ROOT / "dagster.yaml").read_text())
+    port = _free_port()
+    webserver = Path(sys.executable).parent / "dagster-webserver"
+    proc = subprocess.Popen(
+        [str(webserver), "-w", str(ROOT / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)],
+        cwd=ROOT,
+        env={**os.environ, "DAGSTER_HOME": str(home)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None, "dagster-webserver exited"
+                assert time.monotonic() < deadline, "dagster-webserver did not start in 120 s"
+                time.sleep(0.5)
+        query = "{ assetNodes { assetKey { path } groupName partitionKeys } }"
+        deadline = time.monotonic() + 60
+        while True:
+            data = _graphql(port, query)
+            nodes = data.get("data", {}).get("assetNodes") or []
+            if nodes or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert {"/".join(n["assetKey"]["path"]) for n in nodes} == ASSETS, data
+        for node in nodes:
+            assert node["groupName"] == "asr"
+            assert node["partitionKeys"] == shard_partitions.get_partition_keys()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

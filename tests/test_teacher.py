@@ -1,0 +1,73 @@
+"""The teacher interface and the embedded faster-whisper engine on real espeak-ng speech."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from asr_assets.distill import normalize_text
+from asr_assets.media import DecodeJob, decode_media
+from asr_assets.sample_corpus import Corpus
+from resources.teachers import TeacherResource
+from resources.teachers.base import TEACHERS, TeacherInput, TeacherSettings, create_engine
+
+
+@pytest.fixture(scope="module")
+def engine():
+    teacher = create_engine("faster-whisper", TeacherSettings(threads=1))
+    yield teacher
+    teacher.close()
+
+
+def test_registry_names_the_known_engines() -> None:
+    assert "faster-whisper" in TEACHERS
+    with pytest.raises(ValueError, match="unknown teacher engine 'nope'; registered: faster-whisper"):
+        create_engine("nope", TeacherSettings())
+
+
+def test_missing_model_fails_fast_without_a_download(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="has no model.bin"):
+        create_engine("faster-whisper", TeacherSettings(model=str(tmp_path / "typo")))
+
+
+def test_english_only_model_refuses_other_languages() -> None:
+    with pytest.raises(ValueError, match="English-only"):
+        create_engine("faster-whisper", TeacherSettings(language="de"))
+
+
+def test_transcribes_speech_and_keeps_batch_order(engine, corpus: Corpus, tmp_path) -> None:
+    item = next(i for i in corpus.items if i.path.endswith(".flac") and not i.broken)
+    dst = tmp_path / "a.flac"
+    decode_media(DecodeJob("m", item.path, corpus.media_dir / item.path, dst, 1 << 30, 3600.0))
+    audio = sf.read(dst, dtype="float32")[0]
+    clips = [audio[int(s * 16000) - 1600 : int(e * 16000) + 1600] for s, e in item.speech]
+    batch = [TeacherInput(f"seg-{i}", clip, "en") for i, clip in enumerate(clips)]
+    batch.append(TeacherInput("silence", np.zeros(16000 * 2, np.float32), "en"))
+    results = engine.transcribe(batch)
+    assert len(results) == len(batch)
+    for sentence, result in zip(item.sentences, results, strict=False):
+        words = set(normalize_text(sentence).split())
+        got = set(normalize_text(result.text).split())
+        assert len(words & got) >= len(words) // 2, (sentence, result.text)
+        assert result.num_tokens > 0 and result.avg_logprob is not None and result.avg_logprob < 0
+        assert result.no_speech_prob is not None and result.finish_reason == "stop"
+    assert len(engine.settings_hash) == 16 and engine.model_id.startswith("model@")
+
+
+def test_same_input_same_output(engine, corpus: Corpus, tmp_path) -> None:
+    audio = np.sin(np.linspace(0, 2000, 32000, dtype=np.float32)) * 0.01
+    first = engine.transcribe([TeacherInput("a", audio, "en")])
+    second = engine.transcribe([TeacherInput("a", audio, "en")])
+    assert first == second
+
+
+def test_resource_rejects_unknown_engine_at_setup() -> None:
+    import dagster as dg
+
+    with (
+        pytest.raises(dg.DagsterResourceFunctionError) as caught,
+        dg.build_resources({"teacher": TeacherResource(engine="gpt-teacher")}),
+    ):
+        pass
+    assert "ASR_TEACHER='gpt-teacher' is not a registered engine; known: faster-whisper" in str(caught.value.__cause__)
