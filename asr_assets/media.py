@@ -227,15 +227,16 @@ def _decode_to_flac(job: DecodeJob, info: dict[str, object]) -> None:
         probed = _probed_duration(container, stream)
         if probed is not None and probed > job.max_duration_s:
             raise TooLong(f"duration {probed:.0f} s is over the {job.max_duration_s:.0f} s limit")
-        # FFmpeg's resampler (swresample) converts any layout/rate to mono 16 kHz float; frames stream to the FLAC
-        # writer so a long file is never held whole in memory.
+        # FFmpeg's resampler (swresample) converts any layout/rate to mono 16 kHz float; audio streams to the FLAC
+        # writer so a long file is never held whole in memory. Decoded frames are small (1152 samples for mp3), and
+        # per-frame Python calls cost more than the decoding itself, so frames are grouped into ~1 s chunks first.
         resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
         max_frames = int(job.max_duration_s * SAMPLE_RATE)
         written = 0
         try:
             with sf.SoundFile(job.dst, "w", samplerate=SAMPLE_RATE, channels=1, format="FLAC", subtype="PCM_16") as out:
-                for frame in _audio_frames(container, stream):
-                    for converted in resampler.resample(frame):
+                for chunk in _chunked(_audio_frames(container, stream)):
+                    for converted in resampler.resample(chunk):
                         written += _write(out, converted)
                     if written > max_frames:
                         raise TooLong(f"decoded audio is over the {job.max_duration_s:.0f} s limit")
@@ -266,6 +267,24 @@ def _audio_frames(container: av.container.InputContainer, stream: av.AudioStream
             # One corrupt packet (common in crawled mp3s) costs that packet, not the file; a file that yields no
             # audio at all still fails as EmptyAudio.
             continue
+
+
+def _chunked(frames, seconds: float = 1.0):
+    """Regroups decoded frames into chunks of about ``seconds`` (a new group starts when the format changes)."""
+    fifo, key = None, None
+    for frame in frames:
+        frame_key = (frame.format.name, frame.layout.name, frame.sample_rate)
+        if frame_key != key:
+            if fifo is not None and fifo.samples:
+                yield fifo.read()
+            fifo, key = av.AudioFifo(), frame_key
+        frame.pts = None  # the fifo checks timestamp continuity; gaps in crawled files are not our concern here
+        fifo.write(frame)
+        size = max(1, int(frame.sample_rate * seconds))
+        while fifo.samples >= size:
+            yield fifo.read(size)
+    if fifo is not None and fifo.samples:
+        yield fifo.read()
 
 
 def _write(out: sf.SoundFile, frame: av.AudioFrame) -> int:
