@@ -40,7 +40,7 @@ from asr_assets.records import (
     to_table,
 )
 from asr_assets.segments import CutJob, Measured, SegmentSpan, cut_and_measure
-from asr_assets.vad import VadJob, VadParams, VadResult, detect_speech, model_sha256
+from asr_assets.vad import VadItem, VadJob, VadParams, detect_speech, model_sha256
 from partitions import shard_of
 from resources.storage import ObjectStore, read_table, write_table
 from resources.teachers.base import TeacherEngine, TeacherError, TeacherInput
@@ -244,8 +244,42 @@ def _audio_row(job: DecodeJob, result: DecodeResult, status: str, key: str | Non
 # -------------------------------------------------------------------------------------------------------- vad_segments
 
 
-def vad_shard(out: ObjectStore, shard: str, params: VadParams, model_path: Path, pool: PoolSettings) -> StageReport:
-    """Runs Silero VAD on every decoded media object without a VAD outcome and appends its segments."""
+@dataclass(frozen=True)
+class GroupSettings:
+    """Small files are grouped into one worker job (fewer round trips); a group holds at most ``max_items`` files and
+    ``max_audio_s`` seconds of audio (bounding a worker's memory); a longer file forms a group of its own."""
+
+    max_items: int = 8
+    max_audio_s: float = 1800.0
+
+
+def _groups(rows: list[dict], settings: GroupSettings) -> Iterator[list[dict]]:
+    group: list[dict] = []
+    audio_s = 0.0
+    for row in rows:
+        duration = row["duration_s"] or 0.0
+        if group and (len(group) >= settings.max_items or audio_s + duration > settings.max_audio_s):
+            yield group
+            group, audio_s = [], 0.0
+        group.append(row)
+        audio_s += duration
+    if group:
+        yield group
+
+
+def vad_shard(
+    out: ObjectStore,
+    shard: str,
+    params: VadParams,
+    model_path: Path,
+    pool: PoolSettings,
+    grouping: GroupSettings | None = None,
+) -> StageReport:
+    """Runs Silero VAD on every decoded media object without a VAD outcome and appends its segments.
+
+    When a whole group fails (a worker timed out or died), its files are run again one per job, so only the file that
+    caused it is dead-lettered.
+    """
     started = time.perf_counter()
     report = StageReport()
     audio = read_table(out, layout.audio_manifest_key(shard), AUDIO_SCHEMA)
@@ -253,9 +287,13 @@ def vad_shard(out: ObjectStore, shard: str, params: VadParams, model_path: Path,
     media = read_table(out, layout.vad_media_key(shard), VAD_MEDIA_SCHEMA)
     segments = read_table(out, layout.segments_key(shard), SEGMENT_SCHEMA)
     done = _ids(media, "media_id") | _ids(layout.read_dead_letters(out, "vad_segments", shard), "item_id")
-    todo = [r for r in decoded.select(["media_id", "uri", "audio_key"]).to_pylist() if r["media_id"] not in done]
+    columns = ["media_id", "uri", "audio_key", "duration_s"]
+    todo = [r for r in decoded.select(columns).to_pylist() if r["media_id"] not in done]
     uris = {r["media_id"]: r["uri"] for r in todo}
-    jobs = (VadJob(r["media_id"], out.local_path(r["audio_key"]), params, model_path) for r in todo)
+
+    def job(rows: list[dict]) -> VadJob:
+        items = tuple(VadItem(r["media_id"], out.local_path(r["audio_key"])) for r in rows)
+        return VadJob(items, params, model_path)
 
     media_rows: list[VadMediaRow] = []
     segment_rows: list = []
@@ -273,20 +311,42 @@ def vad_shard(out: ObjectStore, shard: str, params: VadParams, model_path: Path,
             segment_rows.clear()
             dead.clear()
 
-    for outcome in run_pool(detect_speech, jobs, workers=pool.workers, timeout_s=pool.timeout_s):
-        job: VadJob = outcome.job
-        result: VadResult | None = outcome.result
-        if result is None:
+    def record(outcome: PoolOutcome, retry: list[VadJob]) -> None:
+        batch: VadJob = outcome.job
+        if outcome.result is None:
+            if len(batch.items) > 1:
+                retry.extend(VadJob((item,), params, model_path) for item in batch.items)
+                return
             kind, message = _error_of(outcome)
-            dead.append(layout.dead_letter(job.media_id, uris[job.media_id], "vad_segments", kind, message))
+            media_id = batch.items[0].media_id
+            message = f"vad_segments: media {media_id} ({uris[media_id]}): {message}"
+            dead.append(layout.dead_letter(media_id, uris[media_id], "vad_segments", kind, message))
             report.fail(kind)
-        else:
+            return
+        for result in outcome.result:
+            if result.error_class is not None:
+                dead.append(
+                    layout.dead_letter(
+                        result.media_id, uris[result.media_id], "vad_segments", result.error_class, result.error
+                    )
+                )
+                report.fail(result.error_class)
+                continue
             speech_s = sum(s.end_s - s.start_s for s in result.segments)
-            media_rows.append(VadMediaRow(job.media_id, result.duration_s, speech_s, len(result.segments)))
+            media_rows.append(VadMediaRow(result.media_id, result.duration_s, speech_s, len(result.segments)))
             segment_rows.extend(result.segments)
             report.ok(result.duration_s)
-        if len(media_rows) + len(dead) >= pool.checkpoint_every:
-            flush()
+
+    jobs: Iterable[VadJob] = (job(rows) for rows in _groups(todo, grouping or GroupSettings()))
+    while True:
+        retry: list[VadJob] = []
+        for outcome in run_pool(detect_speech, jobs, workers=pool.workers, timeout_s=pool.timeout_s):
+            record(outcome, retry)
+            if len(media_rows) + len(dead) >= pool.checkpoint_every:
+                flush()
+        if not retry:
+            break
+        jobs = retry
     flush()
     if report.processed:
         report.outputs += [layout.segments_key(shard), layout.vad_media_key(shard)]

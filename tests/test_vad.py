@@ -130,3 +130,49 @@ def test_vad_never_imports_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_sequence_export_matches_the_streaming_model(corpus: Corpus, vad: SileroVad, tmp_path: Path) -> None:
+    """The streaming model run one window per call, carrying state and context as silero-vad's OnnxWrapper does."""
+    import onnxruntime as ort
+
+    item = next(i for i in corpus.items if i.path.endswith(".mp3") and not i.broken)
+    audio = _decoded(corpus, item.path, tmp_path)[: 16000 * 5 + 123]  # a partial last window too
+    session = ort.InferenceSession(
+        str(silero_model_path().parent / "silero_vad.onnx"), providers=["CPUExecutionProvider"]
+    )
+    state = np.zeros((2, 1, 128), np.float32)
+    context = np.zeros((1, 64), np.float32)
+    expected = []
+    for start in range(0, len(audio), W):
+        chunk = np.zeros((1, W), np.float32)
+        piece = audio[start : start + W]
+        chunk[0, : len(piece)] = piece
+        x = np.concatenate([context, chunk], axis=1)
+        out, state = session.run(None, {"input": x, "state": state, "sr": np.array(SR, np.int64)})
+        context = x[:, -64:]
+        expected.append(out[0, 0])
+    assert np.array_equal(vad.speech_probs(audio), np.array(expected, np.float32))
+
+
+def test_blocks_do_not_change_probabilities(corpus: Corpus, tmp_path: Path) -> None:
+    item = next(i for i in corpus.items if i.path.endswith(".wav") and not i.broken)
+    audio = _decoded(corpus, item.path, tmp_path)
+    whole = SileroVad(silero_model_path(), block_windows=100_000).speech_probs(audio)
+    assert np.array_equal(SileroVad(silero_model_path(), block_windows=7).speech_probs(audio), whole)
+
+
+def test_an_unreadable_file_fails_alone_in_its_group(corpus: Corpus, tmp_path: Path) -> None:
+    from asr_assets.vad import VadItem, VadJob, detect_speech
+
+    item = next(i for i in corpus.items if i.path.endswith(".flac") and not i.broken)
+    good = tmp_path / "good.flac"
+    decode_media(DecodeJob("m", item.path, corpus.media_dir / item.path, good, 1 << 30, 3600.0))
+    bad = tmp_path / "bad.flac"
+    bad.write_bytes(b"not audio")
+    job = VadJob((VadItem("a", good), VadItem("b", bad), VadItem("c", good)), VadParams(), silero_model_path())
+    results = detect_speech(job)
+    assert [r.media_id for r in results] == ["a", "b", "c"]
+    assert results[1].error_class == "UnreadableAudio" and "media b" in results[1].error
+    spans = [(s.start_s, s.end_s) for s in results[0].segments]
+    assert spans and spans == [(s.start_s, s.end_s) for s in results[2].segments]
