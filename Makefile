@@ -13,7 +13,7 @@ export ASR_SOURCE_URI ?= $(CURDIR)/data/sample/media
 export ASR_OUTPUT_ROOT ?= $(CURDIR)/data/out
 SAMPLE_DIR := $(CURDIR)/data/sample
 
-.PHONY: install install-dev system-deps demo test lint ui clean
+.PHONY: install install-dev system-deps demo test lint ui clean bench-env
 
 system-deps:
 	@missing=""; for tool in ffmpeg espeak-ng sox; do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
@@ -64,6 +64,16 @@ lint: install-dev
 
 ui: install $(DAGSTER_HOME)/dagster.yaml
 	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+# Benchmarks compare against reference implementations that need torch (silero-vad's own path); they get their own
+# venv so the product's stays torch-free. torch==2.13.0 is the CPU build pip finds on this machine's disk.
+bench-env: .venv-bench/.installed
+
+.venv-bench/.installed: pyproject.toml | system-deps
+	$(PYTHON) -m venv .venv-bench
+	.venv-bench/bin/python -m pip install -q -e . torch==2.13.0
+	.venv-bench/bin/python -m pip install -q --no-deps $(SILERO_VAD)
+	touch $@
 
 clean:
 	rm -rf data/out data/sample .dagster

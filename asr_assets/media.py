@@ -6,6 +6,7 @@ Why PyAV rather than one ``ffmpeg`` CLI process per file: see README "Decoding" 
 
 from __future__ import annotations
 
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,11 +176,12 @@ def decode_media(job: DecodeJob) -> DecodeResult:
     detected = "unknown"
     info: dict[str, object] = {}
     try:
-        size = job.src.stat().st_size
-        if size == 0:
-            raise EmptyFile("file is empty (0 bytes)")
-        if size > job.max_bytes:
-            raise TooLarge(f"file is {size} bytes, over the {job.max_bytes}-byte limit")
+        status = job.src.stat()
+        if stat.S_ISREG(status.st_mode):  # a stream (fifo, device) has no size to check before reading
+            if status.st_size == 0:
+                raise EmptyFile("file is empty (0 bytes)")
+            if status.st_size > job.max_bytes:
+                raise TooLarge(f"file is {status.st_size} bytes, over the {job.max_bytes}-byte limit")
         with open(job.src, "rb") as f:
             detected = sniff_format(f.read(512))
         if detected == "unknown":
