@@ -1,6 +1,7 @@
 """The six partitioned assets. Thin: each reads its config, calls the stage function and reports metadata."""
 
 import dagster as dg
+import pydantic
 from pydantic import Field
 
 from asr_assets import layout
@@ -75,6 +76,16 @@ class VadConfig(PoolConfig):
 
 class FeaturesConfig(PoolConfig):
     part_max_hours: float = Field(default=4.0, description="Packed FLAC parts roll over at this much audio.")
+    log_mel_bins: int = Field(
+        default=0, description="Whisper log-mel features for the student: 0 (off), 80 or 128 mel bins."
+    )
+
+    @pydantic.field_validator("log_mel_bins")
+    @classmethod
+    def _known_bins(cls, value: int) -> int:
+        if value not in (0, 80, 128):
+            raise ValueError(f"log_mel_bins must be 0, 80 or 128, got {value}")
+        return value
 
 
 class TranscriptsConfig(dg.Config):
@@ -166,7 +177,8 @@ def segment_features(
 ) -> dg.MaterializeResult:
     """Each segment cut, measured (levels, clipping, SNR, VAD stats) and packed into the shard's FLAC parts."""
     out = storage.output()
-    report = features_shard(out, context.partition_key, AudioPackSettings(config.part_max_hours * 3600), config.pool())
+    pack = AudioPackSettings(config.part_max_hours * 3600)
+    report = features_shard(out, context.partition_key, pack, config.pool(), config.log_mel_bins)
     return dg.MaterializeResult(metadata=_metadata(report, "segments"))
 
 

@@ -45,6 +45,10 @@ def packed_audio_key(shard: str, part: int) -> str:
     return f"segment_features/{shard}/part-{part:05d}.flac"
 
 
+def mel_part_key(shard: str, part: int) -> str:
+    return f"segment_features/{shard}/mel-part-{part:05d}.parquet"
+
+
 def transcripts_prefix(shard: str) -> str:
     return f"transcripts/{shard}/"
 

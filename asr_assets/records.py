@@ -233,6 +233,7 @@ class FeatureRow:
         audio_key: packed FLAC object holding the segment's samples.
         audio_offset: first frame of the segment in that object.
         audio_frames: number of frames (16 kHz samples).
+        mel_key: Parquet part holding the segment's Whisper log-mel features (None when they were not computed).
     """
 
     segment_id: str
@@ -249,6 +250,7 @@ class FeatureRow:
     audio_key: str
     audio_offset: int
     audio_frames: int
+    mel_key: str | None
 
 
 FEATURE_SCHEMA = pa.schema(
@@ -267,7 +269,14 @@ FEATURE_SCHEMA = pa.schema(
         ("audio_key", pa.string()),
         ("audio_offset", pa.int64()),
         ("audio_frames", pa.int64()),
+        ("mel_key", pa.string()),
     ]
+)
+
+# Log-mel parts (segment_features/{shard}/mel-part-{k}.parquet): one row per segment, the features as float16 bytes of
+# shape (n_mels, frames), row-major.
+MEL_SCHEMA = pa.schema(
+    [("segment_id", pa.string()), ("n_mels", pa.int16()), ("frames", pa.int32()), ("mel", pa.binary())]
 )
 
 

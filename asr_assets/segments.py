@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from asr_assets.logmel import log_mel, num_frames
 from asr_assets.media import read_audio
 from asr_assets.records import SAMPLE_RATE
 
@@ -37,6 +38,7 @@ class CutJob:
     media_id: str
     audio_path: Path
     spans: tuple[SegmentSpan, ...]
+    mel_bins: int = 0
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class Measured:
         clip_ratio: fraction of samples at or above 0.999 full scale.
         snr_db: RMS of the segment over RMS of the media's non-speech audio, in dB (None if too little non-speech).
         pcm: the samples as int16.
+        mel: Whisper log-mel features, float16 (n_mels, frames), when asked for.
     """
 
     span: SegmentSpan
@@ -58,6 +61,7 @@ class Measured:
     clip_ratio: float
     snr_db: float | None
     pcm: np.ndarray
+    mel: np.ndarray | None = None
 
 
 def dbfs(value: float) -> float:
@@ -96,6 +100,7 @@ def cut_and_measure(job: CutJob) -> list[Measured]:
                 clip_ratio=float(np.mean(np.abs(x) >= CLIP_LEVEL)),
                 snr_db=None if noise_rms is None else dbfs(seg_rms) - dbfs(noise_rms),
                 pcm=np.round(np.clip(x, -1.0, 1.0) * 32767.0).astype(np.int16),
+                mel=log_mel(x, job.mel_bins, num_frames(x.shape[0])).astype(np.float16) if job.mel_bins else None,
             )
         )
     return measured

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import soundfile as sf
 
 from asr_assets import layout
@@ -27,6 +28,7 @@ from asr_assets.records import (
     AUDIO_SCHEMA,
     FEATURE_SCHEMA,
     MEDIA_SCHEMA,
+    MEL_SCHEMA,
     SAMPLE_RATE,
     SEGMENT_SCHEMA,
     TRANSCRIPT_SCHEMA,
@@ -372,51 +374,76 @@ class PackSettings:
 
 
 class _PackWriter:
-    """Appends segments to packed FLAC parts in scratch space and moves each finished part into the store."""
+    """Appends segments to packed FLAC parts (and their log-mel features to a Parquet part beside each) in scratch
+    space, and moves each finished part into the store."""
 
     def __init__(self, out: ObjectStore, shard: str, first_part: int, settings: PackSettings) -> None:
         self._out, self._shard, self._settings = out, shard, settings
         self._part = first_part
         self._file: sf.SoundFile | None = None
-        self._path: Path | None = None
+        self._mel: pq.ParquetWriter | None = None
         self._frames = 0
         self.written: list[str] = []
 
-    def append(self, pcm) -> tuple[str, int]:
+    def _scratch(self, key: str) -> Path:
+        return self._out.scratch_dir() / key.replace("/", "-")
+
+    def append(self, pcm, mel=None, segment_id: str = "") -> tuple[str, int, str | None]:
+        """Appends one segment; returns its audio part key, frame offset and log-mel part key."""
+        audio_key = layout.packed_audio_key(self._shard, self._part)
+        mel_key = layout.mel_part_key(self._shard, self._part)
         if self._file is None:
-            self._path = self._out.scratch_dir() / f"{self._shard}-part-{self._part:05d}.flac"
             self._file = sf.SoundFile(
-                self._path, "w", samplerate=SAMPLE_RATE, channels=1, format="FLAC", subtype="PCM_16"
+                self._scratch(audio_key), "w", samplerate=SAMPLE_RATE, channels=1, format="FLAC", subtype="PCM_16"
             )
             self._frames = 0
         offset = self._frames
         self._file.write(pcm)
         self._frames += pcm.shape[0]
-        key = layout.packed_audio_key(self._shard, self._part)
+        if mel is not None:
+            if self._mel is None:
+                self._mel = pq.ParquetWriter(self._scratch(mel_key), MEL_SCHEMA, compression="zstd")
+            row = {
+                "segment_id": [segment_id],
+                "n_mels": [mel.shape[0]],
+                "frames": [mel.shape[1]],
+                "mel": [mel.astype("<f2").tobytes()],
+            }
+            self._mel.write_table(pa.table(row, schema=MEL_SCHEMA))
         if self._frames >= self._settings.part_max_s * SAMPLE_RATE:
             self.close()
-        return key, offset
+        return audio_key, offset, mel_key if mel is not None else None
 
     def close(self) -> None:
         """Finishes the open part (if any) and moves it into the store."""
         if self._file is None:
             return
         self._file.close()
-        key = layout.packed_audio_key(self._shard, self._part)
-        self._out.put_file(key, self._path)
-        self.written.append(key)
-        self._file, self._path = None, None
+        audio_key = layout.packed_audio_key(self._shard, self._part)
+        self._out.put_file(audio_key, self._scratch(audio_key))
+        self.written.append(audio_key)
+        if self._mel is not None:
+            self._mel.close()
+            mel_key = layout.mel_part_key(self._shard, self._part)
+            self._out.put_file(mel_key, self._scratch(mel_key))
+            self.written.append(mel_key)
+        self._file, self._mel = None, None
         self._part += 1
 
     def abort(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._path.unlink(missing_ok=True)
-            self._file = None
+        for handle in (self._file, self._mel):
+            if handle is not None:
+                handle.close()
+        for key in (layout.packed_audio_key(self._shard, self._part), layout.mel_part_key(self._shard, self._part)):
+            self._scratch(key).unlink(missing_ok=True)
+        self._file, self._mel = None, None
 
 
-def features_shard(out: ObjectStore, shard: str, pack: PackSettings, pool: PoolSettings) -> StageReport:
-    """Cuts and measures every segment without a feature row, packing its audio into the shard's FLAC parts.
+def features_shard(
+    out: ObjectStore, shard: str, pack: PackSettings, pool: PoolSettings, mel_bins: int = 0
+) -> StageReport:
+    """Cuts and measures every segment without a feature row, packing its audio into the shard's FLAC parts (and,
+    with ``mel_bins`` 80 or 128, its Whisper log-mel features into Parquet parts beside them).
 
     The feature manifest is written only after the part it points into is in the store, so a crash leaves at most an
     unreferenced part that the re-run overwrites.
@@ -437,7 +464,7 @@ def features_shard(out: ObjectStore, shard: str, pack: PackSettings, pool: PoolS
             by_media.setdefault(row["media_id"], []).append(
                 SegmentSpan(row["segment_id"], row["start_s"], row["end_s"], row["prob_mean"], row["prob_min"])
             )
-    jobs = (CutJob(mid, out.local_path(audio_keys[mid]), tuple(spans)) for mid, spans in by_media.items())
+    jobs = (CutJob(mid, out.local_path(audio_keys[mid]), tuple(spans), mel_bins) for mid, spans in by_media.items())
     parts = {k for k in features["audio_key"].to_pylist()}
     writer = _PackWriter(out, shard, first_part=len(parts), settings=pack)
     rows: list[FeatureRow] = []
@@ -455,8 +482,8 @@ def features_shard(out: ObjectStore, shard: str, pack: PackSettings, pool: PoolS
                     report.fail(kind)
                 continue
             for m in measured:
-                key, offset = writer.append(m.pcm)
-                rows.append(_feature_row(job.media_id, m, key, offset))
+                key, offset, mel_key = writer.append(m.pcm, m.mel, m.span.segment_id)
+                rows.append(_feature_row(job.media_id, m, key, offset, mel_key))
                 report.ok(m.pcm.shape[0] / SAMPLE_RATE)
         writer.close()
     except BaseException:
@@ -476,7 +503,7 @@ def features_shard(out: ObjectStore, shard: str, pack: PackSettings, pool: PoolS
     return report
 
 
-def _feature_row(media_id: str, m: Measured, key: str, offset: int) -> FeatureRow:
+def _feature_row(media_id: str, m: Measured, key: str, offset: int, mel_key: str | None) -> FeatureRow:
     return FeatureRow(
         segment_id=m.span.segment_id,
         media_id=media_id,
@@ -492,6 +519,7 @@ def _feature_row(media_id: str, m: Measured, key: str, offset: int) -> FeatureRo
         audio_key=key,
         audio_offset=offset,
         audio_frames=m.pcm.shape[0],
+        mel_key=mel_key,
     )
 
 
