@@ -74,17 +74,31 @@ def rms(x: np.ndarray) -> float:
     return float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))) if x.size else 0.0
 
 
+def _energy(x: np.ndarray, chunk: int = 1 << 20) -> float:
+    """Sum of squares in float64, a chunk at a time."""
+    total = 0.0
+    for i in range(0, x.shape[0], chunk):
+        part = x[i : i + chunk].astype(np.float64)
+        total += float(np.dot(part, part))
+    return total
+
+
 def cut_and_measure(job: CutJob) -> list[Measured]:
     """Worker entry point: reads the media's audio once and returns every segment measured, in segment order."""
     audio = read_audio(job.audio_path)
     bounds = [
         (max(0, round(s.start_s * SAMPLE_RATE)), min(audio.shape[0], round(s.end_s * SAMPLE_RATE))) for s in job.spans
     ]
-    speech = np.zeros(audio.shape[0], dtype=bool)
-    for start, end in bounds:
-        speech[start:end] = True
-    noise = audio[~speech]
-    noise_rms = rms(noise) if noise.shape[0] >= MIN_NOISE_S * SAMPLE_RATE else None
+    # Noise floor over the gaps between segments (which never overlap), summed in float64 chunks rather than through
+    # a mask and a copy of the non-speech samples: a long file stays in memory once.
+    gaps, cursor = [], 0
+    for start, end in sorted(bounds):
+        gaps.append((cursor, start))
+        cursor = max(cursor, end)
+    gaps.append((cursor, audio.shape[0]))
+    noise_samples = sum(max(0, b - a) for a, b in gaps)
+    noise_energy = sum(_energy(audio[a:b]) for a, b in gaps if b > a)
+    noise_rms = float(np.sqrt(noise_energy / noise_samples)) if noise_samples >= MIN_NOISE_S * SAMPLE_RATE else None
 
     measured = []
     for span, (start, end) in zip(job.spans, bounds, strict=True):
