@@ -52,6 +52,10 @@ demo: install $(DAGSTER_HOME)/dagster.yaml
 	  $(VENV)/bin/dagster asset materialize -m asr_assets.definitions --select 'group:asr' --partition $$shard \
 	    > $(DAGSTER_HOME)/demo-$$shard.log 2>&1 || { tail -50 $(DAGSTER_HOME)/demo-$$shard.log; exit 1; }; \
 	done
+	@echo "== distillation_report"
+	@$(VENV)/bin/dagster asset materialize -m asr_assets.definitions --select distillation_report \
+	  --config-json '{"ops": {"distillation_report": {"config": {"references": "$(SAMPLE_DIR)/references.jsonl"}}}}' \
+	  > $(DAGSTER_HOME)/demo-report.log 2>&1 || { tail -50 $(DAGSTER_HOME)/demo-report.log; exit 1; }
 	@$(VPY) -m asr_assets.summary --output-root $(ASR_OUTPUT_ROOT) --references $(SAMPLE_DIR)/references.jsonl \
 	  --media-root $(ASR_SOURCE_URI)
 

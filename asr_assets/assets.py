@@ -1,23 +1,29 @@
 """The six partitioned assets. Thin: each reads its config, calls the stage function and reports metadata."""
 
+import base64
+
 import dagster as dg
 import pydantic
 from pydantic import Field
 
 from asr_assets import layout
 from asr_assets.distill import (
+    Clipped,
     EmptyText,
     HallucinationPhrase,
     LowConfidence,
+    NearSilent,
     NoSpeech,
     PackSettings,
     RepetitionLoop,
     SpeakingRate,
+    SpeakingRateOutlier,
     TooLong,
     TooShort,
     distill_shard,
 )
 from asr_assets.pool import default_workers
+from asr_assets.report import build_report, load_references, render_plots, report_json
 from asr_assets.stages import (
     DecodeSettings,
     PoolSettings,
@@ -36,6 +42,7 @@ from resources.storage import StorageResource
 from resources.teachers import TeacherResource
 
 GROUP = "asr"
+REPORT_GROUP = "reports"  # unpartitioned: kept out of the per-shard selection `group:asr`
 
 
 class PoolConfig(dg.Config):
@@ -96,12 +103,21 @@ class TranscriptsConfig(dg.Config):
 class DistilledConfig(dg.Config):
     min_duration_s: float = Field(default=0.5, description="too_short below this.")
     max_duration_s: float = Field(default=30.0, description="too_long above this.")
+    max_rms_dbfs: float = Field(default=-50.0, description="near_silent below this level.")
+    max_clip_ratio: float = Field(default=0.01, description="clipped above this fraction of full-scale samples.")
     max_compression_ratio: float = Field(default=2.4, description="repetition above this zlib ratio.")
     max_repeats: int = Field(default=4, description="repetition when an n-gram repeats this many times in a row.")
-    min_avg_logprob: float = Field(default=-1.0, description="low_confidence below this mean token logprob.")
     no_speech_prob: float = Field(default=0.6, description="no_speech above this (with logprob below -1).")
+    min_avg_logprob: float = Field(default=-1.0, description="low_confidence below this mean token logprob.")
+    confidence_quantile: float = Field(
+        default=0.0, description="low_confidence also below this quantile of the shard's logprobs (0: off)."
+    )
     min_chars_per_s: float = Field(default=2.0, description="speaking_rate below this.")
     max_chars_per_s: float = Field(default=30.0, description="speaking_rate above this.")
+    rate_fence_k: float = Field(default=1.5, description="speaking_rate_outlier: the IQR fence's multiplier.")
+    rate_fence_min_segments: int = Field(
+        default=20, description="speaking_rate_outlier judges a language only with this many segments in the shard."
+    )
     target_tar_mb: float = Field(default=256.0, description="WebDataset tar shards roll over at this size.")
 
     def rules(self) -> list:
@@ -109,11 +125,14 @@ class DistilledConfig(dg.Config):
             EmptyText(),
             TooShort(self.min_duration_s),
             TooLong(self.max_duration_s),
+            NearSilent(self.max_rms_dbfs),
+            Clipped(self.max_clip_ratio),
             HallucinationPhrase(),
             RepetitionLoop(self.max_compression_ratio, self.max_repeats),
             NoSpeech(self.no_speech_prob),
-            LowConfidence(self.min_avg_logprob),
+            LowConfidence(self.min_avg_logprob, self.confidence_quantile),
             SpeakingRate(self.min_chars_per_s, self.max_chars_per_s),
+            SpeakingRateOutlier(self.rate_fence_k, self.rate_fence_min_segments),
         ]
 
 
@@ -211,4 +230,47 @@ def distilled_dataset(
     meta = _metadata(report, "segments")
     meta["dropped_by_reason"] = dict(report.errors)
     meta["files_jsonl"] = out.uri_of(layout.files_key(context.partition_key))
+    return dg.MaterializeResult(metadata=meta)
+
+
+class ReportConfig(dg.Config):
+    references: str = Field(
+        default="",
+        description="Optional JSONL of reference transcripts ({'path' or 'uri', 'text'} per file) for label WER.",
+    )
+
+
+@dg.asset(group_name=REPORT_GROUP, deps=[distilled_dataset], kinds={"python"})
+def distillation_report(config: ReportConfig, storage: StorageResource) -> dg.MaterializeResult:
+    """Hours in and kept, drops by reason, duration / speaking-rate / confidence distributions over every shard, and
+    (with references) the WER of all labels against the WER of the kept labels."""
+    out = storage.output()
+    references = load_references(config.references, storage.source()) if config.references else None
+    report, dist = build_report(out, shard_partitions.get_partition_keys(), references)
+    out.put_bytes("report/report.json", report_json(report))
+    images = []
+    for name, png in render_plots(dist).items():
+        out.put_bytes(f"report/{name}.png", png)
+        images.append(f"### {name}\n![{name}](data:image/png;base64,{base64.b64encode(png).decode()})")
+    drops = "\n".join(
+        f"| {reason} | {count} | {report.dropped_hours_by_reason[reason]:.4f} |"
+        for reason, count in report.dropped_by_reason.items()
+    )
+    meta = {
+        "headline": report.headline(),
+        "hours_in": round(report.hours_in, 4),
+        "kept_hours": round(report.kept_hours, 4),
+        "kept": report.kept,
+        "transcribed": report.transcribed,
+        "dead_letter": report.dead_letter,
+        "dropped_by_reason": dg.MetadataValue.md("| reason | segments | hours |\n|---|---|---|\n" + drops),
+        "plots": dg.MetadataValue.md("\n\n".join(images)),
+        "report_json": out.uri_of("report/report.json"),
+    }
+    if report.wer_all is not None:
+        meta |= {
+            "wer_all_labels": round(report.wer_all, 4),
+            "wer_kept_labels": round(report.wer_kept, 4),
+            "referenced_files": report.referenced_files,
+        }
     return dg.MaterializeResult(metadata=meta)

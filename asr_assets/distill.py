@@ -16,9 +16,10 @@ import time
 import unicodedata
 from abc import ABC, abstractmethod
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import ClassVar
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import soundfile as sf
@@ -39,7 +40,7 @@ from asr_assets.records import (
 from asr_assets.stages import StageReport, read_transcripts
 from resources.storage import ObjectStore, read_table, write_table
 
-FILTER_VERSION = "filters-v1"
+FILTER_VERSION = "filters-v2"
 
 # The dataset manifest (distilled/{shard}.parquet): one row per kept segment, the same fields as its {key}.json plus
 # the tar that holds it.
@@ -63,6 +64,30 @@ MANIFEST_SCHEMA = pa.schema(
         ("vad_model_sha256", pa.string()),
         ("vad_params", pa.string()),
         ("filter_version", pa.string()),
+        ("filter_params_sha", pa.string()),
+    ]
+)
+
+_SEGMENT_STRUCT = pa.struct(
+    [
+        ("segment_id", pa.string()),
+        ("start", pa.float64()),
+        ("end", pa.float64()),
+        ("text", pa.string()),
+        ("avg_logprob", pa.float64()),
+        ("status", pa.string()),
+    ]
+)
+# Per-file transcripts (distilled/{shard}.files.parquet): the same records as files.jsonl.
+FILES_SCHEMA = pa.schema(
+    [
+        ("media_id", pa.string()),
+        ("uri", pa.string()),
+        ("outcome", pa.string()),
+        ("duration_s", pa.float64()),
+        ("text", pa.string()),
+        ("segments", pa.list_(_SEGMENT_STRUCT)),
+        ("failure", pa.struct([("stage", pa.string()), ("error_class", pa.string()), ("error", pa.string())])),
     ]
 )
 
@@ -80,6 +105,8 @@ class Candidate:
         no_speech_prob: engine's no-speech probability (None when the engine has none).
         compression_ratio: zlib ratio of the text (None for empty text).
         finish_reason: ``stop`` or ``length``.
+        language: language of the transcript (ISO 639-1).
+        clip_ratio: fraction of samples at full scale.
     """
 
     segment_id: str
@@ -90,6 +117,13 @@ class Candidate:
     no_speech_prob: float | None
     compression_ratio: float | None
     finish_reason: str
+    language: str = "en"
+    clip_ratio: float = 0.0
+
+    @property
+    def chars_per_s(self) -> float:
+        """Letters and digits per second."""
+        return sum(ch.isalnum() for ch in self.text) / max(self.duration_s, 1e-3)
 
 
 def normalize_text(text: str) -> str:
@@ -100,9 +134,17 @@ def normalize_text(text: str) -> str:
 
 
 class Rule(ABC):
-    """A filter: ``drops`` says whether the candidate should be removed, ``name`` is the recorded reason."""
+    """A filter: ``drops`` says whether the candidate should be removed, ``name`` is the recorded reason.
+
+    A rule that judges a segment against its shard (a quantile, an inter-quartile fence) computes its thresholds in
+    ``fit`` from every candidate of the shard and returns a fitted copy; the others return themselves.
+    """
 
     name: ClassVar[str]
+
+    def fit(self, candidates: list[Candidate]) -> Rule:
+        """This rule with any shard-level thresholds computed from ``candidates``."""
+        return self
 
     @abstractmethod
     def drops(self, c: Candidate) -> bool:
@@ -139,6 +181,28 @@ class TooLong(Rule):
 
     def drops(self, c: Candidate) -> bool:
         return c.duration_s > self.max_s + 1e-6
+
+
+@dataclass(frozen=True)
+class NearSilent(Rule):
+    """Audio level under ``max_rms_dbfs``: no usable speech whatever the text says."""
+
+    max_rms_dbfs: float = -50.0
+    name: ClassVar[str] = "near_silent"
+
+    def drops(self, c: Candidate) -> bool:
+        return c.rms_dbfs < self.max_rms_dbfs
+
+
+@dataclass(frozen=True)
+class Clipped(Rule):
+    """More than ``max_clip_ratio`` of the samples at full scale: distorted audio teaches the student distortion."""
+
+    max_clip_ratio: float = 0.01
+    name: ClassVar[str] = "clipped"
+
+    def drops(self, c: Candidate) -> bool:
+        return c.clip_ratio > self.max_clip_ratio
 
 
 HALLUCINATION_PHRASES = (
@@ -206,13 +270,24 @@ class NoSpeech(Rule):
 
 @dataclass(frozen=True)
 class LowConfidence(Rule):
-    """Mean token log probability below ``min_avg_logprob``."""
+    """Mean token log probability below ``min_avg_logprob``, or below the shard's ``quantile`` (0 turns that off)."""
 
     min_avg_logprob: float = -1.0
+    quantile: float = 0.0
+    shard_threshold: float | None = None
     name: ClassVar[str] = "low_confidence"
 
+    def fit(self, candidates: list[Candidate]) -> Rule:
+        scores = [c.avg_logprob for c in candidates if c.avg_logprob is not None]
+        if not self.quantile or not scores:
+            return self
+        return replace(self, shard_threshold=float(np.quantile(scores, self.quantile)))
+
     def drops(self, c: Candidate) -> bool:
-        return c.avg_logprob is None or c.avg_logprob < self.min_avg_logprob
+        if c.avg_logprob is None:
+            return True
+        threshold = max(self.min_avg_logprob, self.shard_threshold if self.shard_threshold is not None else -np.inf)
+        return c.avg_logprob < threshold
 
 
 @dataclass(frozen=True)
@@ -224,9 +299,47 @@ class SpeakingRate(Rule):
     name: ClassVar[str] = "speaking_rate"
 
     def drops(self, c: Candidate) -> bool:
-        chars = sum(ch.isalnum() for ch in c.text)
-        cps = chars / max(c.duration_s, 1e-3)
-        return not self.min_cps <= cps <= self.max_cps
+        return not self.min_cps <= c.chars_per_s <= self.max_cps
+
+
+@dataclass(frozen=True)
+class SpeakingRateOutlier(Rule):
+    """Characters per second outside the shard's inter-quartile fence for the segment's language:
+    ``[Q1 - k*IQR, Q3 + k*IQR]``. Languages with fewer than ``min_segments`` segments in the shard are not judged."""
+
+    k: float = 1.5
+    min_segments: int = 20
+    fences: tuple[tuple[str, float, float], ...] = ()
+    name: ClassVar[str] = "speaking_rate_outlier"
+
+    def fit(self, candidates: list[Candidate]) -> Rule:
+        by_language: dict[str, list[float]] = {}
+        for c in candidates:
+            if any(ch.isalnum() for ch in c.text):
+                by_language.setdefault(c.language, []).append(c.chars_per_s)
+        fences = []
+        for language, rates in sorted(by_language.items()):
+            if len(rates) >= self.min_segments:
+                q1, q3 = np.quantile(rates, [0.25, 0.75])
+                fences.append((language, float(q1 - self.k * (q3 - q1)), float(q3 + self.k * (q3 - q1))))
+        return replace(self, fences=tuple(fences))
+
+    def drops(self, c: Candidate) -> bool:
+        for language, low, high in self.fences:
+            if language == c.language:
+                return not low <= c.chars_per_s <= high
+        return False
+
+
+def fit_rules(rules: list[Rule], candidates: list[Candidate]) -> list[Rule]:
+    """Every rule fitted to the shard's candidates (shard-level thresholds computed), in the same order."""
+    return [rule.fit(candidates) for rule in rules]
+
+
+def rules_fingerprint(rules: list[Rule]) -> str:
+    """Short hash of the rule set version and every rule's parameters (before fitting), recorded as lineage."""
+    blob = json.dumps([FILTER_VERSION, [(r.name, asdict(r)) for r in rules]], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def apply_rules(rules: list[Rule], c: Candidate) -> list[str]:
@@ -299,20 +412,14 @@ def distill_shard(out: ObjectStore, shard: str, rules: list[Rule], pack: PackSet
             out.put_file(tar_keys[-1], tar_path)
             tar = None
 
+    labelled = transcripts.to_pylist()
+    candidates = [_candidate(t, feats[t["segment_id"]]) for t in labelled]
+    fitted = fit_rules(rules, candidates)
+    rules_sha = rules_fingerprint(rules)
     try:
-        for t in transcripts.to_pylist():
+        for t, cand in zip(labelled, candidates, strict=True):
             f = feats[t["segment_id"]]
-            cand = Candidate(
-                segment_id=t["segment_id"],
-                text=t["text"],
-                duration_s=f["duration_s"],
-                rms_dbfs=f["rms_dbfs"],
-                avg_logprob=t["avg_logprob"],
-                no_speech_prob=t["no_speech_prob"],
-                compression_ratio=t["compression_ratio"],
-                finish_reason=t["finish_reason"],
-            )
-            would = apply_rules(rules, cand)
+            would = apply_rules(fitted, cand)
             if would:
                 decisions.append(DecisionRow(t["segment_id"], t["media_id"], False, would[0], would, None))
                 report.fail(would[0])
@@ -323,7 +430,7 @@ def distill_shard(out: ObjectStore, shard: str, rules: list[Rule], pack: PackSet
                 # Open across loop iterations (a tar spans many samples); closed by close_tar or the except below.
                 tar = tarfile.open(tar_path, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
             seg = segs[t["segment_id"]]
-            sample = _sample_json(t, f, seg, uris[t["media_id"]])
+            sample = _sample_json(t, f, seg, uris[t["media_id"]], rules_sha)
             _tar_member(
                 tar,
                 f"{t['segment_id']}.flac",
@@ -348,9 +455,10 @@ def distill_shard(out: ObjectStore, shard: str, rules: list[Rule], pack: PackSet
             out.delete(info.key)
     write_table(out, layout.decisions_key(shard), to_table(decisions, DECISION_SCHEMA))
     write_table(out, layout.distilled_manifest_key(shard), _manifest_table(kept_rows))
-    out.put_bytes(
-        layout.files_key(shard), _files_jsonl(index, audio, vad_media, segments, transcripts, decisions, dead)
-    )
+    files = _file_records(index, audio, vad_media, segments, transcripts, decisions, dead)
+    jsonl = "".join(json.dumps(f, ensure_ascii=False, sort_keys=True) + "\n" for f in files)
+    out.put_bytes(layout.files_key(shard), jsonl.encode())
+    write_table(out, layout.files_parquet_key(shard), pa.Table.from_pylist(files, schema=FILES_SCHEMA))
     report.totals = {
         "transcribed": transcripts.num_rows,
         "kept": len(kept_rows),
@@ -369,7 +477,22 @@ def distill_shard(out: ObjectStore, shard: str, rules: list[Rule], pack: PackSet
     return report
 
 
-def _sample_json(t: dict, f: dict, seg: dict, uri: str) -> dict:
+def _candidate(t: dict, f: dict) -> Candidate:
+    return Candidate(
+        segment_id=t["segment_id"],
+        text=t["text"],
+        duration_s=f["duration_s"],
+        rms_dbfs=f["rms_dbfs"],
+        avg_logprob=t["avg_logprob"],
+        no_speech_prob=t["no_speech_prob"],
+        compression_ratio=t["compression_ratio"],
+        finish_reason=t["finish_reason"],
+        language=t["language"],
+        clip_ratio=f["clip_ratio"],
+    )
+
+
+def _sample_json(t: dict, f: dict, seg: dict, uri: str, rules_sha: str) -> dict:
     return {
         "key": t["segment_id"],
         "text": t["text"],
@@ -388,6 +511,7 @@ def _sample_json(t: dict, f: dict, seg: dict, uri: str) -> dict:
         "vad_model_sha256": seg["vad_model_sha256"],
         "vad_params": seg["vad_params"],
         "filter_version": FILTER_VERSION,
+        "filter_params_sha": rules_sha,
     }
 
 
@@ -414,8 +538,8 @@ def _fingerprint(index, audio, vad_media, segments, transcripts, dead, rules, pa
     return h.hexdigest()
 
 
-def _files_jsonl(index, audio, vad_media, segments, transcripts, decisions, dead) -> bytes:
-    """One line per indexed media object: its outcome, its segments in time order and the kept full text."""
+def _file_records(index, audio, vad_media, segments, transcripts, decisions, dead) -> list[dict]:
+    """One record per indexed media object: its outcome, its segments in time order and the kept full text."""
     failed: dict[str, dict] = {}
     for stage in ("audio_wav", "vad_segments"):
         for r in dead[stage].to_pylist():
@@ -444,7 +568,7 @@ def _files_jsonl(index, audio, vad_media, segments, transcripts, decisions, dead
                 "status": status,
             }
         )
-    lines = []
+    records = []
     for m in index.sort_by("uri").to_pylist():
         segs = by_media.get(m["media_id"], [])
         if m["media_id"] in failed:
@@ -462,11 +586,10 @@ def _files_jsonl(index, audio, vad_media, segments, transcripts, decisions, dead
             "duration_s": durations.get(m["media_id"]),
             "text": " ".join(s["text"] for s in segs if s["status"] == "kept" and s["text"]),
             "segments": segs,
+            "failure": failed.get(m["media_id"]),
         }
-        if outcome == "failed":
-            line["failure"] = failed[m["media_id"]]
-        lines.append(json.dumps(line, ensure_ascii=False, sort_keys=True))
-    return ("\n".join(lines) + "\n").encode() if lines else b""
+        records.append(line)
+    return records
 
 
 def drop_counts(decisions: pa.Table) -> dict[str, int]:
@@ -481,9 +604,12 @@ def default_rules() -> list[Rule]:
         EmptyText(),
         TooShort(),
         TooLong(),
+        NearSilent(),
+        Clipped(),
         HallucinationPhrase(),
         RepetitionLoop(),
         NoSpeech(),
         LowConfidence(),
         SpeakingRate(),
+        SpeakingRateOutlier(),
     ]

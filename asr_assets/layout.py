@@ -73,6 +73,10 @@ def files_key(shard: str) -> str:
     return f"distilled/{shard}.files.jsonl"
 
 
+def files_parquet_key(shard: str) -> str:
+    return f"distilled/{shard}.files.parquet"
+
+
 def distilled_state_key(shard: str) -> str:
     return f"distilled/{shard}.state.json"
 

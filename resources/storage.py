@@ -238,10 +238,16 @@ def open_store(uri: str, *, must_exist: bool, what: str) -> ObjectStore:
 
 
 def read_table(store: ObjectStore, key: str, schema: pa.Schema) -> pa.Table:
-    """Reads a Parquet object, or an empty table of ``schema`` when it does not exist yet."""
+    """Reads a Parquet object as ``schema`` (an empty table when it does not exist yet)."""
     if not store.exists(key):
         return schema.empty_table()
     table = pq.read_table(io.BytesIO(store.read_bytes(key)))
+    # Tables written by an earlier version may lack columns added since: nullable ones read as nulls.
+    for field in schema:
+        if field.name not in table.column_names:
+            if not field.nullable:
+                raise ValueError(f"{store.uri_of(key)}: column {field.name!r} is missing and cannot be null")
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
     return table.select(schema.names).cast(schema)
 
 

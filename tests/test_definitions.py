@@ -15,14 +15,16 @@ from asr_assets.definitions import defs
 from partitions import shard_of, shard_partitions
 
 ASSETS = {"media_index", "audio_wav", "vad_segments", "segment_features", "transcripts", "distilled_dataset"}
+REPORT = "distillation_report"
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_defs_load_and_every_job_resolves() -> None:
     graph = defs.resolve_asset_graph()
-    assert {k.to_user_string() for k in graph.get_all_asset_keys()} == ASSETS
+    assert {k.to_user_string() for k in graph.get_all_asset_keys()} == ASSETS | {REPORT}
     for key in graph.get_all_asset_keys():
-        assert graph.get(key).partitions_def == shard_partitions
+        expected = None if key.to_user_string() == REPORT else shard_partitions
+        assert graph.get(key).partitions_def == expected
     assert {(c.asset_key.to_user_string(), c.name) for c in graph.asset_check_keys} == {
         ("media_index", "ids_unique"),
         *((a, "counts_reconcile") for a in ASSETS - {"media_index"}),
@@ -92,10 +94,13 @@ def test_webserver_loads_the_workspace_and_shows_assets_and_partitions(tmp_path:
             if nodes or time.monotonic() > deadline:
                 break
             time.sleep(1)
-        assert {"/".join(n["assetKey"]["path"]) for n in nodes} == ASSETS, data
+        assert {"/".join(n["assetKey"]["path"]) for n in nodes} == ASSETS | {REPORT}, data
         for node in nodes:
-            assert node["groupName"] == "asr"
-            assert node["partitionKeys"] == shard_partitions.get_partition_keys()
+            if node["assetKey"]["path"] == [REPORT]:
+                assert node["groupName"] == "reports" and node["partitionKeys"] == []
+            else:
+                assert node["groupName"] == "asr"
+                assert node["partitionKeys"] == shard_partitions.get_partition_keys()
     finally:
         proc.terminate()
         try:

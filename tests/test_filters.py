@@ -6,16 +6,20 @@ import pytest
 
 from asr_assets.distill import (
     Candidate,
+    Clipped,
     EmptyText,
     HallucinationPhrase,
     LowConfidence,
+    NearSilent,
     NoSpeech,
     RepetitionLoop,
     SpeakingRate,
+    SpeakingRateOutlier,
     TooLong,
     TooShort,
     apply_rules,
     default_rules,
+    fit_rules,
     normalize_text,
 )
 from resources.teachers.base import compression_ratio
@@ -28,9 +32,20 @@ def cand(
     avg_logprob: float | None = -0.3,
     no_speech_prob: float | None = 0.01,
     finish_reason: str = "stop",
+    language: str = "en",
+    clip_ratio: float = 0.0,
 ) -> Candidate:
     return Candidate(
-        "s-00000", text, duration_s, rms_dbfs, avg_logprob, no_speech_prob, compression_ratio(text), finish_reason
+        "s-00000",
+        text,
+        duration_s,
+        rms_dbfs,
+        avg_logprob,
+        no_speech_prob,
+        compression_ratio(text),
+        finish_reason,
+        language,
+        clip_ratio,
     )
 
 
@@ -66,15 +81,57 @@ def cand(
         (SpeakingRate(2.0, 30.0), cand(text="a" * 100, duration_s=1.0), True),
         (SpeakingRate(2.0, 30.0), cand(text="hi", duration_s=10.0), True),
         (SpeakingRate(2.0, 30.0), cand(text="the cat sat on the mat", duration_s=1.5), False),
+        (NearSilent(-50.0), cand(rms_dbfs=-62.0), True),
+        (NearSilent(-50.0), cand(rms_dbfs=-35.0), False),
+        (Clipped(0.01), cand(clip_ratio=0.05), True),
+        (Clipped(0.01), cand(clip_ratio=0.001), False),
+        # Unfitted shard-level rules judge nothing.
+        (SpeakingRateOutlier(), cand(text="a" * 200, duration_s=1.0), False),
     ],
 )
 def test_rule(rule, candidate: Candidate, drops: bool) -> None:
     assert rule.drops(candidate) is drops
 
 
+# A shard of English segments speaking at 12-16 chars/s, and German ones at 8-9.
+SHARD = [cand(text="x" * (24 + i % 9), duration_s=2.0) for i in range(40)] + [
+    cand(text="y" * (16 + i % 3), duration_s=2.0, language="de") for i in range(25)
+]
+
+
+@pytest.mark.parametrize(
+    ("candidate", "drops"),
+    [
+        (cand(text="x" * 28, duration_s=2.0), False),  # 14 chars/s: the middle of the English shard
+        (cand(text="x" * 50, duration_s=2.0), True),  # 25 chars/s: fine in absolute terms, an outlier here
+        (cand(text="x" * 10, duration_s=2.0), True),  # 5 chars/s
+        (cand(text="y" * 17, duration_s=2.0, language="de"), False),
+        (cand(text="y" * 28, duration_s=2.0, language="de"), True),  # normal for English, not for this German
+        (cand(text="z" * 60, duration_s=2.0, language="fr"), False),  # too few French segments to judge
+    ],
+)
+def test_speaking_rate_fence_is_per_language_and_per_shard(candidate: Candidate, drops: bool) -> None:
+    (fitted,) = fit_rules([SpeakingRateOutlier(k=1.5, min_segments=20)], SHARD)
+    assert fitted.drops(candidate) is drops
+
+
+def test_confidence_quantile_of_the_shard() -> None:
+    shard = [cand(avg_logprob=-0.1 - 0.01 * i) for i in range(100)]  # -0.10 .. -1.09
+    (fitted,) = fit_rules([LowConfidence(min_avg_logprob=-5.0, quantile=0.1)], shard)
+    assert fitted.drops(cand(avg_logprob=-1.05)) and not fitted.drops(cand(avg_logprob=-0.5))
+    (absolute,) = fit_rules([LowConfidence(min_avg_logprob=-1.0, quantile=0.0)], shard)
+    assert not absolute.drops(cand(avg_logprob=-0.99)) and absolute.drops(cand(avg_logprob=-1.01))
+
+
 def test_rules_run_in_order_and_record_every_reason() -> None:
     c = cand(text="you", duration_s=0.2, rms_dbfs=-80.0, avg_logprob=-1.6, no_speech_prob=0.95)
-    assert apply_rules(default_rules(), c) == ["too_short", "hallucination_phrase", "no_speech", "low_confidence"]
+    assert apply_rules(default_rules(), c) == [
+        "too_short",
+        "near_silent",
+        "hallucination_phrase",
+        "no_speech",
+        "low_confidence",
+    ]
     assert apply_rules(default_rules(), cand()) == []
 
 

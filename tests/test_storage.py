@@ -85,3 +85,16 @@ def test_missing_source_fails_with_what_to_fix(tmp_path: Path) -> None:
         open_store("s3://bucket/x", must_exist=True, what="ASR_SOURCE_URI")
     assert isinstance(open_store(f"file://{tmp_path}/new", must_exist=False, what="ASR_OUTPUT_ROOT"), LocalStore)
     assert (tmp_path / "new").is_dir()
+
+
+def test_tables_from_an_earlier_version_read_new_nullable_columns_as_null(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    write_table(store, "t.parquet", pa.table({"id": ["a", "b"]}))
+    schema = pa.schema([("id", pa.string()), ("added", pa.string())])
+    assert read_table(store, "t.parquet", schema).to_pylist() == [
+        {"id": "a", "added": None},
+        {"id": "b", "added": None},
+    ]
+    strict = pa.schema([("id", pa.string()), pa.field("required", pa.int64(), nullable=False)])
+    with pytest.raises(ValueError, match="column 'required' is missing"):
+        read_table(store, "t.parquet", strict)

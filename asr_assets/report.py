@@ -1,0 +1,201 @@
+"""The distillation report over every shard: hours in and kept, drops by reason, distributions, and the filters' value.
+
+When reference transcripts are given for some files, the report measures the word error rate of all teacher labels
+and of the kept labels on those files, so what the filters buy is measured, not assumed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import jiwer
+import numpy as np
+import pyarrow.compute as pc
+
+from asr_assets import layout
+from asr_assets.distill import FILES_SCHEMA, normalize_text
+from asr_assets.records import AUDIO_SCHEMA, DECISION_SCHEMA, FEATURE_SCHEMA, MEDIA_SCHEMA, SEGMENT_SCHEMA
+from asr_assets.stages import read_transcripts
+from resources.storage import ObjectStore, read_table
+
+
+@dataclass
+class Report:
+    """Whole-dataset numbers.
+
+    Attributes:
+        shards: shards that have a dataset.
+        media: indexed media objects.
+        decoded: media decoded.
+        dead_letter: media dead-lettered by audio_wav.
+        hours_in: decoded audio, hours.
+        segments: VAD segments.
+        speech_hours: audio inside segments, hours.
+        transcribed: segments with a teacher label.
+        kept: segments in the dataset.
+        kept_hours: audio of the kept segments, hours.
+        dropped_by_reason: dropped segments by first reason.
+        dropped_hours_by_reason: dropped audio by first reason, hours.
+        referenced_files: files with a reference transcript that the WERs cover.
+        wer_all: WER of every teacher label on those files (None without references).
+        wer_kept: WER of the kept labels on those files (None without references).
+    """
+
+    shards: int = 0
+    media: int = 0
+    decoded: int = 0
+    dead_letter: int = 0
+    hours_in: float = 0.0
+    segments: int = 0
+    speech_hours: float = 0.0
+    transcribed: int = 0
+    kept: int = 0
+    kept_hours: float = 0.0
+    dropped_by_reason: dict[str, int] = field(default_factory=dict)
+    dropped_hours_by_reason: dict[str, float] = field(default_factory=dict)
+    referenced_files: int = 0
+    wer_all: float | None = None
+    wer_kept: float | None = None
+
+    def headline(self) -> str:
+        """One line a person reads first."""
+        line = (
+            f"{self.hours_in:.3f} h in, {self.kept_hours:.3f} h kept ({self.kept} of {self.transcribed} labelled "
+            f"segments); dead-lettered files: {self.dead_letter}; drops: {self.dropped_by_reason or 'none'}"
+        )
+        if self.wer_all is not None:
+            line += (
+                f"; WER on {self.referenced_files} referenced files: all labels {self.wer_all:.3f}, "
+                f"kept {self.wer_kept:.3f}"
+            )
+        return line
+
+
+@dataclass
+class Distributions:
+    """Per-segment values behind the plots: kept flag, duration (s), chars per second, mean token logprob."""
+
+    kept: np.ndarray
+    duration: np.ndarray
+    chars_per_s: np.ndarray
+    avg_logprob: np.ndarray
+
+
+def build_report(
+    out: ObjectStore, shards: list[str], references: dict[str, str] | None = None
+) -> tuple[Report, Distributions]:
+    """Reads every shard's tables and returns the report and the per-segment distributions.
+
+    Args:
+        out: the output root.
+        shards: partition keys to include (shards without outputs are skipped).
+        references: reference text by source uri, for the files that have one.
+    """
+    report = Report()
+    drops: Counter = Counter()
+    drop_s: Counter = Counter()
+    kept_flags, durations, rates, logprobs = [], [], [], []
+    all_text: dict[str, str] = {}
+    kept_text: dict[str, str] = {}
+    for shard in shards:
+        index = read_table(out, layout.index_key(shard), MEDIA_SCHEMA)
+        if not index.num_rows:
+            continue
+        report.shards += 1
+        audio = read_table(out, layout.audio_manifest_key(shard), AUDIO_SCHEMA)
+        decisions = read_table(out, layout.decisions_key(shard), DECISION_SCHEMA)
+        features = read_table(out, layout.features_key(shard), FEATURE_SCHEMA).select(["segment_id", "duration_s"])
+        transcripts = read_transcripts(out, shard).select(["segment_id", "text", "avg_logprob"])
+        segments = read_table(out, layout.segments_key(shard), SEGMENT_SCHEMA)
+        report.media += index.num_rows
+        report.decoded += pc.sum(pc.equal(audio["status"], "decoded")).as_py() or 0
+        report.dead_letter += layout.read_dead_letters(out, "audio_wav", shard).num_rows
+        report.hours_in += (pc.sum(audio["duration_s"]).as_py() or 0.0) / 3600
+        report.segments += segments.num_rows
+        report.speech_hours += (pc.sum(pc.subtract(segments["end_s"], segments["start_s"])).as_py() or 0.0) / 3600
+        report.transcribed += transcripts.num_rows
+
+        joined = decisions.select(["segment_id", "kept", "drop_reason"]).join(features, "segment_id")
+        joined = joined.join(transcripts, "segment_id")
+        for row in joined.to_pylist():
+            seconds = row["duration_s"]
+            kept_flags.append(row["kept"])
+            durations.append(seconds)
+            rates.append(sum(ch.isalnum() for ch in row["text"]) / max(seconds, 1e-3))
+            logprobs.append(row["avg_logprob"] if row["avg_logprob"] is not None else np.nan)
+            if row["kept"]:
+                report.kept += 1
+                report.kept_hours += seconds / 3600
+            else:
+                drops[row["drop_reason"]] += 1
+                drop_s[row["drop_reason"]] += seconds
+
+        if out.exists(layout.files_parquet_key(shard)):
+            for f in read_table(out, layout.files_parquet_key(shard), FILES_SCHEMA).to_pylist():
+                labelled = [s for s in f["segments"] if s["text"] is not None]
+                all_text[f["uri"]] = " ".join(s["text"] for s in labelled)
+                kept_text[f["uri"]] = f["text"]
+    report.dropped_by_reason = dict(sorted(drops.items()))
+    report.dropped_hours_by_reason = {k: round(v / 3600, 5) for k, v in sorted(drop_s.items())}
+    if references:
+        covered = [uri for uri in references if uri in all_text or uri in kept_text]
+        if covered:
+            refs = [normalize_text(references[uri]) for uri in covered]
+            report.referenced_files = len(covered)
+            report.wer_all = float(jiwer.wer(refs, [normalize_text(all_text.get(u, "")) for u in covered]))
+            report.wer_kept = float(jiwer.wer(refs, [normalize_text(kept_text.get(u, "")) for u in covered]))
+    dist = Distributions(
+        np.array(kept_flags, bool), np.array(durations, float), np.array(rates, float), np.array(logprobs, float)
+    )
+    return report, dist
+
+
+def load_references(path: str, source: ObjectStore) -> dict[str, str]:
+    """Reference texts from a JSONL file: one object per file with ``text`` and either ``uri`` or ``path`` (relative
+    to the source root). Entries marked ``broken`` or with empty text are skipped."""
+    refs = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            item = json.loads(line)
+            if item.get("broken") or not item.get("text"):
+                continue
+            refs[item.get("uri") or source.uri_of(item["path"])] = item["text"]
+    return refs
+
+
+def render_plots(dist: Distributions) -> dict[str, bytes]:
+    """PNG plots of the distributions, kept against dropped."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots = {}
+    specs = [
+        ("duration", dist.duration, "segment duration (s)", np.linspace(0, 30, 31)),
+        ("speaking_rate", dist.chars_per_s, "letters and digits per second", np.linspace(0, 40, 41)),
+        ("confidence", dist.avg_logprob, "mean token log probability", np.linspace(-2.5, 0, 26)),
+    ]
+    for name, values, label, bins in specs:
+        fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+        finite = np.isfinite(values)
+        ax.hist(np.clip(values[dist.kept & finite], bins[0], bins[-1]), bins=bins, alpha=0.7, label="kept")
+        ax.hist(np.clip(values[~dist.kept & finite], bins[0], bins[-1]), bins=bins, alpha=0.7, label="dropped")
+        ax.set_xlabel(label)
+        ax.set_ylabel("segments")
+        ax.legend()
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", metadata={"Software": None})
+        plt.close(fig)
+        plots[name] = buf.getvalue()
+    return plots
+
+
+def report_json(report: Report) -> bytes:
+    return json.dumps(asdict(report), indent=2, sort_keys=True).encode()
