@@ -184,3 +184,28 @@ def test_dagster_cli_materializes_a_partition(corpus: Corpus, busiest_shard: str
     store = LocalStore(tmp_path / "out")
     assert reconcile_distilled(store, busiest_shard).passed
     assert store.exists(layout.files_key(busiest_shard))
+
+
+def test_tars_roll_over_and_rebuild_byte_identically(pipeline_run, tmp_path: Path) -> None:
+    import shutil
+
+    from asr_assets.distill import PackSettings, default_rules, distill_shard
+
+    _, out, shard = pipeline_run
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    store = LocalStore(copy)
+    store.delete(layout.distilled_state_key(shard))
+    report = distill_shard(store, shard, default_rules(), PackSettings(target_tar_bytes=100_000))
+    tars = sorted((copy / "distilled" / shard).glob("*.tar"))
+    assert report.totals["tars"] == len(tars) > 1
+    keys = pq.read_table(copy / layout.distilled_manifest_key(shard))["key"].to_pylist()
+    assert len(keys) == report.totals["kept"]
+    first = {p.name: p.read_bytes() for p in tars}
+    store.delete(layout.distilled_state_key(shard))
+    distill_shard(store, shard, default_rules(), PackSettings(target_tar_bytes=100_000))
+    assert {p.name: p.read_bytes() for p in sorted((copy / "distilled" / shard).glob("*.tar"))} == first
+    # Back to one big tar: the extra tars of the smaller target are removed.
+    store.delete(layout.distilled_state_key(shard))
+    distill_shard(store, shard, default_rules(), PackSettings())
+    assert [p.name for p in (copy / "distilled" / shard).glob("*.tar")] == ["000000.tar"]
