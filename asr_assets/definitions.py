@@ -40,6 +40,10 @@ defs = dg.Definitions(
         "storage": StorageResource(
             source_uri=_env("ASR_SOURCE_URI", DEFAULT_SOURCE_URI),
             output_root=_env("ASR_OUTPUT_ROOT", DEFAULT_OUTPUT_ROOT),
+            oss_endpoint=_env("OSS_ENDPOINT", ""),
+            oss_access_key_id=_env("OSS_ACCESS_KEY_ID", ""),
+            oss_access_key_secret=_env("OSS_ACCESS_KEY_SECRET", ""),
+            cache_dir=_env("ASR_CACHE_DIR", "./data/cache"),
         ),
         "teacher": TeacherResource(engine=_env("ASR_TEACHER", "faster-whisper")),
     },

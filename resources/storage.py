@@ -8,13 +8,19 @@ implementation slots in beside it.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import io
 import os
+import random
 import secrets
+import tempfile
+import threading
+import time
 import unicodedata
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlparse
 
@@ -203,6 +209,201 @@ class LocalStore(ObjectStore):
         return path
 
 
+class StorageAuthError(PermissionError):
+    """OSS refused the credentials or the request signature; retrying cannot help."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Bounded exponential backoff with full jitter for transient storage errors.
+
+    Attempt n (from 0) waits a random time in ``[0, min(max_delay_s, base_delay_s * 2**n)]`` before the next try.
+    """
+
+    attempts: int = 10
+    base_delay_s: float = 0.2
+    max_delay_s: float = 10.0
+
+
+class LocalCache:
+    """A size-capped folder of downloaded objects, evicted least recently used first.
+
+    Files are named by a hash of the object's uri (plus its extension when it is a plain one), so an object key such as
+    ``../../etc/passwd`` or one with odd unicode can never name a path outside the cache.
+    """
+
+    def __init__(self, root: Path, max_bytes: int) -> None:
+        self.root = root.resolve()
+        self.max_bytes = max_bytes
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+
+    def path_for(self, uri: str) -> Path:
+        digest = hashlib.sha256(uri.encode("utf-8")).hexdigest()
+        suffix = PurePosixPath(uri).suffix.lower()
+        suffix = suffix if len(suffix) <= 6 and suffix[1:].isalnum() else ""
+        return self.root / digest[:2] / f"{digest}{suffix}"
+
+    def fetch(self, uri: str, download) -> Path:
+        """The cached file for ``uri``; ``download(dst)`` fills a temporary path on a miss."""
+        path = self.path_for(uri)
+        if path.is_file():
+            os.utime(path)  # recently used
+            return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+        try:
+            download(tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        self._evict(keep=path)
+        return path
+
+    def _evict(self, keep: Path) -> None:
+        with self._lock:
+            files = [(p.stat().st_mtime, p.stat().st_size, p) for p in self.root.glob("*/*") if p.is_file()]
+            total = sum(size for _, size, _ in files)
+            for _, size, path in sorted(files):
+                if total <= self.max_bytes:
+                    break
+                if path != keep:
+                    path.unlink(missing_ok=True)
+                    total -= size
+
+
+class OssStore(ObjectStore):
+    """Objects under ``oss://bucket/prefix`` through oss2.
+
+    Transient failures (connection errors, timeouts, 5xx, throttling) are retried with bounded exponential backoff and
+    jitter; refused credentials or signatures and missing buckets fail at once with a message that names the bucket and
+    endpoint, never a key. Large files are uploaded in parts and appear only when the upload completes.
+    """
+
+    MULTIPART_THRESHOLD = 64 * 1024 * 1024
+    PART_SIZE = 16 * 1024 * 1024
+
+    def __init__(self, bucket: str, prefix: str, settings: OssSettings) -> None:
+        import oss2
+
+        self._oss2 = oss2
+        self._name, self._settings = bucket, settings
+        self._prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self._bucket = oss2.Bucket(
+            oss2.Auth(settings.access_key_id, settings.access_key_secret),
+            settings.endpoint,
+            bucket,
+            connect_timeout=30,
+        )
+        self._cache = LocalCache(settings.cache_dir, settings.cache_max_bytes)
+        self._scratch: Path | None = None
+
+    @property
+    def root_uri(self) -> str:
+        return f"oss://{self._name}/{self._prefix}".rstrip("/")
+
+    def uri_of(self, key: str) -> str:
+        return f"{self.root_uri}/{key}"
+
+    def _where(self) -> str:
+        return f"bucket {self._name!r} at {self._settings.endpoint}"
+
+    def _call(self, what: str, fn):
+        """Runs one OSS request with the retry policy."""
+        errors = self._oss2.exceptions
+        policy = self._settings.retry
+        for attempt in range(policy.attempts):
+            try:
+                return fn()
+            except errors.NoSuchKey:
+                raise FileNotFoundError(f"{what}: no such object in {self._where()}") from None
+            except errors.NoSuchBucket:
+                raise StorageConfigError(f"{what}: {self._where()} does not exist") from None
+            except errors.OssError as exc:
+                transient = exc.status in (-2, 408, 429) or exc.status >= 500 or exc.code in ("RequestTimeout",)
+                if exc.status == 403 or exc.code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied"):
+                    raise StorageAuthError(
+                        f"{what}: OSS refused the request to {self._where()} ({exc.code}); check OSS_ACCESS_KEY_ID "
+                        "and OSS_ACCESS_KEY_SECRET"
+                    ) from None
+                if not transient or attempt + 1 == policy.attempts:
+                    raise OSError(f"{what}: {self._where()} answered {exc.status} {exc.code}") from None
+            time.sleep(random.uniform(0, min(policy.max_delay_s, policy.base_delay_s * 2**attempt)))
+        raise AssertionError("unreachable")
+
+    def check_bucket(self) -> None:
+        """Fails fast when the bucket is missing or the credentials are refused."""
+        self._call("checking the bucket", lambda: self._bucket.list_objects_v2(prefix=self._prefix, max_keys=1))
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        token = ""
+        while True:
+            page = self._call(
+                f"listing {self.uri_of(prefix)}",
+                lambda t=token: self._bucket.list_objects_v2(
+                    prefix=self._prefix + prefix, continuation_token=t, max_keys=1000
+                ),
+            )
+            for obj in page.object_list:
+                if not obj.key.endswith("/"):  # folder placeholders
+                    yield ObjectInfo(obj.key[len(self._prefix) :], obj.size, float(obj.last_modified))
+            if not page.is_truncated:
+                return
+            token = page.next_continuation_token
+
+    def exists(self, key: str) -> bool:
+        return self._call(f"checking {self.uri_of(key)}", lambda: self._bucket.object_exists(self._prefix + key))
+
+    def read_bytes(self, key: str) -> bytes:
+        return self._call(f"reading {self.uri_of(key)}", lambda: self._bucket.get_object(self._prefix + key).read())
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self._call(f"writing {self.uri_of(key)}", lambda: self._bucket.put_object(self._prefix + key, data))
+
+    def put_file(self, key: str, src: Path) -> None:
+        try:
+            if src.stat().st_size <= self.MULTIPART_THRESHOLD:
+                self.put_bytes(key, src.read_bytes())
+            else:
+                self._multipart(key, src)
+        finally:
+            src.unlink(missing_ok=True)
+
+    def _multipart(self, key: str, src: Path) -> None:
+        full, what = self._prefix + key, f"uploading {self.uri_of(key)}"
+        upload_id = self._call(what, lambda: self._bucket.init_multipart_upload(full).upload_id)
+        try:
+            parts = []
+            with open(src, "rb") as f:
+                number = 1
+                while chunk := f.read(self.PART_SIZE):
+                    result = self._call(what, lambda n=number, c=chunk: self._bucket.upload_part(full, upload_id, n, c))
+                    parts.append(self._oss2.models.PartInfo(number, result.etag))
+                    number += 1
+            self._call(what, lambda: self._bucket.complete_multipart_upload(full, upload_id, parts))
+        except BaseException:
+            # Nothing becomes visible until complete; abort so the parts are not billed forever.
+            with contextlib.suppress(Exception):
+                self._bucket.abort_multipart_upload(full, upload_id)
+            raise
+
+    def local_path(self, key: str) -> Path:
+        def download(dst: Path) -> None:
+            self._call(
+                f"downloading {self.uri_of(key)}", lambda: self._bucket.get_object_to_file(self._prefix + key, str(dst))
+            )
+
+        return self._cache.fetch(self.uri_of(key), download)
+
+    def delete(self, key: str) -> None:
+        self._call(f"deleting {self.uri_of(key)}", lambda: self._bucket.delete_object(self._prefix + key))
+
+    def scratch_dir(self) -> Path:
+        if self._scratch is None:
+            self._scratch = Path(tempfile.mkdtemp(prefix="asr-scratch-"))
+        return self._scratch
+
+
 def _same_device(a: Path, b: Path) -> bool:
     return a.stat().st_dev == b.stat().st_dev
 
@@ -215,16 +416,29 @@ def _copy(src: Path, dst: Path) -> None:
         os.fsync(fout.fileno())
 
 
-def open_store(uri: str, *, must_exist: bool, what: str) -> ObjectStore:
-    """Builds the store for a uri: ``file:///abs``, ``file://rel``, or a plain path.
+@dataclass(frozen=True)
+class OssSettings:
+    """How to reach OSS: endpoint and key pair (from environment variables), and the local download cache."""
+
+    endpoint: str
+    access_key_id: str
+    access_key_secret: str = field(repr=False)
+    cache_dir: Path = Path("./data/cache")
+    cache_max_bytes: int = 50 * 1024**3
+    retry: RetryPolicy = RetryPolicy()
+
+
+def open_store(uri: str, *, must_exist: bool, what: str, oss: OssSettings | None = None) -> ObjectStore:
+    """Builds the store for a uri: ``oss://bucket/prefix``, ``file:///abs``, ``file://rel``, or a plain path.
 
     Args:
         uri: where the store lives.
-        must_exist: fail when the folder does not exist (sources); otherwise create it (outputs).
+        must_exist: fail when the folder (or bucket) does not exist (sources); otherwise create the folder (outputs).
         what: the setting's name, for error messages (``ASR_SOURCE_URI``).
+        oss: OSS endpoint and credentials, needed for ``oss://`` uris.
     """
     if not uri:
-        raise StorageConfigError(f"{what} is empty: set it to a folder or a file:// uri")
+        raise StorageConfigError(f"{what} is empty: set it to a folder, a file:// or an oss:// uri")
     parsed = urlparse(uri)
     if parsed.scheme in ("", "file"):
         path = Path(unquote(parsed.netloc + parsed.path) if parsed.scheme == "file" else uri).expanduser()
@@ -233,8 +447,16 @@ def open_store(uri: str, *, must_exist: bool, what: str) -> ObjectStore:
         path.mkdir(parents=True, exist_ok=True)
         return LocalStore(path)
     if parsed.scheme == "oss":
-        raise StorageConfigError(f"{what}={uri!r}: oss:// storage is not available in this version; use a local folder")
-    raise StorageConfigError(f"{what}={uri!r}: unsupported scheme {parsed.scheme!r} (use a folder or file://)")
+        if not parsed.netloc:
+            raise StorageConfigError(f"{what}={uri!r}: expected oss://bucket/prefix")
+        if oss is None or not oss.endpoint or not oss.access_key_id or not oss.access_key_secret:
+            raise StorageConfigError(
+                f"{what}={uri!r} needs OSS_ENDPOINT, OSS_ACCESS_KEY_ID and OSS_ACCESS_KEY_SECRET to be set"
+            )
+        store = OssStore(parsed.netloc, parsed.path.lstrip("/"), oss)
+        store.check_bucket()
+        return store
+    raise StorageConfigError(f"{what}={uri!r}: unsupported scheme {parsed.scheme!r} (use a folder, file:// or oss://)")
 
 
 def read_table(store: ObjectStore, key: str, schema: pa.Schema) -> pa.Table:
@@ -243,11 +465,11 @@ def read_table(store: ObjectStore, key: str, schema: pa.Schema) -> pa.Table:
         return schema.empty_table()
     table = pq.read_table(io.BytesIO(store.read_bytes(key)))
     # Tables written by an earlier version may lack columns added since: nullable ones read as nulls.
-    for field in schema:
-        if field.name not in table.column_names:
-            if not field.nullable:
-                raise ValueError(f"{store.uri_of(key)}: column {field.name!r} is missing and cannot be null")
-            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    for column in schema:
+        if column.name not in table.column_names:
+            if not column.nullable:
+                raise ValueError(f"{store.uri_of(key)}: column {column.name!r} is missing and cannot be null")
+            table = table.append_column(column, pa.nulls(table.num_rows, column.type))
     return table.select(schema.names).cast(schema)
 
 
@@ -259,17 +481,36 @@ def write_table(store: ObjectStore, key: str, table: pa.Table) -> None:
 
 
 class StorageResource(dg.ConfigurableResource):
-    """Where media comes from and where every output goes."""
+    """Where media comes from and where every output goes: local folders or OSS (``oss://bucket/prefix``)."""
 
-    source_uri: str = Field(description="Folder (or file:// uri) listed recursively for media. Env: ASR_SOURCE_URI.")
-    output_root: str = Field(
-        default="./data/out", description="Folder (or file:// uri) under which all outputs live. Env: ASR_OUTPUT_ROOT."
+    source_uri: str = Field(
+        description="Media to list recursively: a folder, file:// or oss:// uri. Env: ASR_SOURCE_URI."
     )
+    output_root: str = Field(
+        default="./data/out",
+        description="Where all outputs live: a folder, file:// or oss:// uri. Env: ASR_OUTPUT_ROOT.",
+    )
+    oss_endpoint: str = Field(
+        default="", description="OSS endpoint, e.g. https://oss-cn-hangzhou.aliyuncs.com. Env: OSS_ENDPOINT."
+    )
+    oss_access_key_id: str = Field(default="", description="Env: OSS_ACCESS_KEY_ID.")
+    oss_access_key_secret: str = Field(default="", description="Env: OSS_ACCESS_KEY_SECRET. Never logged.")
+    cache_dir: str = Field(default="./data/cache", description="Local cache for objects downloaded from OSS.")
+    cache_max_gb: float = Field(default=50.0, description="The cache evicts least recently used files beyond this.")
+
+    def _oss(self) -> OssSettings:
+        return OssSettings(
+            endpoint=self.oss_endpoint,
+            access_key_id=self.oss_access_key_id,
+            access_key_secret=self.oss_access_key_secret,
+            cache_dir=Path(self.cache_dir),
+            cache_max_bytes=int(self.cache_max_gb * 1024**3),
+        )
 
     def source(self) -> ObjectStore:
-        """The media source; fails fast when it does not exist."""
-        return open_store(self.source_uri, must_exist=True, what="ASR_SOURCE_URI")
+        """The media source; fails fast when it does not exist or refuses the credentials."""
+        return open_store(self.source_uri, must_exist=True, what="ASR_SOURCE_URI", oss=self._oss())
 
     def output(self) -> ObjectStore:
-        """The output root; created when missing."""
-        return open_store(self.output_root, must_exist=False, what="ASR_OUTPUT_ROOT")
+        """The output root; created when missing (a local folder)."""
+        return open_store(self.output_root, must_exist=False, what="ASR_OUTPUT_ROOT", oss=self._oss())
