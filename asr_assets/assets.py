@@ -9,8 +9,6 @@ from pydantic import Field
 from asr_assets import layout
 from asr_assets.distill import (
     Clipped,
-    EmptyText,
-    HallucinationPhrase,
     LowConfidence,
     NearSilent,
     NoSpeech,
@@ -20,6 +18,7 @@ from asr_assets.distill import (
     SpeakingRateOutlier,
     TooLong,
     TooShort,
+    build_rules,
     distill_shard,
 )
 from asr_assets.pool import default_workers
@@ -101,39 +100,45 @@ class TranscriptsConfig(dg.Config):
 
 
 class DistilledConfig(dg.Config):
-    min_duration_s: float = Field(default=0.5, description="too_short below this.")
-    max_duration_s: float = Field(default=30.0, description="too_long above this.")
-    max_rms_dbfs: float = Field(default=-50.0, description="near_silent below this level.")
-    max_clip_ratio: float = Field(default=0.01, description="clipped above this fraction of full-scale samples.")
-    max_compression_ratio: float = Field(default=2.4, description="repetition above this zlib ratio.")
-    max_repeats: int = Field(default=4, description="repetition when an n-gram repeats this many times in a row.")
-    no_speech_prob: float = Field(default=0.6, description="no_speech above this (with logprob below -1).")
-    min_avg_logprob: float = Field(default=-1.0, description="low_confidence below this mean token logprob.")
-    confidence_quantile: float = Field(
-        default=0.0, description="low_confidence also below this quantile of the shard's logprobs (0: off)."
+    min_duration_s: float = Field(default=TooShort.min_s, description="too_short below this.")
+    max_duration_s: float = Field(default=TooLong.max_s, description="too_long above this.")
+    max_rms_dbfs: float = Field(default=NearSilent.max_rms_dbfs, description="near_silent below this level.")
+    max_clip_ratio: float = Field(
+        default=Clipped.max_clip_ratio, description="clipped above this fraction of full-scale samples."
     )
-    min_chars_per_s: float = Field(default=2.0, description="speaking_rate below this.")
-    max_chars_per_s: float = Field(default=30.0, description="speaking_rate above this.")
-    rate_fence_k: float = Field(default=1.5, description="speaking_rate_outlier: the IQR fence's multiplier.")
+    max_compression_ratio: float = Field(
+        default=RepetitionLoop.max_compression_ratio, description="repetition above this zlib ratio."
+    )
+    max_repeats: int = Field(
+        default=RepetitionLoop.max_repeats, description="repetition when an n-gram occurs this many times in a row."
+    )
+    no_speech_prob: float = Field(
+        default=NoSpeech.min_no_speech_prob, description="no_speech above this (with logprob below -1)."
+    )
+    min_avg_logprob: float = Field(
+        default=LowConfidence.min_avg_logprob, description="low_confidence below this mean token logprob."
+    )
+    confidence_quantile: float = Field(
+        default=LowConfidence.quantile, description="low_confidence also below this quantile of the shard (0: off)."
+    )
+    min_chars_per_s: float = Field(default=SpeakingRate.min_cps, description="speaking_rate below this.")
+    max_chars_per_s: float = Field(default=SpeakingRate.max_cps, description="speaking_rate above this.")
+    rate_fence_k: float = Field(default=SpeakingRateOutlier.k, description="speaking_rate_outlier: IQR multiplier.")
     rate_fence_min_segments: int = Field(
-        default=20, description="speaking_rate_outlier judges a language only with this many segments in the shard."
+        default=SpeakingRateOutlier.min_segments,
+        description="speaking_rate_outlier judges a language only with this many segments in the shard.",
     )
     target_tar_mb: float = Field(default=256.0, description="WebDataset tar shards roll over at this size.")
 
     def rules(self) -> list:
-        return [
-            EmptyText(),
-            TooShort(self.min_duration_s),
-            TooLong(self.max_duration_s),
-            NearSilent(self.max_rms_dbfs),
-            Clipped(self.max_clip_ratio),
-            HallucinationPhrase(),
-            RepetitionLoop(self.max_compression_ratio, self.max_repeats),
-            NoSpeech(self.no_speech_prob),
-            LowConfidence(self.min_avg_logprob, self.confidence_quantile),
-            SpeakingRate(self.min_chars_per_s, self.max_chars_per_s),
-            SpeakingRateOutlier(self.rate_fence_k, self.rate_fence_min_segments),
-        ]
+        return build_rules(**self.model_dump(exclude={"target_tar_mb"}))
+
+
+def _output(storage: StorageResource):
+    """The output store, refusing a shard count other than the one the output root was built with."""
+    out = storage.output()
+    layout.check_dataset(out, NUM_SHARDS)
+    return out
 
 
 def _metadata(report: StageReport, unit: str) -> dict:
@@ -157,8 +162,7 @@ def _metadata(report: StageReport, unit: str) -> dict:
 @dg.asset(partitions_def=shard_partitions, group_name=GROUP, kinds={"parquet"})
 def media_index(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
     """The shard's media objects (one row each: media_id, uri, size, mtime, extension), appended as new ones appear."""
-    out = storage.output()
-    layout.check_dataset(out, NUM_SHARDS)
+    out = _output(storage)
     report = build_index(storage.source(), out, context.partition_key, NUM_SHARDS)
     context.log.info(f"{context.partition_key}: {report.processed} new media, {report.totals['media']} in the shard")
     return dg.MaterializeResult(
@@ -171,7 +175,7 @@ def audio_wav(
     context: dg.AssetExecutionContext, config: AudioWavConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
     """Every indexed media object probed and decoded to 16 kHz mono FLAC, or dead-lettered with the reason."""
-    out = storage.output()
+    out = _output(storage)
     settings = DecodeSettings(int(config.max_file_mb * 1024 * 1024), config.max_duration_h * 3600)
     report = decode_shard(storage.source(), out, context.partition_key, settings, config.pool())
     context.log.info(
@@ -185,7 +189,7 @@ def vad_segments(
     context: dg.AssetExecutionContext, config: VadConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
     """Speech segments (at most 30 s) found by Silero VAD, with the model hash and parameters."""
-    out = storage.output()
+    out = _output(storage)
     report = vad_shard(out, context.partition_key, config.params(), silero_model_path(), config.pool())
     return dg.MaterializeResult(metadata=_metadata(report, "media") | {"vad_params": config.params().to_json()})
 
@@ -195,7 +199,7 @@ def segment_features(
     context: dg.AssetExecutionContext, config: FeaturesConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
     """Each segment cut, measured (levels, clipping, SNR, VAD stats) and packed into the shard's FLAC parts."""
-    out = storage.output()
+    out = _output(storage)
     pack = AudioPackSettings(config.part_max_hours * 3600)
     report = features_shard(out, context.partition_key, pack, config.pool(), config.log_mel_bins)
     return dg.MaterializeResult(metadata=_metadata(report, "segments"))
@@ -206,7 +210,7 @@ def transcripts(
     context: dg.AssetExecutionContext, config: TranscriptsConfig, storage: StorageResource, teacher: TeacherResource
 ) -> dg.MaterializeResult:
     """Teacher labels for every segment, written in parts as they complete (a killed step resumes)."""
-    out = storage.output()
+    out = _output(storage)
 
     def progress(report: StageReport) -> None:
         context.log.info(
@@ -224,11 +228,14 @@ def distilled_dataset(
     context: dg.AssetExecutionContext, config: DistilledConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
     """Filtered labels packed as WebDataset tars, a Parquet manifest, and per-file transcripts (JSONL)."""
-    out = storage.output()
+    out = _output(storage)
     pack = PackSettings(int(config.target_tar_mb * 1024 * 1024))
     report = distill_shard(out, context.partition_key, config.rules(), pack)
     meta = _metadata(report, "segments")
-    meta["dropped_by_reason"] = dict(report.errors)
+    # A filter drop is a decision, not an error: name the counts for what they are.
+    meta["segments_kept"] = meta.pop("segments_succeeded")
+    meta["segments_dropped"] = meta.pop("segments_failed")
+    meta["dropped_by_reason"] = dict(meta.pop("errors_by_kind"))
     meta["files_jsonl"] = out.uri_of(layout.files_key(context.partition_key))
     return dg.MaterializeResult(metadata=meta)
 

@@ -7,6 +7,7 @@ shards (``{key}.flac`` + ``{key}.json``) with deterministic bytes, plus a Parque
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -234,12 +235,16 @@ class HallucinationPhrase(Rule):
         return suspicious_audio or (c.no_speech_prob or 0.0) >= self.min_no_speech_prob
 
 
-_REPEAT = re.compile(r"\b(\w+(?:\W+\w+){0,3}?)(?:\W+\1\b){%d,}", re.IGNORECASE)
+@functools.cache
+def _repeat_pattern(times: int) -> re.Pattern:
+    """A 1-4 word n-gram occurring ``times`` times back to back (the first occurrence plus times-1 repeats)."""
+    return re.compile(r"\b(\w+(?:\W+\w+){0,3}?)(?:\W+\1\b){" + str(max(times - 1, 1)) + ",}", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
 class RepetitionLoop(Rule):
-    """A decoding loop: highly compressible text, a 1-4 word n-gram repeated back to back, or a ``length`` finish."""
+    """A decoding loop: highly compressible text, a 1-4 word n-gram said ``max_repeats`` times in a row, or a
+    ``length`` finish."""
 
     max_compression_ratio: float = 2.4
     max_repeats: int = 4
@@ -250,8 +255,7 @@ class RepetitionLoop(Rule):
             return True
         if c.compression_ratio is not None and c.compression_ratio > self.max_compression_ratio:
             return True
-        pattern = re.compile(_REPEAT.pattern % self.max_repeats, re.IGNORECASE)
-        return pattern.search(c.text) is not None
+        return _repeat_pattern(self.max_repeats).search(c.text) is not None
 
 
 @dataclass(frozen=True)
@@ -598,18 +602,38 @@ def drop_counts(decisions: pa.Table) -> dict[str, int]:
     return dict(Counter(dropped["drop_reason"].to_pylist()))
 
 
-def default_rules() -> list[Rule]:
-    """The rule set in its fixed order, with default parameters."""
+def build_rules(
+    *,
+    min_duration_s: float = TooShort.min_s,
+    max_duration_s: float = TooLong.max_s,
+    max_rms_dbfs: float = NearSilent.max_rms_dbfs,
+    max_clip_ratio: float = Clipped.max_clip_ratio,
+    max_compression_ratio: float = RepetitionLoop.max_compression_ratio,
+    max_repeats: int = RepetitionLoop.max_repeats,
+    no_speech_prob: float = NoSpeech.min_no_speech_prob,
+    min_avg_logprob: float = LowConfidence.min_avg_logprob,
+    confidence_quantile: float = LowConfidence.quantile,
+    min_chars_per_s: float = SpeakingRate.min_cps,
+    max_chars_per_s: float = SpeakingRate.max_cps,
+    rate_fence_k: float = SpeakingRateOutlier.k,
+    rate_fence_min_segments: int = SpeakingRateOutlier.min_segments,
+) -> list[Rule]:
+    """The rule set in its fixed order; the parameters are the run config's ``distilled_dataset`` fields."""
     return [
         EmptyText(),
-        TooShort(),
-        TooLong(),
-        NearSilent(),
-        Clipped(),
+        TooShort(min_duration_s),
+        TooLong(max_duration_s),
+        NearSilent(max_rms_dbfs),
+        Clipped(max_clip_ratio),
         HallucinationPhrase(),
-        RepetitionLoop(),
-        NoSpeech(),
-        LowConfidence(),
-        SpeakingRate(),
-        SpeakingRateOutlier(),
+        RepetitionLoop(max_compression_ratio, max_repeats),
+        NoSpeech(no_speech_prob),
+        LowConfidence(min_avg_logprob, confidence_quantile),
+        SpeakingRate(min_chars_per_s, max_chars_per_s),
+        SpeakingRateOutlier(rate_fence_k, rate_fence_min_segments),
     ]
+
+
+def default_rules() -> list[Rule]:
+    """The rule set with default parameters."""
+    return build_rules()

@@ -13,8 +13,8 @@ from asr_assets.records import DEAD_LETTER_SCHEMA, DeadLetterRow, to_table
 from resources.storage import ObjectStore, read_table, write_table
 
 DATASET_KEY = "dataset.json"
-# Stages that dead-letter items, in pipeline order.
-STAGES = ("audio_wav", "vad_segments", "segment_features", "transcripts")
+# Stages that dead-letter items, in pipeline order (media_index only for names that cannot be keys).
+STAGES = ("media_index", "audio_wav", "vad_segments", "segment_features", "transcripts")
 
 
 def index_key(shard: str) -> str:

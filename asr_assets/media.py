@@ -28,33 +28,6 @@ _SIGNATURES: tuple[tuple[str, int, bytes], ...] = (
     ("caf", 0, b"caff"),
     ("amr", 0, b"#!AMR"),
 )
-SUPPORTED_EXTENSIONS = frozenset(
-    {
-        "wav",
-        "mp3",
-        "flac",
-        "aac",
-        "m4a",
-        "ogg",
-        "oga",
-        "opus",
-        "wma",
-        "mp4",
-        "mov",
-        "mkv",
-        "webm",
-        "avi",
-        "flv",
-        "3gp",
-        "aiff",
-        "aif",
-        "amr",
-        "caf",
-        "m4v",
-        "mka",
-        "ts",
-    }
-)
 
 
 class MediaError(Exception):

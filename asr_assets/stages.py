@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import soundfile as sf
 
 from asr_assets import layout
-from asr_assets.media import SUPPORTED_EXTENSIONS, DecodeJob, DecodeResult, decode_media, read_audio
+from asr_assets.media import DecodeJob, DecodeResult, decode_media, read_audio
 from asr_assets.pool import PoolOutcome, run_pool
 from asr_assets.records import (
     AUDIO_SCHEMA,
@@ -44,7 +44,7 @@ from asr_assets.records import (
 from asr_assets.segments import CutJob, Measured, SegmentSpan, cut_and_measure
 from asr_assets.vad import VadItem, VadJob, VadParams, detect_speech, model_sha256
 from partitions import shard_of
-from resources.storage import ObjectStore, read_table, write_table
+from resources.storage import ObjectStore, UnsafeKeyError, read_table, write_table
 from resources.teachers.base import TeacherEngine, TeacherError, TeacherInput
 
 log = logging.getLogger(__name__)
@@ -108,32 +108,44 @@ def _error_of(outcome: PoolOutcome) -> tuple[str, str]:
 
 
 def build_index(source: ObjectStore, out: ObjectStore, shard: str, num_shards: int) -> StageReport:
-    """Lists the source and appends the shard's media objects that the index does not have yet."""
+    """Lists the source and appends the shard's objects that the index does not have yet.
+
+    Every object is indexed whatever its extension (``audio_wav`` decides by content and dead-letters what is not
+    media), except hidden files. An object whose name cannot be a safe key (control characters) is dead-lettered
+    here, so it too ends with a recorded outcome.
+    """
     started = time.perf_counter()
     report = StageReport()
     existing = read_table(out, layout.index_key(shard), MEDIA_SCHEMA)
-    known = _ids(existing, "uri")
+    known = _ids(existing, "uri") | _ids(layout.read_dead_letters(out, "media_index", shard), "uri")
     now = datetime.now(UTC)
     new_rows: list[MediaRow] = []
-    listed = unsupported = 0
+    dead: list[DeadLetterRow] = []
+    listed = 0
     for info in source.list():
         listed += 1
-        extension = info.key.rsplit(".", 1)[-1].lower() if "." in info.key.rsplit("/", 1)[-1] else ""
-        if extension not in SUPPORTED_EXTENSIONS:
-            unsupported += 1
+        try:
+            uri = source.uri_of(info.key)
+        except UnsafeKeyError as exc:
+            uri = f"{source.root_uri}/{info.key}"
+            if shard_of(uri, num_shards) == shard and uri not in known:
+                message = f"media_index: {uri!r}: {exc}"
+                dead.append(layout.dead_letter(media_id_of(uri), uri, "media_index", "UnsafeName", message))
+                report.fail("UnsafeName")
             continue
-        uri = source.uri_of(info.key)
         if shard_of(uri, num_shards) != shard or uri in known:
             continue
-        media_id = media_id_of(uri)
-        new_rows.append(MediaRow(media_id, uri, info.key, info.size, info.mtime, extension, now))
+        name = info.key.rsplit("/", 1)[-1]
+        extension = name.rsplit(".", 1)[-1].lower() if "." in name else ""
+        new_rows.append(MediaRow(media_id_of(uri), uri, info.key, info.size, info.mtime, extension, now))
+    layout.append_dead_letters(out, "media_index", shard, dead)
     if new_rows:
         write_table(out, layout.index_key(shard), pa.concat_tables([existing, to_table(new_rows, MEDIA_SCHEMA)]))
         report.outputs.append(layout.index_key(shard))
-    report.processed = report.succeeded = len(new_rows)
+    report.processed += len(new_rows)
+    report.succeeded += len(new_rows)
     report.totals = {
-        "listed": listed,
-        "unsupported_extension": unsupported,
+        "source_objects_listed": listed,
         "media": existing.num_rows + len(new_rows),
         "bytes": (pc.sum(existing["size"]).as_py() or 0) + sum(r.size for r in new_rows),
     }
@@ -165,23 +177,32 @@ def decode_shard(
     report = StageReport()
     index = read_table(out, layout.index_key(shard), MEDIA_SCHEMA)
     manifest = read_table(out, layout.audio_manifest_key(shard), AUDIO_SCHEMA)
-    done = _ids(manifest, "media_id")
+    # Dead letters count as outcomes too: they are written first, so a crash between the two writes must not make an
+    # item run again (and perhaps end both decoded and dead-lettered).
+    done = _ids(manifest, "media_id") | _ids(layout.read_dead_letters(out, "audio_wav", shard), "item_id")
     todo = [r for r in index.to_pylist() if r["media_id"] not in done]
     scratch = out.scratch_dir()
+    rows: list[AudioRow] = []
+    dead: list[DeadLetterRow] = []
 
     def jobs() -> Iterator[DecodeJob]:
         for row in todo:
+            try:
+                src = source.local_path(row["key"])
+            except Exception as exc:  # unreadable object (missing, refused, unsafe): this item's outcome only
+                message = f"audio_wav: media {row['media_id']} ({row['uri']}): cannot fetch it: {exc}"
+                rows.append(_audio_row_failed(row, "FetchError", message))
+                dead.append(layout.dead_letter(row["media_id"], row["uri"], "audio_wav", "FetchError", message))
+                report.fail("FetchError")
+                continue
             yield DecodeJob(
                 media_id=row["media_id"],
                 uri=row["uri"],
-                src=source.local_path(row["key"]),
+                src=src,
                 dst=scratch / f"{shard}-{row['media_id']}.flac",
                 max_bytes=settings.max_bytes,
                 max_duration_s=settings.max_duration_s,
             )
-
-    rows: list[AudioRow] = []
-    dead: list[DeadLetterRow] = []
 
     def flush() -> None:
         nonlocal manifest
@@ -223,6 +244,12 @@ def decode_shard(
     }
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _audio_row_failed(row: dict, kind: str, message: str) -> AudioRow:
+    return AudioRow(
+        row["media_id"], row["uri"], "failed", None, None, "unknown", None, None, None, None, kind, message, 0.0
+    )
 
 
 def _audio_row(job: DecodeJob, result: DecodeResult, status: str, key: str | None) -> AudioRow:
@@ -288,6 +315,9 @@ def vad_shard(
     decoded = audio.filter(pc.equal(audio["status"], "decoded"))
     media = read_table(out, layout.vad_media_key(shard), VAD_MEDIA_SCHEMA)
     segments = read_table(out, layout.segments_key(shard), SEGMENT_SCHEMA)
+    # Segments are written before the media outcomes that vouch for them: segments of media without an outcome are
+    # left over from a crash between the two writes, and their media runs again.
+    segments = segments.filter(pc.is_in(segments["media_id"], value_set=media["media_id"]))
     done = _ids(media, "media_id") | _ids(layout.read_dead_letters(out, "vad_segments", shard), "item_id")
     columns = ["media_id", "uri", "audio_key", "duration_s"]
     todo = [r for r in decoded.select(columns).to_pylist() if r["media_id"] not in done]
@@ -388,6 +418,11 @@ class _PackWriter:
     def _scratch(self, key: str) -> Path:
         return self._out.scratch_dir() / key.replace("/", "-")
 
+    @property
+    def open_part_key(self) -> str | None:
+        """The audio part being written (not yet in the store), if any."""
+        return layout.packed_audio_key(self._shard, self._part) if self._file is not None else None
+
     def append(self, pcm, mel=None, segment_id: str = "") -> tuple[str, int, str | None]:
         """Appends one segment; returns its audio part key, frame offset and log-mel part key."""
         audio_key = layout.packed_audio_key(self._shard, self._part)
@@ -445,8 +480,8 @@ def features_shard(
     """Cuts and measures every segment without a feature row, packing its audio into the shard's FLAC parts (and,
     with ``mel_bins`` 80 or 128, its Whisper log-mel features into Parquet parts beside them).
 
-    The feature manifest is written only after the part it points into is in the store, so a crash leaves at most an
-    unreferenced part that the re-run overwrites.
+    Checkpoints as each part is finished: feature rows are written only after the part they point into is in the
+    store, so a crash loses at most the open part's work and leaves an unreferenced part that the re-run overwrites.
     """
     started = time.perf_counter()
     report = StageReport()
@@ -465,16 +500,32 @@ def features_shard(
                 SegmentSpan(row["segment_id"], row["start_s"], row["end_s"], row["prob_mean"], row["prob_min"])
             )
     jobs = (CutJob(mid, out.local_path(audio_keys[mid]), tuple(spans), mel_bins) for mid, spans in by_media.items())
-    parts = {k for k in features["audio_key"].to_pylist()}
+    parts = set(features["audio_key"].to_pylist())
     writer = _PackWriter(out, shard, first_part=len(parts), settings=pack)
     rows: list[FeatureRow] = []
     dead: list[DeadLetterRow] = []
+
+    def flush(final: bool) -> None:
+        """Checkpoint: dead letters, then the feature rows whose packed part is already in the store."""
+        nonlocal features
+        still_open = None if final else writer.open_part_key
+        ready = [r for r in rows if r.audio_key != still_open]
+        if not ready and not dead:
+            return
+        layout.append_dead_letters(out, "segment_features", shard, dead)
+        dead.clear()
+        features = pa.concat_tables([features, to_table(ready, FEATURE_SCHEMA)])
+        write_table(out, layout.features_key(shard), features)
+        rows[:] = [r for r in rows if r.audio_key == still_open]
+
+    closed_parts = 0
     try:
         for outcome in run_pool(cut_and_measure, jobs, workers=pool.workers, timeout_s=pool.timeout_s):
             job: CutJob = outcome.job
             measured: list[Measured] | None = outcome.result
             if measured is None:
                 kind, message = _error_of(outcome)
+                message = f"segment_features: media {job.media_id} ({uris[job.media_id]}): {message}"
                 for span in job.spans:
                     dead.append(
                         layout.dead_letter(span.segment_id, uris[job.media_id], "segment_features", kind, message)
@@ -485,14 +536,15 @@ def features_shard(
                 key, offset, mel_key = writer.append(m.pcm, m.mel, m.span.segment_id)
                 rows.append(_feature_row(job.media_id, m, key, offset, mel_key))
                 report.ok(m.pcm.shape[0] / SAMPLE_RATE)
+            if len(writer.written) > closed_parts or len(dead) >= pool.checkpoint_every:
+                closed_parts = len(writer.written)
+                flush(final=False)
         writer.close()
     except BaseException:
         writer.abort()
         raise
-    if rows or dead:
-        features = pa.concat_tables([features, to_table(rows, FEATURE_SCHEMA)])
-        layout.append_dead_letters(out, "segment_features", shard, dead)
-        write_table(out, layout.features_key(shard), features)
+    flush(final=True)
+    if report.processed:
         report.outputs += [*writer.written, layout.features_key(shard)]
     report.totals = {
         "segments": segments.num_rows,
@@ -575,15 +627,22 @@ def transcribe_shard(
         rows: list[TranscriptRow] = []
         dead: list[DeadLetterRow] = []
         for batch in _chunks(wave, settings.batch_size):
-            inputs = [
-                TeacherInput(
-                    r["segment_id"],
-                    read_audio(out.local_path(r["audio_key"]), r["audio_offset"], r["audio_frames"]),
-                    settings.language,
-                )
-                for r in batch
-            ]
-            for row, result in zip(batch, teacher.transcribe(inputs), strict=True):
+            inputs, ready = [], []
+            for r in batch:
+                try:
+                    audio = read_audio(out.local_path(r["audio_key"]), r["audio_offset"], r["audio_frames"])
+                except Exception as exc:  # a damaged part costs its segments, not the shard
+                    message = f"transcripts: segment {r['segment_id']}: cannot read its audio: {exc}"
+                    dead.append(
+                        layout.dead_letter(
+                            r["segment_id"], uris.get(r["media_id"], ""), "transcripts", "UnreadableAudio", message
+                        )
+                    )
+                    report.fail("UnreadableAudio")
+                    continue
+                inputs.append(TeacherInput(r["segment_id"], audio, settings.language))
+                ready.append(r)
+            for row, result in zip(ready, _transcribe(teacher, inputs), strict=True):
                 if isinstance(result, TeacherError):
                     dead.append(
                         layout.dead_letter(
@@ -625,6 +684,25 @@ def transcribe_shard(
         report.totals.update({"model_id": teacher.model_id, "settings_hash": teacher.settings_hash})
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _transcribe(teacher: TeacherEngine, inputs: list[TeacherInput]) -> list:
+    """The engine's results for a batch; when the whole call fails (an engine error, a wrong result count), each
+    segment is tried alone so that only the ones that fail by themselves are dead-lettered."""
+    if not inputs:
+        return []
+    try:
+        results = teacher.transcribe(inputs)
+        if len(results) == len(inputs):
+            return results
+        log.warning("teacher returned %d results for %d segments; retrying one by one", len(results), len(inputs))
+    except Exception as exc:
+        if len(inputs) == 1:
+            return [TeacherError(f"{teacher.name} failed on {inputs[0].segment_id}: {type(exc).__name__}: {exc}")]
+        log.warning("teacher failed on a batch of %d (%s); retrying one by one", len(inputs), exc)
+    if len(inputs) == 1:
+        return [TeacherError(f"{teacher.name} returned no result for {inputs[0].segment_id}")]
+    return [_transcribe(teacher, [item])[0] for item in inputs]
 
 
 def _chunks(items: Sequence, size: int) -> Iterable[Sequence]:

@@ -138,7 +138,6 @@ def speech_timestamps(probs: np.ndarray, num_samples: int, params: VadParams) ->
     in_speech = False
     start = 0
     silence_from = 0  # where the current silence inside speech began (0: none)
-    split_end = split_start = 0  # a fallback split point for over-long speech
     silences: list[tuple[int, int]] = []  # (where, how long) silences inside the current speech
 
     for i, prob in enumerate(probs):
@@ -148,32 +147,22 @@ def speech_timestamps(probs: np.ndarray, num_samples: int, params: VadParams) ->
             if here - silence_from > split_silence:
                 silences.append((silence_from, here - silence_from))
             silence_from = 0
-            if split_start < split_end:
-                split_start = here
         if speech and not in_speech:
             in_speech, start = True, here
             continue
         if in_speech and here - start > max_speech:
             if silences:
-                split_end, length = max(silences, key=lambda s: s[1])
-                spans.append([start, split_end])
-                resume = split_end + length
+                cut, length = max(silences, key=lambda s: s[1])
+                spans.append([start, cut])
                 # Speech resumes after that silence unless we are still inside it.
-                in_speech = resume < split_end + here
-                start = resume
-                split_end = split_start = silence_from = 0
-                silences = []
-            elif split_end:
-                spans.append([start, split_end])
-                in_speech = not split_start < split_end
-                start = split_start
-                split_end = split_start = silence_from = 0
-                silences = []
+                in_speech = cut + length < cut + here
+                start = cut + length
             else:
                 spans.append([start, here])
                 in_speech = False
-                split_end = split_start = silence_from = 0
-                silences = []
+            silence_from = 0
+            silences = []
+            if not in_speech:
                 continue
         if prob < neg and in_speech:
             if not silence_from:
@@ -183,7 +172,7 @@ def speech_timestamps(probs: np.ndarray, num_samples: int, params: VadParams) ->
             if silence_from - start > min_speech:
                 spans.append([start, silence_from])
             in_speech = False
-            split_end = split_start = silence_from = 0
+            silence_from = 0
             silences = []
             continue
 

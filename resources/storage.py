@@ -152,6 +152,8 @@ class LocalStore(ObjectStore):
                     if entry.is_dir(follow_symlinks=False):
                         stack.append(Path(entry.path))
                     elif entry.is_file(follow_symlinks=True):
+                        if entry.is_symlink() and not Path(entry.path).resolve().is_relative_to(self._root):
+                            continue  # points outside the store: not one of its objects
                         key = Path(entry.path).relative_to(self._root).as_posix()
                         if key.startswith(prefix):
                             stat = entry.stat()

@@ -36,7 +36,12 @@ def test_defs_load_and_every_job_resolves() -> None:
 
 def test_partitions_are_four_shards_and_hashing_is_stable() -> None:
     assert shard_partitions.get_partition_keys() == [f"shard-0000{i}" for i in range(4)]
-    assert shard_of("file:///data/a.wav", 4) == shard_of("file:///data/a.wav", 4)
+    # Stable across processes (Python's own str hash is salted per process; blake2b is not).
+    uris = [f"file:///data/{i}.wav" for i in range(20)]
+    code = f"from partitions import shard_of; print([shard_of(u, 4) for u in {uris!r}])"
+    env = {**os.environ, "PYTHONHASHSEED": "random"}
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env, cwd=ROOT)
+    assert other.stdout.strip() == str([shard_of(u, 4) for u in uris])
     shards = {shard_of(f"file:///data/{i}.wav", 4) for i in range(200)}
     assert shards == set(shard_partitions.get_partition_keys())
 

@@ -71,6 +71,10 @@ def cand(
         (RepetitionLoop(), cand(text="I think that I think that I think that I think that I think that"), True),
         (RepetitionLoop(), cand(finish_reason="length"), True),
         (RepetitionLoop(), cand(text="the the cat"), False),
+        # max_repeats=4 is the boundary: four times in a row is a loop, three is not.
+        (RepetitionLoop(max_compression_ratio=99), cand(text="go go go go"), True),
+        (RepetitionLoop(max_compression_ratio=99), cand(text="go go go"), False),
+        (RepetitionLoop(max_compression_ratio=99), cand(text="we can, we can, we can, we can"), True),
         (RepetitionLoop(), cand(text="we need to finish this project before the holidays"), False),
         (NoSpeech(), cand(no_speech_prob=0.9, avg_logprob=-1.5), True),
         (NoSpeech(), cand(no_speech_prob=0.9, avg_logprob=-0.2), False),
@@ -141,3 +145,10 @@ def test_rules_run_in_order_and_record_every_reason() -> None:
 )
 def test_normalize_text(text: str, expected: str) -> None:
     assert normalize_text(text) == expected
+
+
+def test_run_config_defaults_are_the_default_rule_set() -> None:
+    from asr_assets.assets import DistilledConfig
+
+    assert DistilledConfig().rules() == default_rules()
+    assert DistilledConfig(max_repeats=7).rules()[6] == RepetitionLoop(max_repeats=7)

@@ -102,6 +102,9 @@ def hostile(corpus: Corpus, tmp_path_factory: pytest.TempPathFactory) -> tuple[P
     sf.write(made("over-the-limit.wav", "failed", "TooLarge"), big, 16000, subtype="PCM_16")
     for name in ["with space.mp3", 'quote\'s "double".mp3', "ünïcödé 名前.mp3", "-leading-dash.mp3"]:
         made(name, "decoded").write_bytes(data)
+    made("notes.txt", "failed", "UnsupportedFormat").write_text("a stray text file among the media\n")
+    (src / "tab\tin-name.wav").write_bytes(data)  # cannot be a safe key: dead-lettered by media_index
+    (src / "escape.wav").symlink_to(mp3)  # points outside the source: not one of its objects
     return src, expected
 
 
@@ -123,6 +126,12 @@ def test_every_hostile_file_ends_in_one_recorded_outcome(hostile, tmp_path: Path
                 outcomes[Path(row["uri"]).name] = (row["status"], row["error_class"])
     assert outcomes == expected
     assert time.monotonic() - started < 300
+    unsafe = [
+        row
+        for shard in shard_partitions.get_partition_keys()
+        for row in layout.read_dead_letters(out, "media_index", shard).to_pylist()
+    ]
+    assert [(Path(r["uri"]).name, r["error_class"]) for r in unsafe] == [("tab\tin-name.wav", "UnsafeName")]
 
 
 def test_silence_and_tiny_files_have_no_speech(hostile, tmp_path: Path) -> None:

@@ -22,11 +22,13 @@ from resources.storage import (
     "key", ["../../etc/passwd", "/etc/passwd", "a/../../b", "a//b", "./a", "", "a\x00b", "a/\nb", "a/.."]
 )
 def test_unsafe_keys_are_refused(key: str, tmp_path: Path) -> None:
+    root = tmp_path / "a" / "b" / "root"
+    root.mkdir(parents=True)
     with pytest.raises(UnsafeKeyError):
         check_key(key)
     with pytest.raises(UnsafeKeyError):
-        LocalStore(tmp_path).put_bytes(key, b"x")
-    assert list(tmp_path.parent.glob("passwd")) == []
+        LocalStore(root).put_bytes(key, b"x")
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []  # nothing written anywhere, inside or out
 
 
 def test_symlink_out_of_the_root_is_refused(tmp_path: Path) -> None:
@@ -38,6 +40,16 @@ def test_symlink_out_of_the_root_is_refused(tmp_path: Path) -> None:
     with pytest.raises(UnsafeKeyError):
         LocalStore(root).put_bytes("link/file", b"x")
     assert not (outside / "file").exists()
+
+
+def test_symlinks_out_of_the_root_are_not_listed(tmp_path: Path) -> None:
+    (tmp_path / "secret.wav").write_bytes(b"outside")
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "in.wav").write_bytes(b"inside")
+    (root / "alias.wav").symlink_to(root / "in.wav")
+    (root / "escape.wav").symlink_to(tmp_path / "secret.wav")
+    assert [o.key for o in LocalStore(root).list()] == ["alias.wav", "in.wav"]
 
 
 def test_unicode_and_spaces_are_fine(tmp_path: Path) -> None:

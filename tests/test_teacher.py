@@ -10,7 +10,15 @@ from asr_assets.distill import normalize_text
 from asr_assets.media import DecodeJob, decode_media
 from asr_assets.sample_corpus import Corpus
 from resources.teachers import TeacherResource
-from resources.teachers.base import TEACHERS, TeacherInput, TeacherSettings, create_engine
+from resources.teachers.base import (
+    TEACHERS,
+    TeacherEngine,
+    TeacherError,
+    TeacherInput,
+    TeacherOutput,
+    TeacherSettings,
+    create_engine,
+)
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +79,26 @@ def test_resource_rejects_unknown_engine_at_setup() -> None:
     ):
         pass
     assert "ASR_TEACHER='gpt-teacher' is not a registered engine; known: faster-whisper" in str(caught.value.__cause__)
+
+
+class _BatchFailsOnBad(TeacherEngine):
+    """An engine that raises for any batch holding a segment named bad-*, as an engine crashing on one input would."""
+
+    name = "batch-fails-on-bad"
+    prompt_version = "test"
+    model_id = "none"
+
+    def transcribe(self, batch):
+        if any(item.segment_id.startswith("bad") for item in batch):
+            raise RuntimeError("engine crashed")
+        return [TeacherOutput(item.segment_id, "en", 1, -0.1, None, None, "stop") for item in batch]
+
+
+def test_a_failing_batch_is_retried_one_segment_at_a_time() -> None:
+    from asr_assets.stages import _transcribe
+
+    engine = _BatchFailsOnBad(TeacherSettings())
+    batch = [TeacherInput(name, np.zeros(160, np.float32), "en") for name in ("a", "bad-1", "b")]
+    results = _transcribe(engine, batch)
+    assert [r.text for r in results if isinstance(r, TeacherOutput)] == ["a", "b"]
+    assert isinstance(results[1], TeacherError) and "bad-1" in str(results[1]) and "engine crashed" in str(results[1])

@@ -11,7 +11,8 @@ from resources.teachers.base import TEACHERS, TeacherEngine, TeacherSettings, cr
 
 
 class TeacherResource(dg.ConfigurableResource):
-    """The teacher model, loaded once per step (``setup_for_execution``) and released after it."""
+    """The teacher model: the engine name is checked when the step starts; the model is loaded on first use (a step
+    with nothing to label never loads it), once per step, and released when the step ends."""
 
     engine: str = Field(default="faster-whisper", description="Registered engine name. Env: ASR_TEACHER.")
     model: str = Field(default="", description="Local model path; empty for the engine's shipped default.")

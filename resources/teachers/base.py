@@ -100,9 +100,11 @@ class TeacherEngine(ABC):
 
     @property
     def settings_hash(self) -> str:
-        """Hash of everything that can change the output: engine, model, settings, prompt version."""
+        """Hash of everything that can change the output: engine, model, settings (not threads), prompt version."""
+        settings = asdict(self.settings)
+        settings.pop("threads")  # changes speed, not output
         blob = json.dumps(
-            {"engine": self.name, "model": self.model_id, "prompt": self.prompt_version, **asdict(self.settings)},
+            {"engine": self.name, "model": self.model_id, "prompt": self.prompt_version, **settings},
             sort_keys=True,
             default=str,
         )
