@@ -7,6 +7,7 @@ import os
 import dagster as dg
 
 from asr_assets import assets, checks
+from asr_assets.sensors import arrivals_sensor, rescan_schedule
 from resources.storage import StorageResource
 from resources.teachers import TeacherResource
 
@@ -36,6 +37,8 @@ defs = dg.Definitions(
     assets=all_assets,
     asset_checks=all_checks,
     jobs=[distill_job],
+    sensors=[arrivals_sensor(distill_job)],
+    schedules=[rescan_schedule(distill_job)],
     resources={
         "storage": StorageResource(
             source_uri=_env("ASR_SOURCE_URI", DEFAULT_SOURCE_URI),

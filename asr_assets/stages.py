@@ -44,7 +44,7 @@ from asr_assets.records import (
 from asr_assets.segments import CutJob, Measured, SegmentSpan, cut_and_measure
 from asr_assets.vad import VadItem, VadJob, VadParams, detect_speech, model_sha256
 from partitions import shard_of
-from resources.storage import ObjectStore, UnsafeKeyError, read_table, write_table
+from resources.storage import ObjectInfo, ObjectStore, UnsafeKeyError, read_table, write_table
 from resources.teachers.base import TeacherEngine, TeacherError, TeacherInput
 
 log = logging.getLogger(__name__)
@@ -107,47 +107,88 @@ def _error_of(outcome: PoolOutcome) -> tuple[str, str]:
 # --------------------------------------------------------------------------------------------------------- media_index
 
 
-def build_index(source: ObjectStore, out: ObjectStore, shard: str, num_shards: int) -> StageReport:
-    """Lists the source and appends the shard's objects that the index does not have yet.
+def index_objects(
+    source: ObjectStore, out: ObjectStore, objects: Iterable[ObjectInfo], num_shards: int, only_shard: str | None = None
+) -> dict[str, int]:
+    """Appends listed objects that are not indexed yet to their shards' index; returns new rows per shard.
 
     Every object is indexed whatever its extension (``audio_wav`` decides by content and dead-letters what is not
-    media), except hidden files. An object whose name cannot be a safe key (control characters) is dead-lettered
-    here, so it too ends with a recorded outcome.
+    media), except hidden files, which listings skip. An object whose name cannot be a safe key (control characters)
+    is dead-lettered under ``media_index``, so it too ends with a recorded outcome. Each touched shard's index is
+    written once per call.
+
+    Args:
+        source: the store the objects were listed from.
+        out: the output store.
+        objects: listed objects (a full listing, or the part after a sensor's cursor).
+        num_shards: the dataset's shard count.
+        only_shard: index only this shard's objects (the asset works shard by shard).
     """
-    started = time.perf_counter()
-    report = StageReport()
-    existing = read_table(out, layout.index_key(shard), MEDIA_SCHEMA)
-    known = _ids(existing, "uri") | _ids(layout.read_dead_letters(out, "media_index", shard), "uri")
     now = datetime.now(UTC)
-    new_rows: list[MediaRow] = []
-    dead: list[DeadLetterRow] = []
-    listed = 0
-    for info in source.list():
-        listed += 1
+    existing: dict[str, pa.Table] = {}
+    known: dict[str, set[str]] = {}
+    new_rows: dict[str, list[MediaRow]] = {}
+    dead: dict[str, list[DeadLetterRow]] = {}
+
+    def seen(shard: str) -> set[str]:
+        if shard not in known:
+            existing[shard] = read_table(out, layout.index_key(shard), MEDIA_SCHEMA)
+            dead_uris = _ids(layout.read_dead_letters(out, "media_index", shard), "uri")
+            known[shard] = _ids(existing[shard], "uri") | dead_uris
+        return known[shard]
+
+    for info in objects:
         try:
-            uri = source.uri_of(info.key)
+            uri, unsafe = source.uri_of(info.key), None
         except UnsafeKeyError as exc:
-            uri = f"{source.root_uri}/{info.key}"
-            if shard_of(uri, num_shards) == shard and uri not in known:
-                message = f"media_index: {uri!r}: {exc}"
-                dead.append(layout.dead_letter(media_id_of(uri), uri, "media_index", "UnsafeName", message))
-                report.fail("UnsafeName")
+            uri, unsafe = f"{source.root_uri}/{info.key}", exc
+        shard = shard_of(uri, num_shards)
+        if (only_shard is not None and shard != only_shard) or uri in seen(shard):
             continue
-        if shard_of(uri, num_shards) != shard or uri in known:
+        known[shard].add(uri)
+        if unsafe is not None:
+            message = f"media_index: {uri!r}: {unsafe}"
+            dead.setdefault(shard, []).append(
+                layout.dead_letter(media_id_of(uri), uri, "media_index", "UnsafeName", message)
+            )
             continue
         name = info.key.rsplit("/", 1)[-1]
         extension = name.rsplit(".", 1)[-1].lower() if "." in name else ""
-        new_rows.append(MediaRow(media_id_of(uri), uri, info.key, info.size, info.mtime, extension, now))
-    layout.append_dead_letters(out, "media_index", shard, dead)
-    if new_rows:
-        write_table(out, layout.index_key(shard), pa.concat_tables([existing, to_table(new_rows, MEDIA_SCHEMA)]))
+        new_rows.setdefault(shard, []).append(
+            MediaRow(media_id_of(uri), uri, info.key, info.size, info.mtime, extension, now)
+        )
+    for shard, rows in dead.items():
+        layout.append_dead_letters(out, "media_index", shard, rows)
+    for shard, rows in new_rows.items():
+        write_table(out, layout.index_key(shard), pa.concat_tables([existing[shard], to_table(rows, MEDIA_SCHEMA)]))
+    return {shard: len(rows) for shard, rows in new_rows.items()} | {
+        shard: 0 for shard in dead if shard not in new_rows
+    }
+
+
+def build_index(source: ObjectStore, out: ObjectStore, shard: str, num_shards: int) -> StageReport:
+    """Lists the source and appends the shard's objects that the index does not have yet (see ``index_objects``)."""
+    started = time.perf_counter()
+    report = StageReport()
+    listed = 0
+
+    def counted(objects: Iterable[ObjectInfo]) -> Iterator[ObjectInfo]:
+        nonlocal listed
+        for info in objects:
+            listed += 1
+            yield info
+
+    added = index_objects(source, out, counted(source.list()), num_shards, only_shard=shard).get(shard, 0)
+    index = read_table(out, layout.index_key(shard), MEDIA_SCHEMA)
+    report.processed = report.succeeded = added
+    unsafe = layout.read_dead_letters(out, "media_index", shard)
+    if added:
         report.outputs.append(layout.index_key(shard))
-    report.processed += len(new_rows)
-    report.succeeded += len(new_rows)
     report.totals = {
         "source_objects_listed": listed,
-        "media": existing.num_rows + len(new_rows),
-        "bytes": (pc.sum(existing["size"]).as_py() or 0) + sum(r.size for r in new_rows),
+        "media": index.num_rows,
+        "unsafe_names": unsafe.num_rows,
+        "bytes": pc.sum(index["size"]).as_py() or 0,
     }
     report.seconds = time.perf_counter() - started
     return report

@@ -76,8 +76,8 @@ class ObjectStore(ABC):
         """The uri of the root, e.g. ``file:///data/out``."""
 
     @abstractmethod
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        """Yields every object under ``prefix`` (recursively), sorted by key."""
+    def list(self, prefix: str = "", start_after: str = "") -> Iterator[ObjectInfo]:
+        """Yields every object under ``prefix`` (recursively) whose key sorts after ``start_after``, sorted by key."""
 
     @abstractmethod
     def exists(self, key: str) -> bool:
@@ -135,7 +135,7 @@ class LocalStore(ObjectStore):
             raise UnsafeKeyError(f"unsafe object key {key!r}: resolves outside {self._root}")
         return path
 
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+    def list(self, prefix: str = "", start_after: str = "") -> Iterator[ObjectInfo]:
         # Object-store semantics: every key that starts with the prefix string, so walk the prefix's folder part.
         folder = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
         base = self._path(folder) if folder else self._root
@@ -155,7 +155,7 @@ class LocalStore(ObjectStore):
                         if entry.is_symlink() and not Path(entry.path).resolve().is_relative_to(self._root):
                             continue  # points outside the store: not one of its objects
                         key = Path(entry.path).relative_to(self._root).as_posix()
-                        if key.startswith(prefix):
+                        if key.startswith(prefix) and key > start_after:
                             stat = entry.stat()
                             found.append(ObjectInfo(key, stat.st_size, stat.st_mtime))
         # Sorted so listings are deterministic and a cursor (the last key seen) is meaningful.
@@ -337,13 +337,14 @@ class OssStore(ObjectStore):
         """Fails fast when the bucket is missing or the credentials are refused."""
         self._call("checking the bucket", lambda: self._bucket.list_objects_v2(prefix=self._prefix, max_keys=1))
 
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+    def list(self, prefix: str = "", start_after: str = "") -> Iterator[ObjectInfo]:
         token = ""
+        after = self._prefix + start_after if start_after else ""
         while True:
             page = self._call(
                 f"listing {self.uri_of(prefix)}",
                 lambda t=token: self._bucket.list_objects_v2(
-                    prefix=self._prefix + prefix, continuation_token=t, max_keys=1000
+                    prefix=self._prefix + prefix, continuation_token=t, start_after="" if t else after, max_keys=1000
                 ),
             )
             for obj in page.object_list:
