@@ -159,14 +159,25 @@ def _metadata(report: StageReport, unit: str) -> dict:
     return meta
 
 
+class MediaIndexConfig(dg.Config):
+    manifest: str = Field(
+        default="",
+        description="A Parquet or CSV file of objects to index instead of listing ASR_SOURCE_URI: a 'uri' column "
+        "(under the source) or a 'key' column (relative to it), optionally 'size' and 'mtime'.",
+    )
+
+
 @dg.asset(partitions_def=shard_partitions, group_name=GROUP, kinds={"parquet"})
-def media_index(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
+def media_index(
+    context: dg.AssetExecutionContext, config: MediaIndexConfig, storage: StorageResource
+) -> dg.MaterializeResult:
     """The shard's media objects (one row each: media_id, uri, size, mtime, extension), appended as new ones appear."""
     out = _output(storage)
-    report = build_index(storage.source(), out, context.partition_key, NUM_SHARDS)
+    report = build_index(storage.source(), out, context.partition_key, NUM_SHARDS, config.manifest or None)
     context.log.info(f"{context.partition_key}: {report.processed} new media, {report.totals['media']} in the shard")
     return dg.MaterializeResult(
-        metadata=_metadata(report, "media") | {"path": out.uri_of(layout.index_key(context.partition_key))}
+        metadata=_metadata(report, "media")
+        | {"path": out.uri_of(layout.index_prefix(context.partition_key).rstrip("/"))}
     )
 
 

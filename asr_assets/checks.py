@@ -17,7 +17,6 @@ from asr_assets.records import (
     AUDIO_SCHEMA,
     DECISION_SCHEMA,
     FEATURE_SCHEMA,
-    MEDIA_SCHEMA,
     SEGMENT_SCHEMA,
     VAD_MEDIA_SCHEMA,
 )
@@ -75,7 +74,7 @@ def _dead(out: ObjectStore, stage: str, shard: str) -> list[str]:
 
 def reconcile_index(out: ObjectStore, shard: str) -> Reconciliation:
     r = Reconciliation()
-    index = read_table(out, layout.index_key(shard), MEDIA_SCHEMA)
+    index = layout.read_index(out, shard)
     r.expect_unique("media ids", index["media_id"].to_pylist())
     r.expect_unique("uris", index["uri"].to_pylist())
     r.counts["media"] = index.num_rows
@@ -84,7 +83,7 @@ def reconcile_index(out: ObjectStore, shard: str) -> Reconciliation:
 
 def reconcile_audio(out: ObjectStore, shard: str) -> Reconciliation:
     r = Reconciliation()
-    index = read_table(out, layout.index_key(shard), MEDIA_SCHEMA)
+    index = layout.read_index(out, shard)
     audio = read_table(out, layout.audio_manifest_key(shard), AUDIO_SCHEMA)
     decoded = audio.filter(pc.equal(audio["status"], "decoded"))["media_id"].to_pylist()
     dead = _dead(out, "audio_wav", shard)

@@ -31,7 +31,6 @@ from asr_assets.records import (
     AUDIO_SCHEMA,
     DECISION_SCHEMA,
     FEATURE_SCHEMA,
-    MEDIA_SCHEMA,
     SAMPLE_RATE,
     SEGMENT_SCHEMA,
     VAD_MEDIA_SCHEMA,
@@ -384,7 +383,7 @@ def distill_shard(out: ObjectStore, shard: str, rules: list[Rule], pack: PackSet
     """
     started = time.perf_counter()
     report = StageReport()
-    index = read_table(out, layout.index_key(shard), MEDIA_SCHEMA)
+    index = layout.read_index(out, shard)
     audio = read_table(out, layout.audio_manifest_key(shard), AUDIO_SCHEMA)
     vad_media = read_table(out, layout.vad_media_key(shard), VAD_MEDIA_SCHEMA)
     segments = read_table(out, layout.segments_key(shard), SEGMENT_SCHEMA)

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from asr_assets.records import DEAD_LETTER_SCHEMA, DeadLetterRow, to_table
+from asr_assets.records import DEAD_LETTER_SCHEMA, MEDIA_SCHEMA, DeadLetterRow, to_table
 from resources.storage import ObjectStore, read_table, write_table
 
 DATASET_KEY = "dataset.json"
@@ -17,8 +17,18 @@ DATASET_KEY = "dataset.json"
 STAGES = ("media_index", "audio_wav", "vad_segments", "segment_features", "transcripts")
 
 
-def index_key(shard: str) -> str:
-    return f"index/{shard}.parquet"
+def index_prefix(shard: str) -> str:
+    return f"index/{shard}/"
+
+
+def index_part_key(shard: str, part: int) -> str:
+    return f"index/{shard}/part-{part:05d}.parquet"
+
+
+def read_index(store: ObjectStore, shard: str) -> pa.Table:
+    """The shard's index: every part, in the order they were appended."""
+    parts = [read_table(store, info.key, MEDIA_SCHEMA) for info in store.list(index_prefix(shard))]
+    return pa.concat_tables(parts) if parts else MEDIA_SCHEMA.empty_table()
 
 
 def audio_manifest_key(shard: str) -> str:

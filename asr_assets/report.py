@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 
 from asr_assets import layout
 from asr_assets.distill import FILES_SCHEMA, normalize_text
-from asr_assets.records import AUDIO_SCHEMA, DECISION_SCHEMA, FEATURE_SCHEMA, MEDIA_SCHEMA, SEGMENT_SCHEMA
+from asr_assets.records import AUDIO_SCHEMA, DECISION_SCHEMA, FEATURE_SCHEMA, SEGMENT_SCHEMA
 from asr_assets.stages import read_transcripts
 from resources.storage import ObjectStore, read_table
 
@@ -101,7 +101,7 @@ def build_report(
     all_text: dict[str, str] = {}
     kept_text: dict[str, str] = {}
     for shard in shards:
-        index = read_table(out, layout.index_key(shard), MEDIA_SCHEMA)
+        index = layout.read_index(out, shard)
         if not index.num_rows:
             continue
         report.shards += 1

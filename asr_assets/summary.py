@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 
 from asr_assets.report import build_report, load_references
-from resources.storage import open_store
+from resources.storage import OssSettings, open_store
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,10 +25,17 @@ def main(argv: list[str] | None = None) -> int:
 
     from partitions import shard_partitions
 
-    out = open_store(args.output_root, must_exist=True, what="--output-root")
+    # oss:// roots: the same OSS_* variables the pipeline reads.
+    oss = OssSettings(
+        os.environ.get("OSS_ENDPOINT", ""),
+        os.environ.get("OSS_ACCESS_KEY_ID", ""),
+        os.environ.get("OSS_ACCESS_KEY_SECRET", ""),
+        Path(os.environ.get("ASR_CACHE_DIR", "./data/cache")),
+    )
+    out = open_store(args.output_root, must_exist=True, what="--output-root", oss=oss)
     references = None
     if args.references:
-        source = open_store(args.media_root, must_exist=True, what="--media-root")
+        source = open_store(args.media_root, must_exist=True, what="--media-root", oss=oss)
         references = load_references(args.references, source)
     report, _ = build_report(out, shard_partitions.get_partition_keys(), references)
     print(f"report: {report.headline()}")

@@ -42,10 +42,14 @@ def shard_index(key: str) -> int:
     return int(digits)
 
 
+def uri_digest(uri: str) -> bytes:
+    """8 bytes of blake2b over the uri: the media id is its hex, the shard its value modulo the shard count."""
+    return hashlib.blake2b(uri.encode("utf-8"), digest_size=8).digest()
+
+
 def shard_of(uri: str, num_shards: int) -> str:
     """The shard a media uri belongs to: blake2b of the uri, modulo the shard count. Stable across runs and machines."""
-    digest = hashlib.blake2b(uri.encode("utf-8"), digest_size=8).digest()
-    return shard_key(int.from_bytes(digest, "big") % num_shards)
+    return shard_key(int.from_bytes(uri_digest(uri), "big") % num_shards)
 
 
 NUM_SHARDS = num_shards_from_env()

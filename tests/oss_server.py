@@ -386,3 +386,37 @@ class _Handler(BaseHTTPRequestHandler):
         for tag, text in (("Bucket", self.oss.bucket), ("Key", key), ("ETag", f'"{etag}"')):
             ElementTree.SubElement(root, tag).text = text
         self._send(200, ElementTree.tostring(root), {"Content-Type": "application/xml"})
+
+
+def main() -> None:
+    """Serves one bucket until SIGTERM/SIGINT (``make demo-oss``), optionally seeded with a folder's files."""
+    import argparse
+    import os
+    import signal
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(description="Local OSS-protocol server (loopback only).")
+    parser.add_argument("--bucket", required=True)
+    parser.add_argument("--seed-from", type=Path, help="upload this folder's files at start")
+    parser.add_argument("--seed-prefix", default="", help="key prefix for the seeded files")
+    parser.add_argument("--endpoint-file", type=Path, help="write the endpoint here once listening")
+    args = parser.parse_args()
+    # The key pair comes from the environment, as the pipeline's does; it is never printed.
+    server = OssServer(os.environ["OSS_ACCESS_KEY_ID"], os.environ["OSS_ACCESS_KEY_SECRET"], args.bucket)
+    if args.seed_from:
+        for path in sorted(p for p in args.seed_from.rglob("*") if p.is_file()):
+            data = path.read_bytes()
+            key = args.seed_prefix + path.relative_to(args.seed_from).as_posix()
+            server.objects[key] = Stored(data, hashlib.md5(data).hexdigest().upper(), datetime.now(UTC))
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    with server:
+        if args.endpoint_file:
+            args.endpoint_file.write_text(server.endpoint)
+        print(f"OSS test server for bucket {args.bucket!r} at {server.endpoint} ({len(server.objects)} objects)")
+        stop.wait()
+
+
+if __name__ == "__main__":
+    main()

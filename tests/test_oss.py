@@ -49,6 +49,7 @@ def test_round_trip_listing_and_odd_keys(server: OssServer, tmp_path: Path) -> N
     assert [o.key for o in store.list()] == sorted(keys)
     assert [o.key for o in store.list("a b/")] == ["a b/quote's.mp3", "a b/ünïcödé 名前.wav"]
     assert store.read_bytes("z.bin") == b"data 4" and store.exists("z.bin") and not store.exists("nope")
+    assert store.read_range("z.bin", 1, 4) == b"ata" and store.read_range("z.bin", 4, 100) == b" 4"
     # The cache names files by hash: a hostile key cannot escape it.
     path = store.local_path("../../etc/passwd")
     assert path.read_bytes() == b"data 3" and path.resolve().is_relative_to((tmp_path / "cache").resolve())

@@ -42,7 +42,9 @@ def _tick(src: Path, tmp_path: Path, cursor: str | None):
 
 def _indexed(tmp_path: Path) -> set[str]:
     return {
-        row["key"] for path in (tmp_path / "out" / "index").glob("*.parquet") for row in pq.read_table(path).to_pylist()
+        row["key"]
+        for path in (tmp_path / "out" / "index").glob("*/*.parquet")
+        for row in pq.read_table(path).to_pylist()
     }
 
 

@@ -75,6 +75,7 @@ def test_put_replaces_atomically_and_leaves_no_temp(tmp_path: Path) -> None:
     store.put_bytes("x/y.bin", b"old")
     store.put_bytes("x/y.bin", b"new")
     assert store.read_bytes("x/y.bin") == b"new"
+    assert store.read_range("x/y.bin", 1, 3) == b"ew" and store.read_range("x/y.bin", 2, 99) == b"w"
     assert [p.name for p in (tmp_path / "x").iterdir()] == ["y.bin"]
     src = store.scratch_dir() / "built.bin"
     src.write_bytes(b"built")
@@ -110,3 +111,38 @@ def test_tables_from_an_earlier_version_read_new_nullable_columns_as_null(tmp_pa
     strict = pa.schema([("id", pa.string()), pa.field("required", pa.int64(), nullable=False)])
     with pytest.raises(ValueError, match="column 'required' is missing"):
         read_table(store, "t.parquet", strict)
+
+
+KEYS = [
+    "a.wav",
+    "dir/a b.wav",
+    "ünïcödé/名前.mp3",
+    "-dash.wav",
+    "a..b.wav",
+    ".hidden",
+    "dir/.x/y",
+    "...",
+    "",
+    "/abs",
+    "a//b",
+    "a/",
+    "./a",
+    "a/./b",
+    "../a",
+    "a/..",
+    "tab\tname.wav",
+    "nl\nname",
+    "del\x7f",
+    "c1\x85",
+]
+
+
+def test_vectorized_key_check_agrees_with_check_key(tmp_path: Path) -> None:
+    def refused(key: str) -> bool:
+        try:
+            check_key(key)
+        except UnsafeKeyError:
+            return True
+        return False
+
+    assert LocalStore(tmp_path).unsafe_keys(pa.array(KEYS)).to_pylist() == [refused(k) for k in KEYS]
