@@ -134,13 +134,6 @@ class DistilledConfig(dg.Config):
         return build_rules(**self.model_dump(exclude={"target_tar_mb"}))
 
 
-def _output(storage: StorageResource):
-    """The output store, refusing a shard count other than the one the output root was built with."""
-    out = storage.output()
-    layout.check_dataset(out, NUM_SHARDS)
-    return out
-
-
 def _metadata(report: StageReport, unit: str) -> dict:
     rate = report.processed / report.seconds if report.seconds else 0.0
     meta: dict = {
@@ -172,7 +165,7 @@ def media_index(
     context: dg.AssetExecutionContext, config: MediaIndexConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
     """The shard's media objects (one row each: media_id, uri, size, mtime, extension), appended as new ones appear."""
-    out = _output(storage)
+    out = layout.dataset_output(storage)
     report = build_index(storage.source(), out, context.partition_key, NUM_SHARDS, config.manifest or None)
     context.log.info(f"{context.partition_key}: {report.processed} new media, {report.totals['media']} in the shard")
     return dg.MaterializeResult(
@@ -186,7 +179,7 @@ def audio_wav(
     context: dg.AssetExecutionContext, config: AudioWavConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
     """Every indexed media object probed and decoded to 16 kHz mono FLAC, or dead-lettered with the reason."""
-    out = _output(storage)
+    out = layout.dataset_output(storage)
     settings = DecodeSettings(int(config.max_file_mb * 1024 * 1024), config.max_duration_h * 3600)
     report = decode_shard(storage.source(), out, context.partition_key, settings, config.pool())
     context.log.info(
@@ -200,7 +193,7 @@ def vad_segments(
     context: dg.AssetExecutionContext, config: VadConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
     """Speech segments (at most 30 s) found by Silero VAD, with the model hash and parameters."""
-    out = _output(storage)
+    out = layout.dataset_output(storage)
     report = vad_shard(out, context.partition_key, config.params(), silero_model_path(), config.pool())
     return dg.MaterializeResult(metadata=_metadata(report, "media") | {"vad_params": config.params().to_json()})
 
@@ -210,7 +203,7 @@ def segment_features(
     context: dg.AssetExecutionContext, config: FeaturesConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
     """Each segment cut, measured (levels, clipping, SNR, VAD stats) and packed into the shard's FLAC parts."""
-    out = _output(storage)
+    out = layout.dataset_output(storage)
     pack = AudioPackSettings(config.part_max_hours * 3600)
     report = features_shard(out, context.partition_key, pack, config.pool(), config.log_mel_bins)
     return dg.MaterializeResult(metadata=_metadata(report, "segments"))
@@ -221,7 +214,7 @@ def transcripts(
     context: dg.AssetExecutionContext, config: TranscriptsConfig, storage: StorageResource, teacher: TeacherResource
 ) -> dg.MaterializeResult:
     """Teacher labels for every segment, written in parts as they complete (a killed step resumes)."""
-    out = _output(storage)
+    out = layout.dataset_output(storage)
 
     def progress(report: StageReport) -> None:
         context.log.info(
@@ -239,7 +232,7 @@ def distilled_dataset(
     context: dg.AssetExecutionContext, config: DistilledConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
     """Filtered labels packed as WebDataset tars, a Parquet manifest, and per-file transcripts (JSONL)."""
-    out = _output(storage)
+    out = layout.dataset_output(storage)
     pack = PackSettings(int(config.target_tar_mb * 1024 * 1024))
     report = distill_shard(out, context.partition_key, config.rules(), pack)
     meta = _metadata(report, "segments")

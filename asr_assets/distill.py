@@ -16,13 +16,11 @@ import tarfile
 import time
 import unicodedata
 from abc import ABC, abstractmethod
-from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import soundfile as sf
 
 from asr_assets import layout
@@ -123,7 +121,12 @@ class Candidate:
     @property
     def chars_per_s(self) -> float:
         """Letters and digits per second."""
-        return sum(ch.isalnum() for ch in self.text) / max(self.duration_s, 1e-3)
+        return chars_per_s(self.text, self.duration_s)
+
+
+def chars_per_s(text: str, duration_s: float) -> float:
+    """Speaking rate: letters and digits per second (what the speaking-rate rules and the report use)."""
+    return sum(ch.isalnum() for ch in text) / max(duration_s, 1e-3)
 
 
 def normalize_text(text: str) -> str:
@@ -593,12 +596,6 @@ def _file_records(index, audio, vad_media, segments, transcripts, decisions, dea
         }
         records.append(line)
     return records
-
-
-def drop_counts(decisions: pa.Table) -> dict[str, int]:
-    """Dropped segments by first reason."""
-    dropped = decisions.filter(pc.invert(decisions["kept"]))
-    return dict(Counter(dropped["drop_reason"].to_pylist()))
 
 
 def build_rules(

@@ -10,7 +10,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from asr_assets.records import DEAD_LETTER_SCHEMA, MEDIA_SCHEMA, DeadLetterRow, to_table
-from resources.storage import ObjectStore, read_table, write_table
+from partitions import NUM_SHARDS
+from resources.storage import ObjectStore, StorageResource, read_table, write_table
 
 DATASET_KEY = "dataset.json"
 # Stages that dead-letter items, in pipeline order (media_index only for names that cannot be keys).
@@ -113,6 +114,13 @@ def append_dead_letters(store: ObjectStore, stage: str, shard: str, rows: Sequen
 def dead_letter(item_id: str, uri: str, stage: str, error_class: str, message: str, attempt: int = 1) -> DeadLetterRow:
     """A dead-letter row stamped now."""
     return DeadLetterRow(item_id, uri, stage, error_class, message, attempt, datetime.now(UTC))
+
+
+def dataset_output(storage: StorageResource) -> ObjectStore:
+    """The output store, refusing a shard count other than the one the output root was built with."""
+    out = storage.output()
+    check_dataset(out, NUM_SHARDS)
+    return out
 
 
 def check_dataset(store: ObjectStore, num_shards: int) -> None:

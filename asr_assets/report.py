@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from asr_assets import layout
-from asr_assets.distill import FILES_SCHEMA, normalize_text
+from asr_assets.distill import FILES_SCHEMA, chars_per_s, normalize_text
 from asr_assets.records import AUDIO_SCHEMA, DECISION_SCHEMA, FEATURE_SCHEMA, SEGMENT_SCHEMA
 from asr_assets.stages import read_transcripts
 from resources.storage import ObjectStore, read_table
@@ -124,7 +124,7 @@ def build_report(
             seconds = row["duration_s"]
             kept_flags.append(row["kept"])
             durations.append(seconds)
-            rates.append(sum(ch.isalnum() for ch in row["text"]) / max(seconds, 1e-3))
+            rates.append(chars_per_s(row["text"], seconds))
             logprobs.append(row["avg_logprob"] if row["avg_logprob"] is not None else np.nan)
             if row["kept"]:
                 report.kept += 1

@@ -41,8 +41,7 @@ def arrivals_sensor(job: dg.UnresolvedAssetJobDefinition) -> dg.SensorDefinition
         "any. Objects whose key sorts before the cursor are caught by the full_rescan schedule.",
     )
     def media_arrivals(context: dg.SensorEvaluationContext, storage: StorageResource):
-        source, out = storage.source(), storage.output()
-        layout.check_dataset(out, NUM_SHARDS)
+        source, out = storage.source(), layout.dataset_output(storage)
         after = json.loads(context.cursor)["after"] if context.cursor else ""
         batch = list(islice(source.list(start_after=after), MAX_OBJECTS_PER_TICK))
         if not batch:
@@ -69,8 +68,7 @@ def rescan_schedule(job: dg.UnresolvedAssetJobDefinition) -> dg.ScheduleDefiniti
         "before it, objects replaced in place under a new name).",
     )
     def full_rescan(context: dg.ScheduleEvaluationContext, storage: StorageResource):
-        source, out = storage.source(), storage.output()
-        layout.check_dataset(out, NUM_SHARDS)
+        source, out = storage.source(), layout.dataset_output(storage)
         added = index_objects(source, out, source.list(), NUM_SHARDS)
         # The tick's time makes its run keys unique per tick and stable if the same tick is evaluated again.
         stamp = context.scheduled_execution_time.isoformat()

@@ -75,7 +75,7 @@ class StageReport:
     errors: Counter = field(default_factory=Counter)
     audio_s: float = 0.0
     seconds: float = 0.0
-    totals: dict[str, float] = field(default_factory=dict)
+    totals: dict[str, float | int | str] = field(default_factory=dict)
     outputs: list[str] = field(default_factory=list)
 
     def fail(self, kind: str) -> None:
