@@ -8,6 +8,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
+import dataclasses  # noqa: E402
 from collections import Counter  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -24,9 +25,34 @@ from resources.teachers import TeacherResource  # noqa: E402
 NUM_FILES = len(FORMATS)
 
 
+def _busiest(corpus: Corpus) -> tuple[str, int, int]:
+    """The shard with the most files, and how many good and broken files it holds."""
+    shards = [shard_of(uri_of(corpus, item.path), NUM_SHARDS) for item in corpus.items]
+    shard = Counter(shards).most_common(1)[0][0]
+    good = sum(1 for s, item in zip(shards, corpus.items) if s == shard and not item.broken)
+    return shard, good, sum(1 for s, item in zip(shards, corpus.items) if s == shard and item.broken)
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
-    return generate_corpus(tmp_path_factory.mktemp("corpus"), seed=0, num_files=NUM_FILES)
+    """The sample corpus, in a folder whose busiest shard holds good and broken files alike.
+
+    A file's shard is a hash of its absolute uri, so where pytest puts its temporary folder decides which shard gets
+    which file. The folder is renamed (not regenerated) until one partition exercises both the good and the broken
+    paths; the choice depends only on the folder's path, so a given machine always picks the same one.
+    """
+    base = tmp_path_factory.mktemp("corpora")
+    corpus = generate_corpus(base / "corpus-0", seed=0, num_files=NUM_FILES)
+    for attempt in range(1, 257):
+        _, good, broken = _busiest(corpus)
+        if good >= 2 and broken >= 1:
+            return corpus
+        moved = base / f"corpus-{attempt}"
+        corpus.media_dir.parent.rename(moved)
+        corpus = dataclasses.replace(
+            corpus, media_dir=moved / corpus.media_dir.name, references_path=moved / corpus.references_path.name
+        )
+    raise RuntimeError(f"no folder under {base} gives a shard with both good and broken sample files")
 
 
 def uri_of(corpus: Corpus, path: str) -> str:
@@ -36,8 +62,7 @@ def uri_of(corpus: Corpus, path: str) -> str:
 @pytest.fixture(scope="session")
 def busiest_shard(corpus: Corpus) -> str:
     """The shard holding the most sample files (good and broken), so one partition exercises the most paths."""
-    counts = Counter(shard_of(uri_of(corpus, item.path), NUM_SHARDS) for item in corpus.items)
-    return counts.most_common(1)[0][0]
+    return _busiest(corpus)[0]
 
 
 def resources_for(corpus: Corpus, output_root: Path) -> dict:
