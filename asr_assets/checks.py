@@ -168,7 +168,17 @@ def reconcile_distilled(out: ObjectStore, shard: str) -> Reconciliation:
 def _check(asset: dg.AssetsDefinition, name: str, fn, description: str):
     @dg.asset_check(asset=asset, name=name, partitions_def=shard_partitions, description=description, blocking=True)
     def _run(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
-        return fn(storage.output(), context.partition_key).result()
+        # A run over a range of shards (the teacher's backfill policy) checks each of them; problems name the shard.
+        shards = context.partition_keys
+        if len(shards) == 1:
+            return fn(storage.output(), shards[0]).result()
+        combined = Reconciliation()
+        for shard in shards:
+            r = fn(storage.output(), shard)
+            combined.problems.extend(f"{shard}: {p}" for p in r.problems)
+            for what, count in r.counts.items():
+                combined.counts[what] = combined.counts.get(what, 0) + count
+        return combined.result()
 
     return _run
 

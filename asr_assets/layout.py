@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 
 import pyarrow as pa
@@ -11,7 +13,14 @@ import pyarrow.compute as pc
 
 from asr_assets.records import DEAD_LETTER_SCHEMA, MEDIA_SCHEMA, DeadLetterRow, to_table
 from partitions import NUM_SHARDS
-from resources.storage import ObjectStore, StorageResource, read_table, write_table
+from resources.storage import (
+    ObjectStore,
+    StorageFull,
+    StorageResource,
+    is_out_of_space,
+    read_table,
+    write_table,
+)
 
 DATASET_KEY = "dataset.json"
 # Stages that dead-letter items, in pipeline order (media_index only for names that cannot be keys).
@@ -114,6 +123,44 @@ def append_dead_letters(store: ObjectStore, stage: str, shard: str, rows: Sequen
 def dead_letter(item_id: str, uri: str, stage: str, error_class: str, message: str, attempt: int = 1) -> DeadLetterRow:
     """A dead-letter row stamped now."""
     return DeadLetterRow(item_id, uri, stage, error_class, message, attempt, datetime.now(UTC))
+
+
+# Top-level output folder of each asset (for sweeping a killed step's unfinished writes).
+FOLDERS = {
+    "media_index": "index",
+    "audio_wav": "audio_wav",
+    "vad_segments": "vad_segments",
+    "segment_features": "segment_features",
+    "transcripts": "transcripts",
+    "distilled_dataset": "distilled",
+}
+
+
+@contextlib.contextmanager
+def step_output(storage: StorageResource, asset: str, shard: str) -> Iterator[ObjectStore]:
+    """The output store for one asset's step on one shard.
+
+    Before the step: unfinished writes a killed earlier step left in this asset's folders are removed (they were never
+    visible to readers: hidden names). During the step: a write that fails because the disk is full fails the step
+    with a message that says so (libsndfile, for one, reports only "System error"), instead of dead-lettering items.
+    """
+    out = dataset_output(storage)
+    top = FOLDERS[asset]
+    for folder in (top, f"{top}/{shard}", "dead_letter/" + asset):
+        out.sweep_stale_temp(folder)
+    try:
+        yield out
+    except StorageFull as exc:
+        raise StorageFull(errno.ENOSPC, f"{asset} on {shard}: {exc.strerror or exc}") from exc
+    except Exception as exc:
+        if is_out_of_space(exc, out.scratch_dir()):
+            raise StorageFull(
+                errno.ENOSPC,
+                f"{asset} on {shard}: no space left on the device of {out.scratch_dir()} "
+                f"({type(exc).__name__}: {exc}); nothing half-written was published. Free space and re-run the "
+                "partition",
+            ) from exc
+        raise
 
 
 def dataset_output(storage: StorageResource) -> ObjectStore:

@@ -6,6 +6,8 @@ Why PyAV rather than one ``ffmpeg`` CLI process per file: see README "Decoding" 
 
 from __future__ import annotations
 
+import errno
+import shutil
 import stat
 import time
 from dataclasses import dataclass
@@ -140,6 +142,13 @@ class DecodeResult:
     seconds: float = 0.0
 
 
+def _raise_if_disk_full(dst: Path, exc: BaseException) -> None:
+    # libsndfile reports a full disk as a generic "System error": look at the disk before blaming the file.
+    if shutil.disk_usage(dst.parent).free < 1 << 20:
+        dst.unlink(missing_ok=True)
+        raise OSError(errno.ENOSPC, f"no space left on the device of {dst.parent} while writing {dst.name} ({exc})")
+
+
 def decode_media(job: DecodeJob) -> DecodeResult:
     """Probes ``job.src`` and decodes its first audio stream to 16 kHz mono 16-bit FLAC at ``job.dst``.
 
@@ -220,6 +229,7 @@ def _decode_to_flac(job: DecodeJob, info: dict[str, object]) -> None:
         except MediaError:
             raise
         except (av.FFmpegError, ValueError, RuntimeError) as exc:
+            _raise_if_disk_full(job.dst, exc)
             raise DecodeError(f"decoding failed after {written / SAMPLE_RATE:.2f} s: {exc}") from None
         if written == 0:
             raise EmptyAudio("the audio stream decoded to no samples")

@@ -8,6 +8,8 @@ copy in a broken state.
 
 from __future__ import annotations
 
+import errno
+import math
 import multiprocessing
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -44,11 +46,24 @@ class PoolOutcome(Generic[J, R]):
 
 
 def default_workers() -> int:
-    """Worker count: the CPUs this process may use."""
+    """Worker count: the CPUs this process may use, capped by its cgroup CPU quota (a k8s pod's CPU limit: the
+    affinity mask of a pod still lists every core of the node)."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        usable = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+        usable = os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    return max(1, min(usable, math.ceil(quota)) if quota else usable)
+
+
+def cgroup_cpu_quota(path: str = "/sys/fs/cgroup/cpu.max") -> float | None:
+    """CPUs allowed by the cgroup v2 quota ("max 100000" means none), or None where there is no quota."""
+    try:
+        with open(path) as f:
+            quota, period = f.read().split()[:2]
+    except (OSError, ValueError):
+        return None
+    return None if quota == "max" else int(quota) / int(period)
 
 
 def run_pool(
@@ -104,5 +119,7 @@ def _outcome(job: J, future: Future, timeout_s: float) -> PoolOutcome:
         return PoolOutcome(job, None, ItemTimeout(f"no result within {timeout_s:g} s; worker killed"))
     except ProcessExpired as exc:
         return PoolOutcome(job, None, WorkerCrashed(f"worker process died (exit code {exc.exitcode})"))
-    except Exception as exc:  # the item's own failure; the shard goes on
-        return PoolOutcome(job, None, exc)
+    except Exception as exc:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise  # the machine's failure, not the item's: the stage stops instead of dead-lettering everything
+        return PoolOutcome(job, None, exc)  # the item's own failure; the shard goes on

@@ -19,6 +19,8 @@ from resources.storage import StorageResource
 
 # Objects indexed per sensor tick at most: bounded work (and memory) per tick; the next tick carries on.
 MAX_OBJECTS_PER_TICK = int(os.environ.get("ASR_SENSOR_MAX_OBJECTS", "20000"))
+# How often the daemon evaluates the sensor (a listing of the watched prefix from the cursor).
+INTERVAL_S = int(os.environ.get("ASR_SENSOR_INTERVAL_S", "60"))
 
 
 def _run_requests(added: dict[str, int], run_key: str) -> list[dg.RunRequest]:
@@ -35,7 +37,7 @@ def arrivals_sensor(job: dg.UnresolvedAssetJobDefinition) -> dg.SensorDefinition
     @dg.sensor(
         name="media_arrivals",
         job=job,
-        minimum_interval_seconds=60,
+        minimum_interval_seconds=INTERVAL_S,
         default_status=dg.DefaultSensorStatus.STOPPED,
         description="Indexes objects that sort after the cursor (the last key seen) and runs the shards that gained "
         "any. Objects whose key sorts before the cursor are caught by the full_rescan schedule.",

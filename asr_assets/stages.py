@@ -78,6 +78,16 @@ class StageReport:
     totals: dict[str, float | int | str] = field(default_factory=dict)
     outputs: list[str] = field(default_factory=list)
 
+    def merge(self, other: StageReport) -> None:
+        """Adds another shard's report (a run over several shards); totals stay per shard, so they are dropped."""
+        self.processed += other.processed
+        self.succeeded += other.succeeded
+        self.failed += other.failed
+        self.errors.update(other.errors)
+        self.audio_s += other.audio_s
+        self.seconds += other.seconds
+        self.outputs.extend(other.outputs)
+
     def fail(self, kind: str) -> None:
         self.processed += 1
         self.failed += 1
@@ -883,6 +893,7 @@ def transcribe_shard(
             next_part += 1
         if on_wave is not None:
             report.seconds = time.perf_counter() - started
+            report.totals["pending"] = len(todo) - report.processed
             on_wave(report)
     report.totals = {"featured": features.num_rows, "transcribed": existing.num_rows + report.succeeded}
     if teacher is not None:
@@ -892,22 +903,23 @@ def transcribe_shard(
 
 
 def _transcribe(teacher: TeacherEngine, inputs: list[TeacherInput]) -> list:
-    """The engine's results for a batch; when the whole call fails (an engine error, a wrong result count), each
-    segment is tried alone so that only the ones that fail by themselves are dead-lettered."""
+    """The engine's results for a batch. When the whole call fails (an engine error, a wrong result count), the batch
+    is split in halves and each half tried again, down to single segments: only segments that fail by themselves are
+    dead-lettered, at about 2*log2(batch) extra calls per bad segment (vLLM batches of a thousand stay cheap)."""
     if not inputs:
         return []
     try:
         results = teacher.transcribe(inputs)
         if len(results) == len(inputs):
             return results
-        log.warning("teacher returned %d results for %d segments; retrying one by one", len(results), len(inputs))
+        problem = f"returned {len(results)} results"
     except Exception as exc:
-        if len(inputs) == 1:
-            return [TeacherError(f"{teacher.name} failed on {inputs[0].segment_id}: {type(exc).__name__}: {exc}")]
-        log.warning("teacher failed on a batch of %d (%s); retrying one by one", len(inputs), exc)
+        problem = f"failed ({type(exc).__name__}: {exc})"
     if len(inputs) == 1:
-        return [TeacherError(f"{teacher.name} returned no result for {inputs[0].segment_id}")]
-    return [_transcribe(teacher, [item])[0] for item in inputs]
+        return [TeacherError(f"{teacher.name} {problem} on segment {inputs[0].segment_id}")]
+    log.warning("teacher %s on a batch of %d; splitting it", problem, len(inputs))
+    half = len(inputs) // 2
+    return _transcribe(teacher, inputs[:half]) + _transcribe(teacher, inputs[half:])
 
 
 def _chunks(items: Sequence, size: int) -> Iterable[Sequence]:

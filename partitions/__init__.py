@@ -29,6 +29,14 @@ def num_shards_from_env() -> int:
     return count
 
 
+def partitions_per_gpu_run_from_env() -> int:
+    """Reads ``ASR_PARTITIONS_PER_GPU_RUN``: how many shards a backfill gives one teacher run (default 4)."""
+    raw = os.environ.get("ASR_PARTITIONS_PER_GPU_RUN", "4")
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"ASR_PARTITIONS_PER_GPU_RUN must be a positive integer, got {raw!r}")
+    return int(raw)
+
+
 def shard_key(index: int) -> str:
     """The partition key of shard ``index``: ``shard-00000``."""
     return f"shard-{index:05d}"
@@ -53,5 +61,6 @@ def shard_of(uri: str, num_shards: int) -> str:
 
 
 NUM_SHARDS = num_shards_from_env()
+PARTITIONS_PER_GPU_RUN = partitions_per_gpu_run_from_env()
 
 shard_partitions = dg.StaticPartitionsDefinition([shard_key(i) for i in range(NUM_SHARDS)])

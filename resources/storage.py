@@ -9,11 +9,13 @@ implementation slots in beside it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import os
 import random
 import secrets
+import shutil
 import tempfile
 import threading
 import time
@@ -118,6 +120,12 @@ class ObjectStore(ABC):
     def scratch_dir(self) -> Path:
         """A local folder for files being built before ``put_file`` (cheap to move into the store from there)."""
 
+    def sweep_stale_temp(self, folder: str) -> int:
+        """Removes unfinished atomic writes in a folder (not below it) whose writer process is gone (a killed step),
+        leaving a live writer's alone; returns how many. Object stores have nothing to sweep: an upload that never
+        completed never became an object."""
+        return 0
+
     def uri_of(self, key: str) -> str:
         """The full uri of an object."""
         check_key(key)
@@ -201,6 +209,10 @@ class LocalStore(ObjectStore):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        except OSError as exc:
+            if is_out_of_space(exc):
+                raise self._full(key) from exc
+            raise
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -214,12 +226,35 @@ class LocalStore(ObjectStore):
             else:
                 _copy(src, tmp)
             os.replace(tmp, path)
+        except OSError as exc:
+            if is_out_of_space(exc):
+                raise self._full(key) from exc
+            raise
         finally:
             tmp.unlink(missing_ok=True)
             src.unlink(missing_ok=True)
 
     def local_path(self, key: str) -> Path:
         return self._path(key)
+
+    def _full(self, key: str) -> StorageFull:
+        return StorageFull(
+            errno.ENOSPC,
+            f"no space left on the device of {self._root} while writing {key!r}; nothing half-written was published. "
+            "Free space (or point ASR_OUTPUT_ROOT at a larger disk) and re-run the partition",
+        )
+
+    def sweep_stale_temp(self, folder: str) -> int:
+        base = self._path(folder.strip("/")) if folder.strip("/") else self._root
+        if not base.is_dir():
+            return 0
+        removed = 0
+        for tmp in base.glob(".*.tmp"):
+            writer = tmp.name.rsplit(".", 2)[-2].split("-")[0] if tmp.name.count(".") >= 3 else ""
+            if writer.isdigit() and not _pid_alive(int(writer)):
+                tmp.unlink(missing_ok=True)
+                removed += 1
+        return removed
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
@@ -229,6 +264,36 @@ class LocalStore(ObjectStore):
         path = self._root / ".scratch"
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+
+OUT_OF_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+LOW_SPACE_BYTES = 1 << 20
+
+
+class StorageFull(OSError):
+    """No space left where a step writes (the output root or a scratch folder). It fails the step, never an item: the
+    items are fine, the machine is not. Nothing half-written is published; re-run the partition once there is space."""
+
+
+def is_out_of_space(exc: BaseException, folder: Path | None = None) -> bool:
+    """Whether a write failure means the disk (or quota) is full. Some writers (libsndfile) report only a generic
+    error, so with ``folder`` given, a write error while that folder's file system is (nearly) full counts too."""
+    if isinstance(exc, StorageFull) or (isinstance(exc, OSError) and exc.errno in OUT_OF_SPACE_ERRNOS):
+        return True
+    if folder is not None and isinstance(exc, OSError | RuntimeError):
+        with contextlib.suppress(OSError):
+            return shutil.disk_usage(folder).free < LOW_SPACE_BYTES
+    return False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class StorageAuthError(PermissionError):

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 from asr_assets.definitions import defs
 from partitions import shard_of, shard_partitions
+from tests.dagster_processes import DagsterProcesses
 
 ASSETS = {"media_index", "audio_wav", "vad_segments", "segment_features", "transcripts", "distilled_dataset"}
 REPORT = "distillation_report"
@@ -52,50 +50,16 @@ def test_default_install_has_no_torch() -> None:
     assert out.strip() == "True"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _graphql(port: int, query: str) -> dict:
-    req = urllib.request.Request(
-        f"http://127.0.0.1:{port}/graphql",
-        data=json.dumps({"query": query}).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(req, timeout=30) as resp:
-        return json.loads(resp.read())
-
-
 def test_webserver_loads_the_workspace_and_shows_assets_and_partitions(tmp_path: Path) -> None:
-    home = tmp_path / "home"
-    home.mkdir()
-    (home / "dagster.yaml").write_text((ROOT / "dagster.yaml").read_text())
-    port = _free_port()
-    webserver = Path(sys.executable).parent / "dagster-webserver"
-    proc = subprocess.Popen(
-        [str(webserver), "-w", str(ROOT / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)],
-        cwd=ROOT,
-        env={**os.environ, "DAGSTER_HOME": str(home)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    servers = DagsterProcesses(tmp_path / "home", {})
+    servers.start("webserver")
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=2)
-                break
-            except OSError:
-                assert proc.poll() is None, "dagster-webserver exited"
-                assert time.monotonic() < deadline, "dagster-webserver did not start in 120 s"
-                time.sleep(0.5)
+        servers.wait_ready()
         query = "{ assetNodes { assetKey { path } groupName partitionKeys } }"
         deadline = time.monotonic() + 60
         while True:
-            data = _graphql(port, query)
-            nodes = data.get("data", {}).get("assetNodes") or []
+            data = servers.query(query)
+            nodes = data.get("assetNodes") or []
             if nodes or time.monotonic() > deadline:
                 break
             time.sleep(1)
@@ -107,9 +71,4 @@ def test_webserver_loads_the_workspace_and_shows_assets_and_partitions(tmp_path:
                 assert node["groupName"] == "asr"
                 assert node["partitionKeys"] == shard_partitions.get_partition_keys()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        servers.stop("webserver", group=True)

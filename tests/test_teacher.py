@@ -93,17 +93,26 @@ class _BatchFailsOnBad(TeacherEngine):
     prompt_version = "test"
     model_id = "none"
 
+    calls = 0
+
     def transcribe(self, batch):
+        self.calls += 1
         if any(item.segment_id.startswith("bad") for item in batch):
             raise RuntimeError("engine crashed")
         return [TeacherOutput(item.segment_id, "en", 1, -0.1, None, None, "stop") for item in batch]
 
 
-def test_a_failing_batch_is_retried_one_segment_at_a_time() -> None:
+def test_a_failing_batch_is_bisected_down_to_the_bad_segment() -> None:
     from asr_assets.stages import _transcribe
 
     engine = _BatchFailsOnBad(TeacherSettings())
-    batch = [TeacherInput(name, np.zeros(160, np.float32), "en") for name in ("a", "bad-1", "b")]
+    names = [f"seg-{i:02d}" for i in range(64)]
+    names[37] = "bad-1"
+    batch = [TeacherInput(name, np.zeros(160, np.float32), "en") for name in names]
     results = _transcribe(engine, batch)
-    assert [r.text for r in results if isinstance(r, TeacherOutput)] == ["a", "b"]
-    assert isinstance(results[1], TeacherError) and "bad-1" in str(results[1]) and "engine crashed" in str(results[1])
+    assert [r.text for r in results if isinstance(r, TeacherOutput)] == [n for n in names if n != "bad-1"]
+    assert (
+        isinstance(results[37], TeacherError) and "bad-1" in str(results[37]) and "engine crashed" in str(results[37])
+    )
+    # Halving: one failed call per level (log2 64 = 6) plus its good sibling, not one call per segment.
+    assert engine.calls == 1 + 2 * 6

@@ -89,6 +89,10 @@ class TeacherEngine(ABC):
 
     name: ClassVar[str]
     prompt_version: ClassVar[str]
+    # Feeding defaults (the transcripts asset's config overrides them): segments per `transcribe` call, and segments
+    # per wave (read together, one checkpoint part). A CPU engine wants small calls; vLLM wants the whole wave at once.
+    batch_size: ClassVar[int] = 16
+    wave_size: ClassVar[int] = 256
 
     def __init__(self, settings: TeacherSettings) -> None:
         self.settings = settings
@@ -113,6 +117,11 @@ class TeacherEngine(ABC):
     @abstractmethod
     def transcribe(self, batch: Sequence[TeacherInput]) -> list[TeacherOutput | TeacherError]:
         """Transcribes a batch; the result list matches ``batch`` position by position."""
+
+    def metrics(self) -> dict[str, float]:
+        """Engine throughput and state for logs and Prometheus (``segments_per_s``, ``output_tokens``, ...); engines
+        without such numbers return nothing."""
+        return {}
 
     def close(self) -> None:  # noqa: B027 - engines without handles need nothing
         """Releases the model."""
