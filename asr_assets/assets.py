@@ -1,6 +1,7 @@
 """The six partitioned assets. Thin: each reads its config, calls the stage function and reports metadata."""
 
 import base64
+import warnings
 
 import dagster as dg
 import pydantic
@@ -40,6 +41,9 @@ from asr_assets.vad import VadParams, silero_model_path
 from partitions import NUM_SHARDS, PARTITIONS_PER_GPU_RUN, shard_partitions
 from resources.storage import StorageResource
 from resources.teachers import TeacherResource
+
+# backfill_policy is a Dagster beta parameter; the notice tells our users nothing they can act on.
+warnings.filterwarnings("ignore", message=".*`backfill_policy` of function `asset` is currently in beta.*")
 
 GROUP = "asr"
 REPORT_GROUP = "reports"  # unpartitioned: kept out of the per-shard selection `group:asr`
@@ -264,10 +268,12 @@ def transcripts(
             metrics.record_stage("transcripts", shard, report)
             metrics.set_queue_depth("transcripts", int(report.totals.get("pending", 0)))
 
-        with layout.step_output(storage, "transcripts", shard) as out:
-            report = transcribe_shard(out, shard, teacher.load, settings, on_wave=progress)
+        try:
+            with layout.step_output(storage, "transcripts", shard) as out:
+                report = transcribe_shard(out, shard, teacher.load, settings, on_wave=progress)
+        finally:
+            metrics.set_queue_depth("transcripts", 0)  # a failed step leaves nothing waiting either
         metrics.record_stage("transcripts", shard, report)
-        metrics.set_queue_depth("transcripts", 0)
         per_shard[shard] = {"labelled": report.succeeded, "failed": report.failed, **report.totals}
         total.merge(report)
     meta = _metadata(total, "segments") | {"teacher_engine": teacher.engine}

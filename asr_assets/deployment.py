@@ -44,6 +44,15 @@ def _setting(name: str, default: str) -> str:
     return os.environ.get(name, default)
 
 
+def _scrape_annotations() -> dict[str, Any]:
+    # With ASR_METRICS_PORT set, each step's process serves /metrics while it runs; these let Prometheus find the pod.
+    port = _setting("ASR_METRICS_PORT", "")
+    if not port:
+        return {}
+    annotations = {"prometheus.io/scrape": "true", "prometheus.io/port": port, "prometheus.io/path": "/metrics"}
+    return {"pod_template_spec_metadata": {"annotations": annotations}}
+
+
 def cpu_step_config(cpu: str, memory: str) -> dict[str, Any]:
     """``dagster-k8s/config`` of a CPU stage: the CPU image and a pod sized for the stage's process pool."""
     return {
@@ -52,6 +61,7 @@ def cpu_step_config(cpu: str, memory: str) -> dict[str, Any]:
             "resources": {"requests": {"cpu": cpu, "memory": memory}, "limits": {"cpu": cpu, "memory": memory}},
         },
         "pod_spec_config": {"node_selector": json.loads(_setting("ASR_CPU_NODE_SELECTOR", "{}"))},
+        **_scrape_annotations(),
     }
 
 
@@ -84,6 +94,7 @@ def gpu_step_config() -> dict[str, Any]:
                 },
             ],
         },
+        **_scrape_annotations(),
     }
 
 

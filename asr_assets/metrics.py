@@ -15,6 +15,7 @@ ending in ``_total``.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 from functools import cache
@@ -29,6 +30,22 @@ log = logging.getLogger(__name__)
 
 def enabled() -> bool:
     return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("ASR_METRICS_PORT"))
+
+
+def _advisory(fn):
+    """Metrics never fail a step: a problem in recording them is logged and the step goes on."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if not enabled():
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            log.warning("metrics: %s failed: %s", fn.__name__, exc)
+            return None
+
+    return wrapper
 
 
 class _Metrics:
@@ -73,31 +90,32 @@ def _metrics() -> _Metrics:
     return _Metrics()
 
 
+@_advisory
 def record_stage(stage: str, key: str, report: StageReport) -> None:
     """Adds what a stage run on ``key`` did since the last call for that key: call it after every wave (the report
     is cumulative) and at the end, and each item is counted once."""
-    if not enabled():
-        return
     m = _metrics()
     last = m.seen.get((stage, key), {})
     now = {"succeeded": report.succeeded, "failed": report.failed, "audio_s": report.audio_s, **dict(report.errors)}
     m.seen[(stage, key)] = now
-    m.items.labels(stage, "succeeded").inc(now["succeeded"] - last.get("succeeded", 0))
-    m.items.labels(stage, "failed").inc(now["failed"] - last.get("failed", 0))
-    m.audio.labels(stage).inc(now["audio_s"] - last.get("audio_s", 0.0))
+    # A report can restart from zero (the same stage and shard run again in one process): count it afresh.
+    if now["succeeded"] + now["failed"] < last.get("succeeded", 0) + last.get("failed", 0):
+        last = {}
+    m.items.labels(stage, "succeeded").inc(max(0, now["succeeded"] - last.get("succeeded", 0)))
+    m.items.labels(stage, "failed").inc(max(0, now["failed"] - last.get("failed", 0)))
+    m.audio.labels(stage).inc(max(0.0, now["audio_s"] - last.get("audio_s", 0.0)))
     for kind, count in report.errors.items():
-        m.errors.labels(stage, kind).inc(count - last.get(kind, 0))
+        m.errors.labels(stage, kind).inc(max(0, count - last.get(kind, 0)))
 
 
+@_advisory
 def set_queue_depth(stage: str, items: int) -> None:
-    if enabled():
-        _metrics().queue.labels(stage).set(items)
+    _metrics().queue.labels(stage).set(items)
 
 
+@_advisory
 def observe_teacher(engine: TeacherEngine) -> None:
     """Publishes an engine's throughput, load time and KV-cache reading (engines without metrics publish nothing)."""
-    if not enabled():
-        return
     values: dict[str, Any] = engine.metrics()
     m = _metrics()
     for unit in ("segments", "audio_s", "output_tokens"):
@@ -109,7 +127,7 @@ def observe_teacher(engine: TeacherEngine) -> None:
         m.load.labels(engine.name).set(values["engine_load_s"])
     if "output_tokens" in values:
         seen = m.tokens_seen.get(id(engine), 0)
-        m.tokens.labels(engine.name).inc(values["output_tokens"] - seen)
+        m.tokens.labels(engine.name).inc(max(0, values["output_tokens"] - seen))
         m.tokens_seen[id(engine)] = values["output_tokens"]
 
 

@@ -48,8 +48,16 @@ from asr_assets.records import (
 from asr_assets.segments import CutJob, Measured, SegmentSpan, cut_and_measure
 from asr_assets.vad import VadItem, VadJob, VadParams, detect_speech, model_sha256
 from partitions import shard_key, uri_digest
-from resources.storage import ObjectInfo, ObjectStore, UnsafeKeyError, read_table, write_table
-from resources.teachers.base import TeacherEngine, TeacherError, TeacherInput
+from resources.storage import (
+    ObjectInfo,
+    ObjectStore,
+    StorageAuthError,
+    UnsafeKeyError,
+    is_out_of_space,
+    read_table,
+    write_table,
+)
+from resources.teachers.base import EngineCallFailed, TeacherBroken, TeacherEngine, TeacherError, TeacherInput
 
 log = logging.getLogger(__name__)
 
@@ -405,6 +413,8 @@ def decode_shard(
             try:
                 src = source.local_path(row["key"])
             except Exception as exc:  # unreadable object (missing, refused, unsafe): this item's outcome only
+                if is_out_of_space(exc) or isinstance(exc, StorageAuthError):
+                    raise  # a full cache disk or refused credentials: the step's failure, not the file's
                 message = f"audio_wav: media {row['media_id']} ({row['uri']}): cannot fetch it: {exc}"
                 rows.append(_audio_row_failed(row, "FetchError", message))
                 dead.append(layout.dead_letter(row["media_id"], row["uri"], "audio_wav", "FetchError", message))
@@ -847,6 +857,8 @@ def transcribe_shard(
                 try:
                     audio = read_audio(out.local_path(r["audio_key"]), r["audio_offset"], r["audio_frames"])
                 except Exception as exc:  # a damaged part costs its segments, not the shard
+                    if is_out_of_space(exc) or isinstance(exc, StorageAuthError):
+                        raise  # the machine's or the credentials' failure, not the segment's
                     message = f"transcripts: segment {r['segment_id']}: cannot read its audio: {exc}"
                     dead.append(
                         layout.dead_letter(
@@ -857,7 +869,7 @@ def transcribe_shard(
                     continue
                 inputs.append(TeacherInput(r["segment_id"], audio, settings.language))
                 ready.append(r)
-            for row, result in zip(ready, _transcribe(teacher, inputs), strict=True):
+            for row, result in zip(ready, _transcribe_checked(teacher, inputs), strict=True):
                 if isinstance(result, TeacherError):
                     dead.append(
                         layout.dead_letter(
@@ -916,10 +928,22 @@ def _transcribe(teacher: TeacherEngine, inputs: list[TeacherInput]) -> list:
     except Exception as exc:
         problem = f"failed ({type(exc).__name__}: {exc})"
     if len(inputs) == 1:
-        return [TeacherError(f"{teacher.name} {problem} on segment {inputs[0].segment_id}")]
+        return [EngineCallFailed(f"{teacher.name} {problem} on segment {inputs[0].segment_id}")]
     log.warning("teacher %s on a batch of %d; splitting it", problem, len(inputs))
     half = len(inputs) // 2
     return _transcribe(teacher, inputs[:half]) + _transcribe(teacher, inputs[half:])
+
+
+def _transcribe_checked(teacher: TeacherEngine, inputs: list[TeacherInput]) -> list:
+    """``_transcribe``, refusing to dead-letter a whole batch: when every segment of a batch of several failed on its
+    own, the engine is what is broken (a dead GPU, a lost engine process), and the step fails instead."""
+    results = _transcribe(teacher, inputs)
+    if len(inputs) > 1 and all(isinstance(r, EngineCallFailed) for r in results):
+        raise TeacherBroken(
+            f"{teacher.name} failed on every one of {len(inputs)} segments, each tried alone ({results[0]}); "
+            "nothing was dead-lettered: fix the engine and re-run the partition"
+        )
+    return results
 
 
 def _chunks(items: Sequence, size: int) -> Iterable[Sequence]:

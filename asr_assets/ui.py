@@ -34,9 +34,10 @@ def _reset_sigint() -> None:
 
 
 def start(name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> subprocess.Popen:
-    log = open(log_dir / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child, closed with it
-    print(f"starting {name}: {' '.join(argv)} (log: {log.name})", flush=True)
-    return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_reset_sigint)
+    path = log_dir / f"{name}.log"
+    print(f"starting {name}: {' '.join(argv)} (log: {path})", flush=True)
+    with open(path, "ab") as log:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_reset_sigint)
 
 
 def stop(children: dict[str, subprocess.Popen], grace_s: float = GRACE_S) -> None:
@@ -81,54 +82,62 @@ def main() -> int:
     env = dict(os.environ)
     bin_dir = Path(sys.executable).parent
     children: dict[str, subprocess.Popen] = {}
-    # The sqlite databases are created here, once: the webserver and the daemon starting together on a fresh
-    # DAGSTER_HOME would race to create them and can leave the schema version table with two heads.
-    subprocess.run([str(bin_dir / "dagster"), "instance", "migrate"], env=env, check=True, capture_output=True)
-    if args.metrics_port:
-        # Every run and step process writes its samples here; the exporter sums them. Cleared at start, as
-        # prometheus-client's multiprocess mode requires.
-        metrics_dir = Path(home) / "prometheus"
-        shutil.rmtree(metrics_dir, ignore_errors=True)
-        metrics_dir.mkdir()
-        env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
-        env.pop("ASR_METRICS_PORT", None)  # runs write to the folder; only the exporter listens
-        children["metrics"] = start(
-            "metrics",
-            [sys.executable, "-m", "asr_assets.metrics", "--host", args.host, "--port", str(args.metrics_port)],
-            env,
-            log_dir,
-        )
-    children["daemon"] = start("daemon", [str(bin_dir / "dagster-daemon"), "run", "-w", args.workspace], env, log_dir)
-    children["webserver"] = start(
-        "webserver",
-        [str(bin_dir / "dagster-webserver"), "-w", args.workspace, "-h", args.host, "-p", str(args.port)],
-        env,
-        log_dir,
-    )
-    print(f"Dagster UI on http://{args.host}:{args.port} (Ctrl-C stops everything)", flush=True)
-    if args.metrics_port:
-        print(f"Prometheus metrics on http://{args.host}:{args.metrics_port}/metrics", flush=True)
-
     stopping = False
 
     def request_stop(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
         stopping = True
 
-    # Installed whatever this process inherited (a backgrounded launcher inherits SIGINT ignored).
+    # Installed first, whatever this process inherited (a backgrounded launcher inherits SIGINT ignored), so a signal
+    # during start-up also ends in the `finally` below and never strands a child in its own process group.
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     exit_code = 0
-    while not stopping:
-        for name, proc in children.items():
-            if proc.poll() is not None:
-                print(f"{name} exited with code {proc.returncode}; stopping the rest", file=sys.stderr, flush=True)
-                stopping, exit_code = True, 1
-                break
-        time.sleep(0.5)
-    print("stopping...", flush=True)
-    stop(children)
-    print("stopped", flush=True)
+    try:
+        # The sqlite databases are created here, once: the webserver and the daemon starting together on a fresh
+        # DAGSTER_HOME would race to create them and can leave the schema version table with two heads.
+        subprocess.run([str(bin_dir / "dagster"), "instance", "migrate"], env=env, check=True, capture_output=True)
+        if args.metrics_port:
+            # Every run and step process writes its samples here; the exporter sums them. Cleared at start, as
+            # prometheus-client's multiprocess mode requires.
+            metrics_dir = Path(home) / "prometheus"
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+            metrics_dir.mkdir()
+            env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+            env.pop("ASR_METRICS_PORT", None)  # runs write to the folder; only the exporter listens
+            exporter = [
+                sys.executable,
+                "-m",
+                "asr_assets.metrics",
+                "--host",
+                args.host,
+                "--port",
+                str(args.metrics_port),
+            ]
+            children["metrics"] = start("metrics", exporter, env, log_dir)
+        children["daemon"] = start(
+            "daemon", [str(bin_dir / "dagster-daemon"), "run", "-w", args.workspace], env, log_dir
+        )
+        children["webserver"] = start(
+            "webserver",
+            [str(bin_dir / "dagster-webserver"), "-w", args.workspace, "-h", args.host, "-p", str(args.port)],
+            env,
+            log_dir,
+        )
+        print(f"Dagster UI on http://{args.host}:{args.port} (Ctrl-C stops everything)", flush=True)
+        if args.metrics_port:
+            print(f"Prometheus metrics on http://{args.host}:{args.metrics_port}/metrics", flush=True)
+        while not stopping:
+            for name, proc in children.items():
+                if proc.poll() is not None:
+                    print(f"{name} exited with code {proc.returncode}; stopping the rest", file=sys.stderr, flush=True)
+                    stopping, exit_code = True, 1
+                    break
+            time.sleep(0.5)
+    finally:
+        print("stopping...", flush=True)
+        stop(children)
+        print("stopped", flush=True)
     return exit_code
 
 

@@ -62,13 +62,16 @@ def main() -> None:
                 LAUNCH_BACKFILL,
                 {"params": {"assetSelection": [{"path": [a]} for a in ASSETS], "partitionNames": shards}},
             )["launchPartitionBackfill"]
+            if launched["__typename"] != "LaunchBackfillSuccess":
+                raise SystemExit(f"the backfill was not launched: {launched}")
             backfill = launched["backfillId"]
             deadline = time.monotonic() + 900
-            while time.monotonic() < deadline:
-                status = servers.query(BACKFILL_STATUS, {"id": backfill})["partitionBackfillOrError"]["status"]
-                if status != "REQUESTED":
-                    break
+            status = "REQUESTED"
+            while status == "REQUESTED":
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"backfill {backfill} did not finish in 15 minutes; no screenshot taken")
                 time.sleep(3)
+                status = servers.query(BACKFILL_STATUS, {"id": backfill})["partitionBackfillOrError"]["status"]
             print(f"backfill {backfill}: {status}")
             screenshot(chromium, f"{base}/runs/b/{backfill}", args.out / "backfill.png")
     finally:

@@ -16,6 +16,7 @@ import os
 import random
 import secrets
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -198,7 +199,7 @@ class LocalStore(ObjectStore):
 
     def _temp_beside(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
-        return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+        return path.with_name(f".{path.name}.{_HOST}-{os.getpid()}-{secrets.token_hex(4)}.tmp")
 
     def put_bytes(self, key: str, data: bytes) -> None:
         path = self._path(key)
@@ -250,8 +251,9 @@ class LocalStore(ObjectStore):
             return 0
         removed = 0
         for tmp in base.glob(".*.tmp"):
-            writer = tmp.name.rsplit(".", 2)[-2].split("-")[0] if tmp.name.count(".") >= 3 else ""
-            if writer.isdigit() and not _pid_alive(int(writer)):
+            host, _, rest = tmp.name.rsplit(".", 2)[-2].partition("-") if tmp.name.count(".") >= 3 else ("", "", "")
+            pid = rest.split("-")[0]
+            if host == _HOST and pid.isdigit() and not _pid_alive(int(pid)):
                 tmp.unlink(missing_ok=True)
                 removed += 1
         return removed
@@ -284,6 +286,11 @@ def is_out_of_space(exc: BaseException, folder: Path | None = None) -> bool:
         with contextlib.suppress(OSError):
             return shutil.disk_usage(folder).free < LOW_SPACE_BYTES
     return False
+
+
+# Names a temporary file's writer: this host (hashed: a hostname may hold dots) and process. A sweep removes only
+# temporaries of this host whose process is gone; another host's (an output root on shared storage) are left alone.
+_HOST = hashlib.blake2b(socket.gethostname().encode(), digest_size=4).hexdigest()
 
 
 def _pid_alive(pid: int) -> bool:

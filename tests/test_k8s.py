@@ -17,6 +17,7 @@ from kubernetes.client import ApiClient, V1Job
 
 from asr_assets import deployment
 from asr_assets.definitions import all_assets
+from partitions import PARTITIONS_PER_GPU_RUN
 
 ROOT = Path(__file__).resolve().parents[1]
 PER_SHARD = {a.key.to_user_string(): a for a in all_assets if a.partitions_def is not None}
@@ -94,7 +95,7 @@ def test_gpu_steps_are_limited_per_run_and_across_runs() -> None:
     transcripts = PER_SHARD["transcripts"]
     assert transcripts.op.tags[deployment.GPU_TAG] == deployment.GPU_POOL
     assert transcripts.op.pool == deployment.GPU_POOL
-    assert transcripts.backfill_policy.max_partitions_per_run >= 1
+    assert transcripts.backfill_policy.max_partitions_per_run == PARTITIONS_PER_GPU_RUN > 1
     # configured() checks this config against k8s_job_executor's schema when the executor is built.
     assert deployment.executor("k8s").name == "asr_k8s_job_executor"
     (limit,) = deployment.k8s_executor_config()["tag_concurrency_limits"]

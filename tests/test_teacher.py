@@ -12,6 +12,7 @@ from asr_assets.sample_corpus import Corpus
 from resources.teachers import TeacherResource
 from resources.teachers.base import (
     TEACHERS,
+    TeacherBroken,
     TeacherEngine,
     TeacherError,
     TeacherInput,
@@ -116,3 +117,24 @@ def test_a_failing_batch_is_bisected_down_to_the_bad_segment() -> None:
     )
     # Halving: one failed call per level (log2 64 = 6) plus its good sibling, not one call per segment.
     assert engine.calls == 1 + 2 * 6
+
+
+class _AlwaysFails(_BatchFailsOnBad):
+    name = "always-fails"
+
+    def transcribe(self, batch):
+        self.calls += 1
+        raise RuntimeError("CUDA error: device lost")
+
+
+def test_an_engine_that_fails_on_every_segment_fails_the_step_instead_of_dead_lettering_them() -> None:
+    from asr_assets.stages import _transcribe_checked
+
+    engine = _AlwaysFails(TeacherSettings())
+    batch = [TeacherInput(f"seg-{i}", np.zeros(160, np.float32), "en") for i in range(8)]
+    with pytest.raises(TeacherBroken, match="every one of 8 segments.*device lost"):
+        _transcribe_checked(engine, batch)
+    # One bad segment among good ones is still that segment's outcome alone.
+    mixed = _BatchFailsOnBad(TeacherSettings())
+    results = _transcribe_checked(mixed, [*batch[:3], TeacherInput("bad-x", np.zeros(160, np.float32), "en")])
+    assert [type(r).__name__ for r in results] == ["TeacherOutput"] * 3 + ["EngineCallFailed"]

@@ -8,6 +8,7 @@ its slot and never fails the batch.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import zlib
@@ -76,6 +77,17 @@ class TeacherError(Exception):
     kind = "TeacherError"
 
 
+class EngineCallFailed(TeacherError):
+    """The engine raised (or answered wrongly) even when given this segment alone."""
+
+    kind = "EngineCallFailed"
+
+
+class TeacherBroken(RuntimeError):
+    """Every segment of a batch failed on its own: the engine is broken, not the segments. Fails the step (nothing is
+    dead-lettered), so a re-run retries them once the engine is fixed."""
+
+
 def compression_ratio(text: str) -> float | None:
     """Length of the UTF-8 text over its zlib-compressed length (Whisper's repetition signal)."""
     if not text:
@@ -102,13 +114,19 @@ class TeacherEngine(ABC):
     def model_id(self) -> str:
         """Identifies the weights (name and, where known, a revision or file hash)."""
 
+    def hashed_settings(self) -> dict[str, Any]:
+        """The settings that can change the output. Threads change speed only, and the model path is covered by
+        ``model_id`` (which identifies the weights wherever they are mounted)."""
+        settings = copy.deepcopy(asdict(self.settings))
+        settings.pop("threads")
+        settings.pop("model")
+        return settings
+
     @property
     def settings_hash(self) -> str:
-        """Hash of everything that can change the output: engine, model, settings (not threads), prompt version."""
-        settings = asdict(self.settings)
-        settings.pop("threads")  # changes speed, not output
+        """Hash of everything that can change the output: engine, weights, settings, prompt version."""
         blob = json.dumps(
-            {"engine": self.name, "model": self.model_id, "prompt": self.prompt_version, **settings},
+            {"engine": self.name, "model": self.model_id, "prompt": self.prompt_version, **self.hashed_settings()},
             sort_keys=True,
             default=str,
         )

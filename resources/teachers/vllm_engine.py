@@ -14,9 +14,11 @@ This module imports vLLM only when an engine is built: the default install has n
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import logging
 import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -169,6 +171,11 @@ class VllmTeacher(TeacherEngine):
                 "(a mounted volume in production), never downloaded at run time: set the teacher's `model` to it."
             )
         self.path = path
+        # Before transformers or vLLM is imported (both read these at import): no hub, the engine core in this
+        # process (the step owns its GPU; no extra process to orphan if the pod is killed), a bounded CPU KV cache.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.options.engine.cpu_kv_cache_gib))
         self.instruction(settings.language)  # an unsupported language is a configuration error: fail before loading
         self._model_id = f"{path.name}@{model_fingerprint(path)}"
         self.stats = EngineStats()
@@ -181,6 +188,23 @@ class VllmTeacher(TeacherEngine):
     @property
     def model_id(self) -> str:
         return self._model_id
+
+    # Engine settings that change speed or memory, not the labels: left out of the settings hash so labels from the
+    # same weights and prompt compare equal across a laptop and an H200.
+    SPEED_ONLY = (
+        "max_num_seqs",
+        "max_num_batched_tokens",
+        "gpu_memory_utilization",
+        "cpu_kv_cache_gib",
+        "enforce_eager",
+        "enable_prefix_caching",
+    )
+
+    def hashed_settings(self) -> dict[str, Any]:
+        settings = super().hashed_settings()
+        engine = {k: v for k, v in self.options.engine.model_dump().items() if k not in self.SPEED_ONLY}
+        settings["options"] = {"vllm": {"engine": engine, "sampling": self.options.sampling.model_dump()}}
+        return settings
 
     # -- model-specific: how a request is phrased ----------------------------------------------------------------
 
@@ -253,8 +277,13 @@ class VllmTeacher(TeacherEngine):
         return values
 
     def close(self) -> None:
+        # Drop the engine and give its memory back (a step labelling several shards, or tests, may build another).
         self._llm = None
         self._processor = None
+        gc.collect()
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def _result(self, item: TeacherInput, output: Any) -> TeacherOutput | TeacherError:
         if not output.outputs:
@@ -278,11 +307,6 @@ class VllmTeacher(TeacherEngine):
         return AutoProcessor.from_pretrained(str(self.path), local_files_only=True)
 
     def _load_engine(self) -> Any:
-        # Before vLLM is imported: these are read at import and engine start. The engine core stays in this process
-        # (the step owns its GPU; no extra process to orphan if the pod is killed) and the hub is off.
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.options.engine.cpu_kv_cache_gib))
         from vllm import LLM
 
         e = self.options.engine
