@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
 from asr_assets import layout
 from asr_assets.checks import (
@@ -173,7 +174,10 @@ def test_ui_backfill_survives_a_daemon_restart_and_the_sensor_runs_only_new_file
             assert reconcile(output, shard).passed, (reconcile.__name__, shard)
 
 
-def test_make_ui_launcher_stops_everything_on_sigint_even_when_started_in_the_background(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_make_ui_launcher_stops_everything_even_when_started_in_the_background(
+    tmp_path: Path, stop_signal: signal.Signals
+) -> None:
     home = tmp_path / "home"
     home.mkdir()
     (home / "dagster.yaml").write_text((ROOT / "dagster.yaml").read_text())
@@ -204,12 +208,12 @@ def test_make_ui_launcher_stops_everything_on_sigint_even_when_started_in_the_ba
                 time.sleep(0.5)
         children = _descendants(launcher.pid)
         assert len(children) >= 3  # webserver, daemon, exporter (and the servers' own children)
-        launcher.send_signal(signal.SIGINT)
+        launcher.send_signal(stop_signal)
         output, _ = launcher.communicate(timeout=60)
         assert launcher.returncode == 0, output
         assert "stopped" in output
         time.sleep(1)
-        assert not [pid for pid in children if _alive(pid)], "processes left behind after Ctrl-C"
+        assert not [pid for pid in children if _alive(pid)], f"processes left behind after {stop_signal.name}"
     finally:
         if launcher.poll() is None:
             launcher.kill()

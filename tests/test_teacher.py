@@ -138,3 +138,10 @@ def test_an_engine_that_fails_on_every_segment_fails_the_step_instead_of_dead_le
     mixed = _BatchFailsOnBad(TeacherSettings())
     results = _transcribe_checked(mixed, [*batch[:3], TeacherInput("bad-x", np.zeros(160, np.float32), "en")])
     assert [type(r).__name__ for r in results] == ["TeacherOutput"] * 3 + ["EngineCallFailed"]
+
+
+def test_the_vllm_teacher_without_vllm_installed_says_where_to_get_it(tmp_path) -> None:
+    # The default install has no vLLM (it pulls torch): selecting it must explain, not fail on a bare import.
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ImportError, match=r"needs vLLM.*Dockerfile\.gpu.*make test-vllm"):
+        create_engine("vllm", TeacherSettings(model=str(tmp_path)))

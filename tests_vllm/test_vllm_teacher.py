@@ -65,6 +65,10 @@ def test_a_batch_of_mixed_lengths_returns_one_result_per_segment_in_order(engine
     assert all(r.avg_logprob is not None and r.avg_logprob < 0 for r in first)
     # Greedy decoding with a seed: the same labels twice.
     assert [(r.text, r.num_tokens) for r in first] == [(r.text, r.num_tokens) for r in again]
+    # Throughput and the KV-cache reading (sampled from vLLM's own gauges while generate ran) for logs and Prometheus.
+    metrics = engine.metrics()
+    assert metrics["segments_per_s"] > 0 and metrics["output_tokens_per_s"] > 0 and metrics["engine_load_s"] > 0
+    assert 0.0 <= metrics["kv_cache_usage"] <= 1.0
 
 
 def test_the_prompt_grows_with_the_audio(engine: VllmTeacher) -> None:

@@ -19,8 +19,9 @@ import hashlib
 import logging
 import os
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -255,7 +256,8 @@ class VllmTeacher(TeacherEngine):
         started = time.perf_counter()
         # vLLM returns one RequestOutput per request in submission order; a request it rejects (too long for the
         # context, say) raises for the whole call, and the caller then bisects the batch down to that segment.
-        outputs = self._llm.generate(requests, params, use_tqdm=False)
+        with _PeakSampler(self._kv_cache_usage) as kv_peak:
+            outputs = self._llm.generate(requests, params, use_tqdm=False)
         self.stats.generate_s += time.perf_counter() - started
         if len(outputs) != len(batch):
             raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(batch)} requests")
@@ -266,7 +268,7 @@ class VllmTeacher(TeacherEngine):
             self.stats.audio_s += len(item.audio) / SAMPLE_RATE
             self.stats.prompt_tokens += len(output.prompt_token_ids or ())
             self.stats.output_tokens += sum(len(c.token_ids) for c in output.outputs)
-        self.stats.kv_cache_usage = self._kv_cache_usage()
+        self.stats.kv_cache_usage = kv_peak.value
         return results
 
     def metrics(self) -> dict[str, float]:
@@ -302,7 +304,15 @@ class VllmTeacher(TeacherEngine):
         )
 
     def _load_processor(self) -> Any:
-        from transformers import AutoProcessor
+        try:
+            import vllm  # noqa: F401
+            from transformers import AutoProcessor
+        except ImportError as exc:
+            raise ImportError(
+                f"ASR_TEACHER={self.name} needs vLLM and transformers, which the default install leaves out (they pull "
+                "torch): use the GPU image (deploy/Dockerfile.gpu), or .venv-vllm (`make test-vllm` builds it with "
+                f"vLLM's CPU build) to try it on a CPU. ({exc})"
+            ) from exc
 
         return AutoProcessor.from_pretrained(str(self.path), local_files_only=True)
 
@@ -334,6 +344,35 @@ class VllmTeacher(TeacherEngine):
         except Exception as exc:  # metrics are advisory; never fail labelling over them
             log.debug("vLLM metrics unavailable: %s", exc)
         return None
+
+
+class _PeakSampler:
+    """Reads a gauge every ``every_s`` on a thread while a blocking call runs, keeping the highest value: the KV-cache
+    usage after ``generate`` returns is ~0 (every request has finished), during it is what sizing needs."""
+
+    def __init__(self, read: Callable[[], float | None], every_s: float = 0.5) -> None:
+        self._read, self._every_s = read, every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kv-cache-sampler", daemon=True)
+        self.value: float | None = None
+
+    def _sample(self) -> None:
+        reading = self._read()
+        if reading is not None:
+            self.value = reading if self.value is None else max(self.value, reading)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._every_s):
+            self._sample()
+
+    def __enter__(self) -> _PeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
 
 
 def _mean_logprob(tokens: list[int], logprobs: Any, cumulative: float | None) -> float | None:
