@@ -201,14 +201,14 @@ class LocalStore(ObjectStore):
         path.parent.mkdir(parents=True, exist_ok=True)
         return path.with_name(f".{path.name}.{_HOST}-{os.getpid()}-{secrets.token_hex(4)}.tmp")
 
-    def put_bytes(self, key: str, data: bytes) -> None:
+    @contextlib.contextmanager
+    def _publish(self, key: str) -> Iterator[Path]:
+        """Yields a hidden temporary beside ``key`` to fill; renames it into place when the block ends. Nothing is
+        left on failure, and a full disk becomes ``StorageFull`` naming the key and the root."""
         path = self._path(key)
         tmp = self._temp_beside(path)
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            yield tmp
             os.replace(tmp, path)
         except OSError as exc:
             if is_out_of_space(exc):
@@ -217,22 +217,21 @@ class LocalStore(ObjectStore):
         finally:
             tmp.unlink(missing_ok=True)
 
+    def put_bytes(self, key: str, data: bytes) -> None:
+        with self._publish(key) as tmp, open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
     def put_file(self, key: str, src: Path) -> None:
-        path = self._path(key)
-        tmp = self._temp_beside(path)
         try:
-            # A copy when src is on another file system; a rename otherwise. Either way the final step is atomic.
-            if _same_device(src, path.parent):
-                os.replace(src, tmp)
-            else:
-                _copy(src, tmp)
-            os.replace(tmp, path)
-        except OSError as exc:
-            if is_out_of_space(exc):
-                raise self._full(key) from exc
-            raise
+            with self._publish(key) as tmp:
+                # A rename when src is on the same file system, a copy otherwise; the publish is a rename either way.
+                if _same_device(src, tmp.parent):
+                    os.replace(src, tmp)
+                else:
+                    _copy(src, tmp)
         finally:
-            tmp.unlink(missing_ok=True)
             src.unlink(missing_ok=True)
 
     def local_path(self, key: str) -> Path:

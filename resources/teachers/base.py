@@ -8,7 +8,6 @@ its slot and never fails the batch.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import zlib
@@ -117,7 +116,7 @@ class TeacherEngine(ABC):
     def hashed_settings(self) -> dict[str, Any]:
         """The settings that can change the output. Threads change speed only, and the model path is covered by
         ``model_id`` (which identifies the weights wherever they are mounted)."""
-        settings = copy.deepcopy(asdict(self.settings))
+        settings = asdict(self.settings)  # a deep copy already
         settings.pop("threads")
         settings.pop("model")
         return settings
