@@ -169,19 +169,23 @@ def test_sigkill_in_the_middle_of_transcripts_then_rerun_matches_an_uninterrupte
 
 
 @pytest.fixture
-def small_disk(tmp_path: Path):
-    """A 1.5 MiB tmpfs (a real full disk: the kernel says ENOSPC to every writer, pool workers included). Where mounting
-    is not allowed (no root, no CAP_SYS_ADMIN), a write hook instead: the output store refuses writes past 300 KiB
-    with ENOSPC, as a full disk would."""
+def small_disk(pipeline_run, tmp_path: Path):
+    """A disk with room for half of what the shard's uninterrupted run wrote, so it fills up partway whatever the shard
+    holds: a tmpfs of that size (a real full disk: the kernel says ENOSPC to every writer, pool workers included) or,
+    where mounting is not allowed (no root, no CAP_SYS_ADMIN), a write hook that refuses writes past that budget with
+    ENOSPC, as a full disk would."""
+    _, clean, _ = pipeline_run
+    room = sum(p.stat().st_size for p in clean.rglob("*") if p.is_file() and ".scratch" not in p.parts) // 2
     mount = tmp_path / "disk"
     mount.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1536k", "tmpfs", str(mount)], capture_output=True)
+    size = f"size={max(64, room // 1024)}k"
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", size, "tmpfs", str(mount)], capture_output=True)
     if mounted.returncode == 0:
-        print("full disk: a 1.5 MiB tmpfs")
+        print(f"full disk: a tmpfs of {size}")
         yield mount, lambda: None
         subprocess.run(["umount", "-l", str(mount)], check=False)
         return
-    budget = {"bytes": 300 * 1024}  # the sample shard's outputs are larger than this
+    budget = {"bytes": room}
     put_file, put_bytes = resources.storage.LocalStore.put_file, resources.storage.LocalStore.put_bytes
 
     def spend(store, key: str, size: int) -> None:

@@ -76,7 +76,9 @@ def test_metrics_count_what_the_stages_did(corpus: Corpus, busiest_shard: str, t
             values[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
 
     def value(name: str, **labels: str) -> float:
-        return values.get((name, tuple(sorted(labels.items()))), 0.0)
+        key = (name, tuple(sorted(labels.items())))
+        assert key in values, f"no sample {name}{labels} in /metrics"
+        return values[key]
 
     store = LocalStore(out)
     audio = pq.read_table(out / layout.audio_manifest_key(busiest_shard)).to_pylist()
