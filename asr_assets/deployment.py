@@ -20,7 +20,7 @@ from typing import Any
 import dagster as dg
 
 from resources.storage import StorageResource
-from resources.teachers import TeacherResource
+from resources.teachers import DEFAULT_SECOND_OPINION, TeacherResource
 from resources.teachers.vllm_engine import VllmEngineSettings
 
 DEPLOYMENTS = ("local", "k8s")
@@ -136,18 +136,36 @@ def _env(name: str, default: str) -> str | dg.EnvVar:
     return dg.EnvVar(name) if name in os.environ else default
 
 
+def second_opinion_fraction(teacher_engine: str) -> float:
+    """``ASR_SECOND_OPINION_FRACTION``, else the teacher's default: every segment behind the CPU teacher (the second
+    opinion costs about 1.6x the teacher there: bench/RESULTS.md), a 1% sample behind vLLM, whose H200 labels ~100
+    segments/s while the pod's CPUs give a few second opinions a second (1% then adds about a fifth to the step).
+    Read at load: a float cannot come through ``dg.EnvVar``."""
+    fraction = float(_setting("ASR_SECOND_OPINION_FRACTION", "0.01" if teacher_engine == "vllm" else "1.0"))
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"ASR_SECOND_OPINION_FRACTION={fraction}: expected a share between 0 and 1")
+    return fraction
+
+
 def teacher(name: str) -> TeacherResource:
     """The teacher for a deployment. On k8s it is vLLM with the H200 engine defaults and weights from the mounted
     volume; locally the CPU teacher, or vLLM (``ASR_TEACHER=vllm``) with settings for a workstation or vLLM's CPU build:
-    eager mode (no minute-long graph compilation) and a few sequences in flight."""
+    eager mode (no minute-long graph compilation) and a few sequences in flight. Either way the second opinion is
+    Whisper base on faster-whisper, on the step's CPUs (``ASR_SECOND_OPINION``; ``off`` turns it off)."""
+    engine = _setting("ASR_TEACHER", "vllm" if name == "k8s" else "faster-whisper")
+    second = {
+        "second_opinion": _env("ASR_SECOND_OPINION", DEFAULT_SECOND_OPINION),
+        "second_opinion_fraction": second_opinion_fraction(engine),
+    }
     if name == "k8s":
         return TeacherResource(
-            engine=_env("ASR_TEACHER", "vllm"), model=_env("ASR_TEACHER_MODEL", DEFAULT_TEACHER_MODEL)
+            engine=_env("ASR_TEACHER", "vllm"), model=_env("ASR_TEACHER_MODEL", DEFAULT_TEACHER_MODEL), **second
         )
     return TeacherResource(
         engine=_env("ASR_TEACHER", "faster-whisper"),
         model=_env("ASR_TEACHER_MODEL", ""),
         vllm_engine=VllmEngineSettings(enforce_eager=True, max_num_seqs=16, max_num_batched_tokens=8192),
+        **second,
     )
 
 

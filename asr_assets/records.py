@@ -184,6 +184,8 @@ class SegmentRow:
         prob_max: highest window probability inside the segment.
         vad_model_sha256: SHA-256 of the Silero ONNX file that found it.
         vad_params: the VAD parameters as canonical JSON.
+        speech_s: voiced time inside the segment, seconds: its 32 ms windows at or above the VAD threshold (padding
+            and pauses excluded; the speaking-rate rules divide by it). None in tables written before it existed.
     """
 
     segment_id: str
@@ -196,6 +198,7 @@ class SegmentRow:
     prob_max: float
     vad_model_sha256: str
     vad_params: str
+    speech_s: float | None = None
 
 
 SEGMENT_SCHEMA = pa.schema(
@@ -210,6 +213,7 @@ SEGMENT_SCHEMA = pa.schema(
         ("prob_max", pa.float32()),
         ("vad_model_sha256", pa.string()),
         ("vad_params", pa.string()),
+        ("speech_s", pa.float64()),
     ]
 )
 
@@ -234,6 +238,9 @@ class FeatureRow:
         audio_offset: first frame of the segment in that object.
         audio_frames: number of frames (16 kHz samples).
         mel_key: Parquet part holding the segment's Whisper log-mel features (None when they were not computed).
+        dnsmos_sig: DNSMOS P.835 speech signal quality, 1-5 (None when the segment was not in the scored sample).
+        dnsmos_bak: DNSMOS background quality, 1-5 (higher: less intrusive noise; None when not scored).
+        dnsmos_ovrl: DNSMOS overall quality, 1-5 (None when not scored).
     """
 
     segment_id: str
@@ -251,6 +258,9 @@ class FeatureRow:
     audio_offset: int
     audio_frames: int
     mel_key: str | None
+    dnsmos_sig: float | None = None
+    dnsmos_bak: float | None = None
+    dnsmos_ovrl: float | None = None
 
 
 FEATURE_SCHEMA = pa.schema(
@@ -270,6 +280,9 @@ FEATURE_SCHEMA = pa.schema(
         ("audio_offset", pa.int64()),
         ("audio_frames", pa.int64()),
         ("mel_key", pa.string()),
+        ("dnsmos_sig", pa.float32()),
+        ("dnsmos_bak", pa.float32()),
+        ("dnsmos_ovrl", pa.float32()),
     ]
 )
 
@@ -298,6 +311,11 @@ class TranscriptRow:
         engine: the registered engine name.
         settings_hash: hash of every engine and decoding setting that can change the output.
         prompt_version: version of the prompt or decoding recipe.
+        second_text: an independent model's transcript of the same audio (the second opinion), stripped; None when
+            the segment was not sampled for one, or the second model failed on it.
+        second_model_id: the second opinion's model (None when ``second_text`` is None).
+        disagreement: normalized error rate of ``second_text`` against ``text`` in [0, 1] (WER; CER for zh, ja, ko,
+            th; 0 = the same words, 1 = nothing in common); None without a second opinion.
     """
 
     segment_id: str
@@ -313,6 +331,9 @@ class TranscriptRow:
     engine: str
     settings_hash: str
     prompt_version: str
+    second_text: str | None = None
+    second_model_id: str | None = None
+    disagreement: float | None = None
 
 
 TRANSCRIPT_SCHEMA = pa.schema(
@@ -330,6 +351,9 @@ TRANSCRIPT_SCHEMA = pa.schema(
         ("engine", pa.string()),
         ("settings_hash", pa.string()),
         ("prompt_version", pa.string()),
+        ("second_text", pa.string()),
+        ("second_model_id", pa.string()),
+        ("disagreement", pa.float32()),
     ]
 )
 

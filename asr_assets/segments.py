@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from asr_assets import dnsmos
+from asr_assets.dnsmos import DnsmosScore
 from asr_assets.logmel import log_mel, num_frames
 from asr_assets.media import read_audio
 from asr_assets.records import SAMPLE_RATE
@@ -33,12 +35,18 @@ class SegmentSpan:
 
 @dataclass(frozen=True)
 class CutJob:
-    """All segments of one media object, cut in one read of its audio."""
+    """All segments of one media object, cut in one read of its audio.
+
+    Attributes:
+        mel_bins: Whisper log-mel bins to compute (0: none).
+        dnsmos_fraction: the fraction of segments (chosen by a hash of their id) to score with DNSMOS (0: none).
+    """
 
     media_id: str
     audio_path: Path
     spans: tuple[SegmentSpan, ...]
     mel_bins: int = 0
+    dnsmos_fraction: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,7 @@ class Measured:
         snr_db: RMS of the segment over RMS of the media's non-speech audio, in dB (None if too little non-speech).
         pcm: the samples as int16.
         mel: Whisper log-mel features, float16 (n_mels, frames), when asked for.
+        dnsmos: DNSMOS scores, when the segment is in the scored sample.
     """
 
     span: SegmentSpan
@@ -62,6 +71,7 @@ class Measured:
     snr_db: float | None
     pcm: np.ndarray
     mel: np.ndarray | None = None
+    dnsmos: DnsmosScore | None = None
 
 
 def dbfs(value: float) -> float:
@@ -115,6 +125,7 @@ def cut_and_measure(job: CutJob) -> list[Measured]:
                 snr_db=None if noise_rms is None else dbfs(seg_rms) - dbfs(noise_rms),
                 pcm=np.round(np.clip(x, -1.0, 1.0) * 32767.0).astype(np.int16),
                 mel=log_mel(x, job.mel_bins, num_frames(x.shape[0])).astype(np.float16) if job.mel_bins else None,
+                dnsmos=dnsmos.score(x) if dnsmos.selected(span.segment_id, job.dnsmos_fraction) else None,
             )
         )
     return measured

@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import soundfile as sf
 
-from asr_assets import layout
+from asr_assets import dnsmos, layout
 from asr_assets.media import DecodeJob, DecodeResult, decode_media, read_audio
 from asr_assets.pool import PoolOutcome, run_pool
 from asr_assets.records import (
@@ -45,6 +45,7 @@ from asr_assets.records import (
     VadMediaRow,
     to_table,
 )
+from asr_assets.second_opinion import SecondOpinion, SecondOpinionStats, disagreement, is_sampled
 from asr_assets.segments import CutJob, Measured, SegmentSpan, cut_and_measure
 from asr_assets.vad import VadItem, VadJob, VadParams, detect_speech, model_sha256
 from partitions import shard_key, uri_digest
@@ -57,7 +58,14 @@ from resources.storage import (
     read_table,
     write_table,
 )
-from resources.teachers.base import EngineCallFailed, TeacherBroken, TeacherEngine, TeacherError, TeacherInput
+from resources.teachers.base import (
+    EngineCallFailed,
+    TeacherBroken,
+    TeacherEngine,
+    TeacherError,
+    TeacherInput,
+    TeacherOutput,
+)
 
 log = logging.getLogger(__name__)
 
@@ -700,16 +708,24 @@ class _PackWriter:
 
 
 def features_shard(
-    out: ObjectStore, shard: str, pack: PackSettings, pool: PoolSettings, mel_bins: int = 0
+    out: ObjectStore,
+    shard: str,
+    pack: PackSettings,
+    pool: PoolSettings,
+    mel_bins: int = 0,
+    dnsmos_fraction: float = 0.0,
 ) -> StageReport:
     """Cuts and measures every segment without a feature row, packing its audio into the shard's FLAC parts (and,
-    with ``mel_bins`` 80 or 128, its Whisper log-mel features into Parquet parts beside them).
+    with ``mel_bins`` 80 or 128, its Whisper log-mel features into Parquet parts beside them). A ``dnsmos_fraction``
+    of the segments, chosen by a hash of their id, is scored with DNSMOS; rows already written keep their scores.
 
     Checkpoints as each part is finished: feature rows are written only after the part they point into is in the
     store, so a crash loses at most the open part's work and leaves an unreferenced part that the re-run overwrites.
     """
     started = time.perf_counter()
     report = StageReport()
+    # Checked here, not in the workers: a missing model is a broken install, not a reason to dead-letter every item.
+    dnsmos_sha = dnsmos.model_sha256() if dnsmos_fraction > 0 else None
     segments = read_table(out, layout.segments_key(shard), SEGMENT_SCHEMA)
     features = read_table(out, layout.features_key(shard), FEATURE_SCHEMA)
     dead_table = layout.read_dead_letters(out, "segment_features", shard)
@@ -724,7 +740,10 @@ def features_shard(
             by_media.setdefault(row["media_id"], []).append(
                 SegmentSpan(row["segment_id"], row["start_s"], row["end_s"], row["prob_mean"], row["prob_min"])
             )
-    jobs = (CutJob(mid, out.local_path(audio_keys[mid]), tuple(spans), mel_bins) for mid, spans in by_media.items())
+    jobs = (
+        CutJob(mid, out.local_path(audio_keys[mid]), tuple(spans), mel_bins, dnsmos_fraction)
+        for mid, spans in by_media.items()
+    )
     parts = set(features["audio_key"].to_pylist())
     writer = _PackWriter(out, shard, first_part=len(parts), settings=pack)
     rows: list[FeatureRow] = []
@@ -775,7 +794,10 @@ def features_shard(
         "segments": segments.num_rows,
         "featured": features.num_rows,
         "hours": (pc.sum(features["duration_s"]).as_py() or 0.0) / 3600,
+        "dnsmos_scored": features.num_rows - features["dnsmos_ovrl"].null_count,
     }
+    if dnsmos_sha is not None:
+        report.totals["dnsmos_model_sha256"] = dnsmos_sha
     report.seconds = time.perf_counter() - started
     return report
 
@@ -797,6 +819,9 @@ def _feature_row(media_id: str, m: Measured, key: str, offset: int, mel_key: str
         audio_offset=offset,
         audio_frames=m.pcm.shape[0],
         mel_key=mel_key,
+        dnsmos_sig=None if m.dnsmos is None else m.dnsmos.sig,
+        dnsmos_bak=None if m.dnsmos is None else m.dnsmos.bak,
+        dnsmos_ovrl=None if m.dnsmos is None else m.dnsmos.ovrl,
     )
 
 
@@ -825,8 +850,13 @@ def transcribe_shard(
     engine: Callable[[], TeacherEngine],
     settings: TranscribeSettings,
     on_wave: Callable[[StageReport], None] | None = None,
+    second: SecondOpinion | None = None,
 ) -> StageReport:
     """Labels every featured segment without a transcript or dead letter, writing one part per wave.
+
+    With ``second``, an independent engine also labels the sampled segments of each batch the teacher labelled; its
+    text and disagreement go into the same rows (so into the same checkpoint part). A segment the second engine fails
+    on keeps the teacher's label with null second-opinion columns.
 
     Args:
         out: output store.
@@ -834,6 +864,7 @@ def transcribe_shard(
         engine: returns the loaded teacher (called only when there is work, so a no-op run loads nothing).
         settings: wave and batch sizes.
         on_wave: called after each wave is written (progress logging).
+        second: the second opinion, if any (its engine is loaded only when a sampled segment has a label).
     """
     started = time.perf_counter()
     report = StageReport()
@@ -847,6 +878,8 @@ def transcribe_shard(
     uris = dict(zip(index["media_id"].to_pylist(), index["uri"].to_pylist(), strict=True))
     next_part = sum(1 for _ in out.list(layout.transcripts_prefix(shard)))
     teacher = engine() if todo else None
+    second_engine: TeacherEngine | None = None
+    stats = SecondOpinionStats()
     for wave in _chunks(todo, settings.wave_size):
         wave = sorted(wave, key=lambda r: r["audio_frames"])  # similar lengths batch together
         rows: list[TranscriptRow] = []
@@ -869,7 +902,18 @@ def transcribe_shard(
                     continue
                 inputs.append(TeacherInput(r["segment_id"], audio, settings.language))
                 ready.append(r)
-            for row, result in zip(ready, _transcribe_checked(teacher, inputs), strict=True):
+            results = _transcribe_checked(teacher, inputs)
+            opinions: dict[str, tuple[str, str, float]] = {}
+            if second is not None:
+                sampled = [
+                    (item, result)
+                    for item, result in zip(inputs, results, strict=True)
+                    if isinstance(result, TeacherOutput) and is_sampled(item.segment_id, second.fraction)
+                ]
+                if sampled:
+                    second_engine = second_engine or second.engine()
+                    opinions = _second_opinions(second_engine, sampled, stats)
+            for row, result in zip(ready, results, strict=True):
                 if isinstance(result, TeacherError):
                     dead.append(
                         layout.dead_letter(
@@ -893,6 +937,7 @@ def transcribe_shard(
                         engine=teacher.name,
                         settings_hash=teacher.settings_hash,
                         prompt_version=teacher.prompt_version,
+                        **_opinion_columns(opinions.get(row["segment_id"])),
                     )
                 )
                 report.ok(row["audio_frames"] / SAMPLE_RATE)
@@ -910,8 +955,43 @@ def transcribe_shard(
     report.totals = {"featured": features.num_rows, "transcribed": existing.num_rows + report.succeeded}
     if teacher is not None:
         report.totals.update({"model_id": teacher.model_id, "settings_hash": teacher.settings_hash})
+    if second is not None:
+        judged = existing["disagreement"].drop_null()
+        count = len(judged) + stats.segments
+        report.totals.update(stats.totals())
+        report.totals["second_opinions"] = count  # whole shard
+        if count:
+            report.totals["mean_disagreement"] = ((pc.sum(judged).as_py() or 0.0) + stats.disagreement_sum) / count
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _second_opinions(
+    engine: TeacherEngine, sampled: list[tuple[TeacherInput, TeacherOutput]], stats: SecondOpinionStats
+) -> dict[str, tuple[str, str, float]]:
+    """The second engine's text, model id and disagreement per segment id, for the sampled segments it labelled;
+    failures are only counted (never raised, never dead-lettered: the teacher's label stands alone)."""
+    started = time.perf_counter()
+    results = _transcribe(engine, [item for item, _ in sampled])  # never raises: failures come back in their slots
+    stats.seconds += time.perf_counter() - started
+    opinions = {}
+    for (item, label), result in zip(sampled, results, strict=True):
+        if not isinstance(result, TeacherOutput):
+            stats.failed += 1
+            continue
+        score = disagreement(label.text, result.text, label.language)
+        opinions[item.segment_id] = (result.text, engine.model_id, score)
+        stats.segments += 1
+        stats.audio_s += len(item.audio) / SAMPLE_RATE
+        stats.disagreement_sum += score
+    return opinions
+
+
+def _opinion_columns(opinion: tuple[str, str, float] | None) -> dict[str, str | float | None]:
+    if opinion is None:
+        return {"second_text": None, "second_model_id": None, "disagreement": None}
+    text, model_id, score = opinion
+    return {"second_text": text, "second_model_id": model_id, "disagreement": score}
 
 
 def _transcribe(teacher: TeacherEngine, inputs: list[TeacherInput]) -> list:

