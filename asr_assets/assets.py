@@ -1,16 +1,21 @@
 """The six partitioned assets. Thin: each reads its config, calls the stage function and reports metadata."""
 
 import base64
+import json
 import warnings
+from pathlib import Path
 
 import dagster as dg
 import pydantic
 from pydantic import Field
 
 from asr_assets import layout, metrics
+from asr_assets.calibrate import CARD_FIELDS, CARD_KEY, audit_segments, card_overrides, collect, fit_card
 from asr_assets.deployment import GPU_POOL, step_tags
 from asr_assets.distill import (
     Clipped,
+    Disagreement,
+    LowAcousticQuality,
     LowConfidence,
     NearSilent,
     NoSpeech,
@@ -20,11 +25,13 @@ from asr_assets.distill import (
     SpeakingRateOutlier,
     TooLong,
     TooShort,
+    UnsureDisagreement,
     build_rules,
     distill_shard,
 )
 from asr_assets.pool import default_workers
 from asr_assets.report import build_report, load_references, render_plots, report_json
+from asr_assets.second_opinion import SecondOpinion, SecondOpinionStats
 from asr_assets.stages import (
     DecodeSettings,
     PoolSettings,
@@ -90,6 +97,16 @@ class FeaturesConfig(PoolConfig):
     log_mel_bins: int = Field(
         default=0, description="Whisper log-mel features for the student: 0 (off), 80 or 128 mel bins."
     )
+    # A sample by default: scoring every segment costs 7-16x the whole CPU chain (bench/RESULTS.md); a tenth costs
+    # about as much again as the chain and already gives the report a quality distribution.
+    dnsmos_fraction: float = Field(
+        default=0.1,
+        ge=0.0,
+        le=1.0,
+        description="Fraction of segments scored with DNSMOS (SIG, BAK, OVRL), chosen by a hash of the segment id so "
+        "re-runs pick the same ones: 0 off, 1 all. The low_dnsmos rule judges only scored segments, so set 1 when it "
+        "is on (and raise timeout_s for files of several hours: a file's segments are scored in one task).",
+    )
 
     @pydantic.field_validator("log_mel_bins")
     @classmethod
@@ -135,10 +152,37 @@ class DistilledConfig(dg.Config):
         default=SpeakingRateOutlier.min_segments,
         description="speaking_rate_outlier judges a language only with this many segments in the shard.",
     )
+    rate_fence_min_log_iqr: float = Field(
+        default=SpeakingRateOutlier.min_log_iqr,
+        description="speaking_rate_outlier: floor on the fence's inter-quartile width, in log(rate) units.",
+    )
+    max_disagreement: float = Field(
+        default=Disagreement.max_disagreement,
+        description="disagreement above this normalized error rate between the teacher and the second opinion.",
+    )
+    unsure_max_disagreement: float = Field(
+        default=UnsureDisagreement.max_disagreement,
+        description="unsure_disagreement: disagreement above this together with a logprob under the next field.",
+    )
+    unsure_max_avg_logprob: float = Field(
+        default=UnsureDisagreement.max_avg_logprob,
+        description="unsure_disagreement: mean token logprob under this together with the disagreement above.",
+    )
+    min_dnsmos_ovrl: float = Field(
+        default=LowAcousticQuality.min_dnsmos_ovrl, description="low_dnsmos below this DNSMOS OVRL (0: off)."
+    )
     target_tar_mb: float = Field(default=256.0, description="WebDataset tar shards roll over at this size.")
+    threshold_card: str = Field(
+        default="",
+        description="A threshold card written by the threshold_card asset (a key under the output root, e.g. "
+        "report/threshold_card.json, or a local path): its fitted min_avg_logprob, max_disagreement and rate_fence_k "
+        "replace the fields above. Empty: the fields as configured.",
+    )
 
-    def rules(self) -> list:
-        return build_rules(**self.model_dump(exclude={"target_tar_mb"}))
+    def rules(self, card: dict | None = None) -> list:
+        """The rule set; a threshold card's thresholds take the place of the configured ones."""
+        params = self.model_dump(exclude={"target_tar_mb", "threshold_card"})
+        return build_rules(**(params | (card_overrides(card) if card else {})))
 
 
 def _rates(report: StageReport) -> str:
@@ -223,10 +267,13 @@ def vad_segments(
 def segment_features(
     context: dg.AssetExecutionContext, config: FeaturesConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
-    """Each segment cut, measured (levels, clipping, SNR, VAD stats) and packed into the shard's FLAC parts."""
+    """Each segment cut, measured (levels, clipping, SNR, VAD stats, DNSMOS on a sample) and packed into the shard's
+    FLAC parts."""
     with layout.step_output(storage, "segment_features", context.partition_key) as out:
         pack = AudioPackSettings(config.part_max_hours * 3600)
-        report = features_shard(out, context.partition_key, pack, config.pool(), config.log_mel_bins)
+        report = features_shard(
+            out, context.partition_key, pack, config.pool(), config.log_mel_bins, config.dnsmos_fraction
+        )
         metrics.record_stage("segment_features", context.partition_key, report)
         return dg.MaterializeResult(metadata=_metadata(report, "segments"))
 
@@ -251,7 +298,11 @@ def transcripts(
     settings = TranscribeSettings(
         config.wave_size or engine.wave_size, config.batch_size or engine.batch_size, teacher.language
     )
+    second = None
+    if teacher.second_opinion_spec() is not None:
+        second = SecondOpinion(teacher.load_second_opinion, teacher.second_opinion_fraction)
     total = StageReport()
+    opinions = SecondOpinionStats()
     per_shard: dict[str, dict] = {}
     for shard in context.partition_keys:
 
@@ -270,13 +321,17 @@ def transcripts(
 
         try:
             with layout.step_output(storage, "transcripts", shard) as out:
-                report = transcribe_shard(out, shard, teacher.load, settings, on_wave=progress)
+                report = transcribe_shard(out, shard, teacher.load, settings, on_wave=progress, second=second)
         finally:
             metrics.set_queue_depth("transcripts", 0)  # a failed step leaves nothing waiting either
         metrics.record_stage("transcripts", shard, report)
         per_shard[shard] = {"labelled": report.succeeded, "failed": report.failed, **report.totals}
         total.merge(report)
+        opinions.merge(SecondOpinionStats.from_totals(report.totals))
     meta = _metadata(total, "segments") | {"teacher_engine": teacher.engine}
+    if second is not None:
+        meta |= {"second_opinion": teacher.second_opinion, "second_opinion_fraction": second.fraction}
+        meta |= opinions.metadata()
     if len(per_shard) > 1:
         meta["per_shard"] = dg.MetadataValue.json(per_shard)
     loaded = teacher.loaded()
@@ -298,14 +353,63 @@ def distilled_dataset(
     """Filtered labels packed as WebDataset tars, a Parquet manifest, and per-file transcripts (JSONL)."""
     with layout.step_output(storage, "distilled_dataset", context.partition_key) as out:
         pack = PackSettings(int(config.target_tar_mb * 1024 * 1024))
-        report = distill_shard(out, context.partition_key, config.rules(), pack)
+        card = _read_card(out, config.threshold_card) if config.threshold_card else None
+        report = distill_shard(out, context.partition_key, config.rules(card), pack)
         meta = _metadata(report, "segments")
         # A filter drop is a decision, not an error: name the counts for what they are.
         meta["segments_kept"] = meta.pop("segments_succeeded")
         meta["segments_dropped"] = meta.pop("segments_failed")
         meta["dropped_by_reason"] = dict(meta.pop("errors_by_kind"))
         meta["files_jsonl"] = out.uri_of(layout.files_key(context.partition_key))
+        if card:
+            meta["threshold_card"] = dg.MetadataValue.json({k: card[k] for k in ("thresholds", "inputs_sha")})
         return dg.MaterializeResult(metadata=meta)
+
+
+def _read_card(out, where: str) -> dict:
+    """A threshold card from the output root (a key) or a local file; a missing or malformed card fails the step."""
+    path = Path(where)
+    try:
+        blob = path.read_bytes() if path.is_absolute() else out.read_bytes(where)
+        card = json.loads(blob)
+        card_overrides(card)
+    except (OSError, KeyError, ValueError) as exc:
+        raise ValueError(f"distilled_dataset: threshold card {where!r} cannot be used: {exc}") from exc
+    return card
+
+
+class ThresholdCardConfig(dg.Config):
+    audit: str = Field(
+        description="JSONL of reference transcripts for some files ({'path' or 'uri', 'text'} per file, the "
+        "report's references format): the audit set the thresholds are fitted on."
+    )
+    target_wer: float = Field(default=0.05, description="The kept labels' WER to stay under on the audit set.")
+
+
+@dg.asset(group_name=REPORT_GROUP, deps=[transcripts], kinds={"python"})
+def threshold_card(config: ThresholdCardConfig, storage: StorageResource) -> dg.MaterializeResult:
+    """Filter thresholds fitted on an audit set: the most hours whose kept labels' WER stays under the target
+    (report/threshold_card.json; give it to distilled_dataset's ``threshold_card``)."""
+    out = storage.output()
+    candidates, files = collect(out, shard_partitions.get_partition_keys())
+    audited = audit_segments(files, load_references(config.audit, storage.source()))
+    base = DistilledConfig().model_dump(exclude={"target_tar_mb", "threshold_card", *CARD_FIELDS})
+    card = fit_card(candidates, audited, base, config.target_wer)
+    out.put_bytes(CARD_KEY, json.dumps(card, indent=2, sort_keys=True).encode())
+    effect = card["effect"]
+    return dg.MaterializeResult(
+        metadata={
+            "thresholds": dg.MetadataValue.json(card["thresholds"]),
+            "target_met": card["target_met"],
+            "hours_kept": effect["hours_kept"],
+            "hours_all": effect["hours_all"],
+            "wer_all": effect["wer_all"],
+            "wer_kept": effect["wer_kept"],
+            "wer_kept_ci95": dg.MetadataValue.json(effect["wer_kept_ci95"]),
+            "audited_segments": effect["audited_segments"],
+            "card": out.uri_of(CARD_KEY),
+        }
+    )
 
 
 class ReportConfig(dg.Config):
@@ -342,6 +446,12 @@ def distillation_report(config: ReportConfig, storage: StorageResource) -> dg.Ma
         "plots": dg.MetadataValue.md("\n\n".join(images)),
         "report_json": out.uri_of("report/report.json"),
     }
+    if report.second_opinion_segments:
+        meta["second_opinion_segments"] = report.second_opinion_segments
+        meta["estimated_label_error_rate"] = dg.MetadataValue.json(report.estimated_error_rate)
+    if report.dnsmos_scored:
+        meta["dnsmos_scored"] = report.dnsmos_scored
+        meta["dnsmos_ovrl_median"] = dg.MetadataValue.json(report.dnsmos_ovrl_median)
     if report.wer_all is not None:
         meta |= {
             "wer_all_labels": round(report.wer_all, 4),

@@ -3,11 +3,15 @@
 The reconciliation is plain functions over the stored tables (tests call them directly); the checks wrap them.
 """
 
+import json
+import tarfile
 import warnings
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import dagster as dg
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from asr_assets import layout
@@ -60,6 +64,11 @@ class Reconciliation:
         dupes = [i for i, n in Counter(ids).items() if n > 1]
         if dupes:
             self.problems.append(f"{len(dupes)} duplicate {what}, e.g. {sorted(dupes)[:3]}")
+
+    def expect_none(self, what: str, items: Collection[str]) -> None:
+        """``items`` are problems of one kind (``what``): reported with a few examples when there are any."""
+        if items:
+            self.problems.append(f"{len(items)} {what}, e.g. {sorted(items)[:3]}")
 
     def result(self) -> dg.AssetCheckResult:
         return dg.AssetCheckResult(
@@ -159,10 +168,162 @@ def reconcile_distilled(out: ObjectStore, shard: str) -> Reconciliation:
         {"kept": set(kept["segment_id"].to_pylist()), "dropped": set(dropped["segment_id"].to_pylist())},
     )
     manifest = read_table(out, layout.distilled_manifest_key(shard), MANIFEST_SCHEMA)
-    r.expect_unique("dataset keys", manifest["key"].to_pylist())
-    if manifest.num_rows != kept.num_rows:
-        r.problems.append(f"manifest has {manifest.num_rows} rows for {kept.num_rows} kept segments")
+    keys = manifest["key"].to_pylist()
+    r.expect_unique("dataset keys", keys)
+    r.counts["manifest_rows"] = manifest.num_rows
+    kept_ids = set(kept["segment_id"].to_pylist())
+    r.expect_none("kept segments missing from the manifest", kept_ids - set(keys))
+    r.expect_none("manifest rows for segments that are not kept", set(keys) - kept_ids)
+    _reconcile_tars(r, out, shard, manifest)
+    _reconcile_files(r, out, shard, set(keys), dropped)
     return r
+
+
+# Fields of a sample's .json that must equal its manifest row (strings: compared exactly).
+_SAMPLE_FIELDS = ("key", "text", "media_id")
+
+
+def _reconcile_tars(r: Reconciliation, out: ObjectStore, shard: str, manifest: pa.Table) -> None:
+    """Every manifest row is a ``.flac`` + ``.json`` pair in its tar, the .json agrees with the row, and the tars hold
+    nothing else. Reads tar headers and the small .json members only, never the audio."""
+    sizes = {i.key: i.size for i in out.list(f"distilled/{shard}/") if i.key.endswith(".tar")}
+    rows_by_tar: dict[str, list[dict]] = {}
+    for row in manifest.select(["tar_key", *_SAMPLE_FIELDS]).to_pylist():
+        rows_by_tar.setdefault(row["tar_key"], []).append(row)
+    r.counts["tars"] = len(sizes)
+    r.expect_none("tars not named by the manifest", set(sizes) - set(rows_by_tar))
+    for tar_key, rows in sorted(rows_by_tar.items()):
+        keys = sorted(row["key"] for row in rows)
+        if tar_key not in sizes:
+            r.problems.append(f"{tar_key}: missing, yet named by {len(rows)} manifest rows, e.g. {keys[:3]}")
+            continue
+        try:
+            members = _tar_members(out, tar_key, sizes[tar_key])
+        except tarfile.TarError as exc:
+            r.problems.append(f"{tar_key}: unreadable ({exc}); it holds {len(rows)} manifest rows, e.g. {keys[:3]}")
+            continue
+        r.expect_none(
+            f"duplicate members in {tar_key}", {n for n, c in Counter(m[0] for m in members).items() if c > 1}
+        )
+        where = {name: (start, size) for name, start, size in members}
+        for ext in ("flac", "json"):
+            r.expect_none(
+                f"manifest rows without a .{ext} member in {tar_key}", {k for k in keys if f"{k}.{ext}" not in where}
+            )
+        expected = {f"{k}.{ext}" for k in keys for ext in ("flac", "json")}
+        r.expect_none(f"members of {tar_key} not in the manifest", set(where) - expected)
+        disagree = []
+        for row in rows:
+            if f"{row['key']}.json" not in where:
+                continue
+            start, size = where[f"{row['key']}.json"]
+            try:
+                sample = json.loads(out.read_range(tar_key, start, start + size))
+            except ValueError as exc:
+                disagree.append(f"{row['key']}.json: not JSON ({exc})")
+                continue
+            disagree += [
+                f"{row['key']}.json: {name} {sample.get(name)!r} != manifest {row[name]!r}"
+                for name in _SAMPLE_FIELDS
+                if sample.get(name) != row[name]
+            ]
+        r.expect_none(f"samples in {tar_key} whose .json disagrees with the manifest", disagree)
+
+
+def _tar_members(out: ObjectStore, tar_key: str, size: int) -> list[tuple[str, int, int]]:
+    """(name, data offset, data size) of every member, from the headers alone (one range read each).
+
+    Our tars are plain USTAR (``distill_shard`` writes them so): a header block, the data padded to whole blocks, and
+    zero blocks at the end. Raises ``tarfile.TarError`` saying where a corrupt or truncated tar stops making sense.
+    """
+    block = tarfile.BLOCKSIZE
+    members = []
+    offset = 0
+    while offset + block <= size:
+        header = out.read_range(tar_key, offset, offset + block)
+        if header == tarfile.NUL * block:
+            return members
+        try:
+            info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+        except tarfile.HeaderError as exc:
+            raise tarfile.TarError(f"bad header at byte {offset}: {exc}") from exc
+        start = offset + block
+        if start + info.size > size:
+            raise tarfile.TarError(f"member {info.name} needs {start + info.size} bytes, the tar has {size}: truncated")
+        members.append((info.name, start, info.size))
+        offset = start + -(-info.size // block) * block
+    raise tarfile.TarError(f"no end-of-archive blocks after byte {offset} of {size}: truncated")
+
+
+def _reconcile_files(
+    r: Reconciliation, out: ObjectStore, shard: str, dataset_keys: set[str], dropped: pa.Table
+) -> None:
+    """files.jsonl gives every indexed file exactly one outcome, the one the stage tables and dead letters imply, and
+    every segment the status the manifest, the decisions and the dead letters imply (see ``_file_records``)."""
+    if not out.exists(layout.files_key(shard)):
+        r.problems.append(f"{layout.files_key(shard)} is missing")
+        return
+    records = [json.loads(line) for line in out.read_bytes(layout.files_key(shard)).decode().splitlines()]
+    index = layout.read_index(out, shard)
+    by_outcome: dict[str, set[str]] = {}
+    for rec in records:
+        by_outcome.setdefault(f"files_{rec['outcome']}", set()).add(rec["media_id"])
+    r.expect_partition("indexed files (files.jsonl)", set(index["media_id"].to_pylist()), by_outcome)
+
+    media_failed = _first_dead_letter(out, shard, ("audio_wav", "vad_segments"))
+    segment_failed = _first_dead_letter(out, shard, ("segment_features", "transcripts"))
+    vad_done = set(read_table(out, layout.vad_media_key(shard), VAD_MEDIA_SCHEMA)["media_id"].to_pylist())
+    segments = read_table(out, layout.segments_key(shard), SEGMENT_SCHEMA)
+    per_media: dict[str, list[str]] = {}
+    for s in segments.sort_by([("media_id", "ascending"), ("index", "ascending")]).to_pylist():
+        per_media.setdefault(s["media_id"], []).append(s["segment_id"])
+    drop_reasons = dict(zip(dropped["segment_id"].to_pylist(), dropped["drop_reason"].to_pylist(), strict=True))
+
+    wrong_outcome, wrong_status, listed = [], [], set()
+    for rec in records:
+        media_id, seg_ids = rec["media_id"], per_media.get(rec["media_id"], [])
+        stage = media_failed.get(media_id)
+        if stage is None and seg_ids and all(s in segment_failed for s in seg_ids):
+            stage = segment_failed[seg_ids[0]]
+        if stage is not None:
+            outcome = "failed"
+        elif media_id not in vad_done:
+            outcome = "pending"
+        else:
+            outcome = "transcribed" if seg_ids else "no_speech"
+        recorded_stage = (rec.get("failure") or {}).get("stage")
+        if rec["outcome"] != outcome or recorded_stage != stage:
+            wrong_outcome.append(
+                f"{media_id}: files.jsonl says {rec['outcome']} (stage {recorded_stage}), "
+                f"the stage tables say {outcome} (stage {stage})"
+            )
+        for seg in rec["segments"]:
+            sid = seg["segment_id"]
+            listed.add(sid)
+            if sid in dataset_keys:
+                status = "kept"
+            elif sid in drop_reasons:
+                status = f"dropped:{drop_reasons[sid]}"
+            elif sid in segment_failed:
+                status = f"failed:{segment_failed[sid]}"
+            else:
+                status = "pending"
+            if seg["status"] != status:
+                wrong_status.append(f"{sid}: files.jsonl says {seg['status']}, expected {status}")
+    r.expect_none("files whose files.jsonl outcome disagrees with the stage tables", wrong_outcome)
+    r.expect_none(
+        "segments whose files.jsonl status disagrees with the manifest, decisions or dead letters", wrong_status
+    )
+    r.expect_none("segments missing from files.jsonl", set(segments["segment_id"].to_pylist()) - listed)
+
+
+def _first_dead_letter(out: ObjectStore, shard: str, stages: tuple[str, ...]) -> dict[str, str]:
+    """Item id -> the earliest of ``stages`` that dead-lettered it."""
+    first: dict[str, str] = {}
+    for stage in stages:
+        for item_id in _dead(out, stage, shard):
+            first.setdefault(item_id, stage)
+    return first
 
 
 def _check(asset: dg.AssetsDefinition, name: str, fn, description: str):
@@ -203,5 +364,10 @@ transcripts_counts_reconcile = _check(
     transcripts, "counts_reconcile", reconcile_transcripts, "Every featured segment is transcribed or dead-lettered."
 )
 distilled_counts_reconcile = _check(
-    distilled_dataset, "counts_reconcile", reconcile_distilled, "Every transcript is kept or dropped with a reason."
+    distilled_dataset,
+    "counts_reconcile",
+    reconcile_distilled,
+    "Every transcript is kept or dropped with a reason; every kept segment is in the manifest once and in its tar as "
+    "a .flac + .json that agrees with it, and nothing else is; files.jsonl gives every file and segment the outcome "
+    "the stage tables and dead letters imply.",
 )

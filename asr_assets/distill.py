@@ -38,7 +38,7 @@ from asr_assets.records import (
 from asr_assets.stages import StageReport, read_transcripts
 from resources.storage import ObjectStore, read_table, write_table
 
-FILTER_VERSION = "filters-v2"
+FILTER_VERSION = "filters-v3"
 
 # The dataset manifest (distilled/{shard}.parquet): one row per kept segment, the same fields as its {key}.json plus
 # the tar that holds it.
@@ -63,6 +63,10 @@ MANIFEST_SCHEMA = pa.schema(
         ("vad_params", pa.string()),
         ("filter_version", pa.string()),
         ("filter_params_sha", pa.string()),
+        ("speech_s", pa.float64()),
+        ("disagreement", pa.float32()),
+        ("second_model", pa.string()),
+        ("dnsmos_ovrl", pa.float32()),
     ]
 )
 
@@ -97,7 +101,7 @@ class Candidate:
     Attributes:
         segment_id: the segment.
         text: teacher transcript.
-        duration_s: segment length in seconds.
+        duration_s: segment length in seconds (VAD padding and pauses included).
         rms_dbfs: segment level in dBFS.
         avg_logprob: mean token log probability (None when no tokens).
         no_speech_prob: engine's no-speech probability (None when the engine has none).
@@ -105,6 +109,10 @@ class Candidate:
         finish_reason: ``stop`` or ``length``.
         language: language of the transcript (ISO 639-1).
         clip_ratio: fraction of samples at full scale.
+        speech_s: voiced seconds inside the segment (VAD windows at or above its threshold); None when unknown.
+        disagreement: normalized error rate between the teacher's text and an independent model's (0 = the same
+            words, 1 = nothing in common); None when the segment got no second opinion.
+        dnsmos_ovrl: DNSMOS overall quality (1-5); None when not scored.
     """
 
     segment_id: str
@@ -117,11 +125,23 @@ class Candidate:
     finish_reason: str
     language: str = "en"
     clip_ratio: float = 0.0
+    speech_s: float | None = None
+    disagreement: float | None = None
+    dnsmos_ovrl: float | None = None
 
     @property
     def chars_per_s(self) -> float:
-        """Letters and digits per second."""
-        return chars_per_s(self.text, self.duration_s)
+        """Letters and digits per voiced second (per second of the segment when the voiced time is unknown)."""
+        return chars_per_s(self.text, voiced_seconds(self.duration_s, self.speech_s))
+
+
+def voiced_seconds(duration_s: float, speech_s: float | None) -> float:
+    """The time a speaking rate is measured over: the VAD's voiced time inside the segment, never under a quarter of
+    the segment (a quiet speaker whose windows sit just under the VAD threshold must not look like a fast one), and
+    the whole segment when the voiced time is unknown (tables written before it was recorded)."""
+    if speech_s is None:
+        return duration_s
+    return min(duration_s, max(speech_s, 0.25 * duration_s))
 
 
 def chars_per_s(text: str, duration_s: float) -> float:
@@ -132,8 +152,44 @@ def chars_per_s(text: str, duration_s: float) -> float:
 def normalize_text(text: str) -> str:
     """Lower case, punctuation removed, whitespace collapsed (for phrase matching and WER)."""
     text = unicodedata.normalize("NFKC", text).lower()
-    text = "".join(ch if (ch.isalnum() or ch.isspace() or ch == "'") else " " for ch in text)
+    # Combining marks stay: they are part of a letter (Thai vowels and tones, Devanagari vowel signs).
+    text = "".join(
+        ch if (ch.isalnum() or ch.isspace() or ch == "'" or unicodedata.category(ch).startswith("M")) else " "
+        for ch in text
+    )
     return " ".join(text.replace("'", "").split())
+
+
+_UNITS = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen"
+_TEENS_TENS = "seventeen eighteen nineteen twenty thirty forty fifty sixty seventy eighty ninety"
+_EN_NUMBERS = dict(
+    zip(
+        f"{_UNITS} {_TEENS_TENS}".split(),  # noqa: SIM905 - a list literal of 28 words reads worse
+        [str(n) for n in [*range(20), *range(20, 100, 10)]],
+        strict=True,
+    )
+)
+
+
+def canonical_text(text: str, language: str = "en") -> str:
+    """``normalize_text`` plus the spellings two correct transcripts differ in: English number words as digits
+    ("press one" = "Press 1."), and spelled-out letters joined ("M-I-S-D-N" = "MISDN"). Used wherever two texts are
+    compared (second-opinion disagreement, label error rates), so formatting is not counted as an error."""
+    words = normalize_text(text).split()
+    if language == "en":
+        words = [_EN_NUMBERS.get(w, w) for w in words]
+    out: list[str] = []
+    letters: list[str] = []
+    for w in [*words, ""]:
+        if len(w) == 1 and w.isalpha():
+            letters.append(w)
+            continue
+        if letters:
+            out.append("".join(letters))
+            letters = []
+        if w:
+            out.append(w)
+    return " ".join(out)
 
 
 class Rule(ABC):
@@ -310,11 +366,18 @@ class SpeakingRate(Rule):
 
 @dataclass(frozen=True)
 class SpeakingRateOutlier(Rule):
-    """Characters per second outside the shard's inter-quartile fence for the segment's language:
-    ``[Q1 - k*IQR, Q3 + k*IQR]``. Languages with fewer than ``min_segments`` segments in the shard are not judged."""
+    """Speaking rate far from the shard's own, per language: outside ``[Q1 / f, Q3 * f]`` with
+    ``f = exp(k * max(IQR, min_log_iqr))``, quartiles taken over log(chars per voiced second).
+
+    Rates are compared as ratios (log space), and the fence width has a floor: a narrow distribution (one speaker,
+    calm prompts) must not turn its own tails into outliers. With the defaults a segment is judged only when its rate
+    is under ~0.62 x the shard's lower quartile or over ~1.6 x its upper quartile; a transcript cut in half lands
+    below. Languages with fewer than ``min_segments`` segments in the shard are not judged.
+    """
 
     k: float = 1.5
     min_segments: int = 20
+    min_log_iqr: float = 0.32
     fences: tuple[tuple[str, float, float], ...] = ()
     name: ClassVar[str] = "speaking_rate_outlier"
 
@@ -322,12 +385,13 @@ class SpeakingRateOutlier(Rule):
         by_language: dict[str, list[float]] = {}
         for c in candidates:
             if any(ch.isalnum() for ch in c.text):
-                by_language.setdefault(c.language, []).append(c.chars_per_s)
+                by_language.setdefault(c.language, []).append(np.log(max(c.chars_per_s, 1e-3)))
         fences = []
         for language, rates in sorted(by_language.items()):
             if len(rates) >= self.min_segments:
                 q1, q3 = np.quantile(rates, [0.25, 0.75])
-                fences.append((language, float(q1 - self.k * (q3 - q1)), float(q3 + self.k * (q3 - q1))))
+                width = self.k * max(float(q3 - q1), self.min_log_iqr)
+                fences.append((language, float(np.exp(q1 - width)), float(np.exp(q3 + width))))
         return replace(self, fences=tuple(fences))
 
     def drops(self, c: Candidate) -> bool:
@@ -335,6 +399,46 @@ class SpeakingRateOutlier(Rule):
             if language == c.language:
                 return not low <= c.chars_per_s <= high
         return False
+
+
+@dataclass(frozen=True)
+class Disagreement(Rule):
+    """The teacher and an independent model disagree: their normalized error rate (WER; CER for unspaced scripts)
+    is above ``max_disagreement``. A segment without a second opinion is not judged."""
+
+    max_disagreement: float = 0.6
+    name: ClassVar[str] = "disagreement"
+
+    def drops(self, c: Candidate) -> bool:
+        return c.disagreement is not None and c.disagreement > self.max_disagreement
+
+
+@dataclass(frozen=True)
+class UnsureDisagreement(Rule):
+    """The teacher is unsure (mean token logprob under ``max_avg_logprob``) and the second opinion disagrees with
+    more than ``max_disagreement`` of its words: either signal alone is common on good labels, both together
+    mostly on wrong ones. A segment without a second opinion is not judged."""
+
+    max_disagreement: float = 0.35
+    max_avg_logprob: float = -0.55
+    name: ClassVar[str] = "unsure_disagreement"
+
+    def drops(self, c: Candidate) -> bool:
+        if c.disagreement is None or c.avg_logprob is None:
+            return False
+        return c.disagreement > self.max_disagreement and c.avg_logprob < self.max_avg_logprob
+
+
+@dataclass(frozen=True)
+class LowAcousticQuality(Rule):
+    """DNSMOS overall quality under ``min_dnsmos_ovrl`` (1-5; 0 turns the rule off). Off by default: quality is a
+    choice of the training recipe (Emilia keeps >= 3.0), not a sign of a wrong label. Unscored segments pass."""
+
+    min_dnsmos_ovrl: float = 0.0
+    name: ClassVar[str] = "low_dnsmos"
+
+    def drops(self, c: Candidate) -> bool:
+        return c.dnsmos_ovrl is not None and c.dnsmos_ovrl < self.min_dnsmos_ovrl
 
 
 def fit_rules(rules: list[Rule], candidates: list[Candidate]) -> list[Rule]:
@@ -401,8 +505,7 @@ def distill_shard(out: ObjectStore, shard: str, rules: list[Rule], pack: PackSet
         report.seconds = time.perf_counter() - started
         return report
 
-    feats = {r["segment_id"]: r for r in features.to_pylist()}
-    segs = {r["segment_id"]: r for r in segments.to_pylist()}
+    labelled, feats, segs, candidates = shard_candidates(transcripts, features, segments)
     uris = dict(zip(index["media_id"].to_pylist(), index["uri"].to_pylist(), strict=True))
     decisions: list[DecisionRow] = []
     kept_rows: list[dict] = []
@@ -418,8 +521,6 @@ def distill_shard(out: ObjectStore, shard: str, rules: list[Rule], pack: PackSet
             out.put_file(tar_keys[-1], tar_path)
             tar = None
 
-    labelled = transcripts.to_pylist()
-    candidates = [_candidate(t, feats[t["segment_id"]]) for t in labelled]
     fitted = fit_rules(rules, candidates)
     rules_sha = rules_fingerprint(rules)
     try:
@@ -483,7 +584,23 @@ def distill_shard(out: ObjectStore, shard: str, rules: list[Rule], pack: PackSet
     return report
 
 
-def _candidate(t: dict, f: dict) -> Candidate:
+def shard_candidates(
+    transcripts: pa.Table, features: pa.Table, segments: pa.Table
+) -> tuple[list[dict], dict[str, dict], dict[str, dict], list[Candidate]]:
+    """The shard's labelled segments as rows and as rule candidates.
+
+    Returns:
+        The transcript rows (in table order), feature and segment rows by segment id, and one candidate per
+        transcript row.
+    """
+    feats = {r["segment_id"]: r for r in features.to_pylist()}
+    segs = {r["segment_id"]: r for r in segments.to_pylist()}
+    labelled = transcripts.to_pylist()
+    candidates = [_candidate(t, feats[t["segment_id"]], segs[t["segment_id"]]) for t in labelled]
+    return labelled, feats, segs, candidates
+
+
+def _candidate(t: dict, f: dict, seg: dict) -> Candidate:
     return Candidate(
         segment_id=t["segment_id"],
         text=t["text"],
@@ -495,6 +612,9 @@ def _candidate(t: dict, f: dict) -> Candidate:
         finish_reason=t["finish_reason"],
         language=t["language"],
         clip_ratio=f["clip_ratio"],
+        speech_s=seg.get("speech_s"),
+        disagreement=t.get("disagreement"),
+        dnsmos_ovrl=f.get("dnsmos_ovrl"),
     )
 
 
@@ -518,6 +638,10 @@ def _sample_json(t: dict, f: dict, seg: dict, uri: str, rules_sha: str) -> dict:
         "vad_params": seg["vad_params"],
         "filter_version": FILTER_VERSION,
         "filter_params_sha": rules_sha,
+        "speech_s": seg.get("speech_s"),
+        "disagreement": t.get("disagreement"),
+        "second_model": t.get("second_model_id"),
+        "dnsmos_ovrl": f.get("dnsmos_ovrl"),
     }
 
 
@@ -545,16 +669,24 @@ def _fingerprint(index, audio, vad_media, segments, transcripts, dead, rules, pa
 
 
 def _file_records(index, audio, vad_media, segments, transcripts, decisions, dead) -> list[dict]:
-    """One record per indexed media object: its outcome, its segments in time order and the kept full text."""
-    failed: dict[str, dict] = {}
-    for stage in ("audio_wav", "vad_segments"):
-        for r in dead[stage].to_pylist():
-            failed.setdefault(r["item_id"], {"stage": stage, "error_class": r["error_class"], "error": r["message"]})
-    seg_failed = {
-        r["item_id"]: f"failed:{stage}"
-        for stage in ("segment_features", "transcripts")
-        for r in dead[stage].to_pylist()
-    }
+    """One record per indexed media object: its outcome, its segments in time order and the kept full text.
+
+    A file's ``outcome`` is one of:
+
+    - ``failed``: the file itself was dead-lettered (``audio_wav``: unreadable or no audio; ``vad_segments``), or
+      every one of its segments was (``segment_features``, ``transcripts``). ``failure`` holds the ``stage``,
+      ``error_class`` and ``error`` message of the file's dead letter, or of its first failed segment's.
+    - ``pending``: decoded but not segmented yet (an upstream step has not run on it).
+    - ``no_speech``: segmented, and the VAD found no speech in it: no segments, no text.
+    - ``transcribed``: it has segments and at least one did not fail (some may have failed or be pending); ``text``
+      joins its kept segments.
+
+    Each segment's ``status`` is one of ``kept`` (in the dataset), ``dropped:{rule}`` (the first filter rule that
+    dropped it), ``failed:{stage}`` (dead-lettered by ``segment_features`` or ``transcripts``) or ``pending``.
+    ``failure`` is null for every outcome but ``failed``.
+    """
+    failed = _failures(dead, ("audio_wav", "vad_segments"))
+    seg_failed = _failures(dead, ("segment_features", "transcripts"))
     durations = dict(zip(audio["media_id"].to_pylist(), audio["duration_s"].to_pylist(), strict=True))
     vad_done = set(vad_media["media_id"].to_pylist())
     texts = {r["segment_id"]: r for r in transcripts.select(["segment_id", "text", "avg_logprob"]).to_pylist()}
@@ -562,7 +694,12 @@ def _file_records(index, audio, vad_media, segments, transcripts, decisions, dea
     by_media: dict[str, list[dict]] = {}
     for s in segments.sort_by([("media_id", "ascending"), ("index", "ascending")]).to_pylist():
         d = decided.get(s["segment_id"])
-        status = ("kept" if d.kept else f"dropped:{d.drop_reason}") if d else seg_failed.get(s["segment_id"], "pending")
+        if d:
+            status = "kept" if d.kept else f"dropped:{d.drop_reason}"
+        elif s["segment_id"] in seg_failed:
+            status = f"failed:{seg_failed[s['segment_id']]['stage']}"
+        else:
+            status = "pending"
         t = texts.get(s["segment_id"], {})
         by_media.setdefault(s["media_id"], []).append(
             {
@@ -577,7 +714,10 @@ def _file_records(index, audio, vad_media, segments, transcripts, decisions, dea
     records = []
     for m in index.sort_by("uri").to_pylist():
         segs = by_media.get(m["media_id"], [])
-        if m["media_id"] in failed:
+        failure = failed.get(m["media_id"])
+        if failure is None and segs and all(s["segment_id"] in seg_failed for s in segs):
+            failure = seg_failed[segs[0]["segment_id"]]
+        if failure is not None:
             outcome = "failed"
         elif m["media_id"] not in vad_done:
             outcome = "pending"
@@ -592,10 +732,19 @@ def _file_records(index, audio, vad_media, segments, transcripts, decisions, dea
             "duration_s": durations.get(m["media_id"]),
             "text": " ".join(s["text"] for s in segs if s["status"] == "kept" and s["text"]),
             "segments": segs,
-            "failure": failed.get(m["media_id"]),
+            "failure": failure,
         }
         records.append(line)
     return records
+
+
+def _failures(dead: dict, stages: tuple[str, ...]) -> dict[str, dict]:
+    """Item id -> ``{stage, error_class, error}`` of its dead letter in the earliest of ``stages`` that has one."""
+    failures: dict[str, dict] = {}
+    for stage in stages:
+        for r in dead[stage].to_pylist():
+            failures.setdefault(r["item_id"], {"stage": stage, "error_class": r["error_class"], "error": r["message"]})
+    return failures
 
 
 def build_rules(
@@ -613,6 +762,11 @@ def build_rules(
     max_chars_per_s: float = SpeakingRate.max_cps,
     rate_fence_k: float = SpeakingRateOutlier.k,
     rate_fence_min_segments: int = SpeakingRateOutlier.min_segments,
+    rate_fence_min_log_iqr: float = SpeakingRateOutlier.min_log_iqr,
+    max_disagreement: float = Disagreement.max_disagreement,
+    unsure_max_disagreement: float = UnsureDisagreement.max_disagreement,
+    unsure_max_avg_logprob: float = UnsureDisagreement.max_avg_logprob,
+    min_dnsmos_ovrl: float = LowAcousticQuality.min_dnsmos_ovrl,
 ) -> list[Rule]:
     """The rule set in its fixed order; the parameters are the run config's ``distilled_dataset`` fields."""
     return [
@@ -626,7 +780,10 @@ def build_rules(
         NoSpeech(no_speech_prob),
         LowConfidence(min_avg_logprob, confidence_quantile),
         SpeakingRate(min_chars_per_s, max_chars_per_s),
-        SpeakingRateOutlier(rate_fence_k, rate_fence_min_segments),
+        SpeakingRateOutlier(rate_fence_k, rate_fence_min_segments, rate_fence_min_log_iqr),
+        Disagreement(max_disagreement),
+        UnsureDisagreement(unsure_max_disagreement, unsure_max_avg_logprob),
+        LowAcousticQuality(min_dnsmos_ovrl),
     ]
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from asr_assets import layout
-from asr_assets.distill import FILES_SCHEMA, chars_per_s, normalize_text
+from asr_assets.distill import FILES_SCHEMA, chars_per_s, normalize_text, voiced_seconds
 from asr_assets.records import AUDIO_SCHEMA, DECISION_SCHEMA, FEATURE_SCHEMA, SEGMENT_SCHEMA
 from asr_assets.stages import read_transcripts
 from resources.storage import ObjectStore, read_table
@@ -42,6 +42,13 @@ class Report:
         referenced_files: files with a reference transcript that the WERs cover.
         wer_all: WER of every teacher label on those files (None without references).
         wer_kept: WER of the kept labels on those files (None without references).
+        second_opinion_segments: labelled segments that got a second opinion.
+        estimated_error_rate: per shard, from the second opinion alone (no reference needed): the mean disagreement
+            between teacher and second opinion over the sampled segments, for all labels and for the kept ones,
+            with a 95% interval (normal approximation). Disagreement counts the errors of either model, so it is an
+            upper estimate of the teacher's label error rate.
+        dnsmos_scored: segments with a DNSMOS score.
+        dnsmos_ovrl_median: median DNSMOS OVRL of the scored segments, all and kept.
     """
 
     shards: int = 0
@@ -59,6 +66,10 @@ class Report:
     referenced_files: int = 0
     wer_all: float | None = None
     wer_kept: float | None = None
+    second_opinion_segments: int = 0
+    estimated_error_rate: dict[str, dict] = field(default_factory=dict)
+    dnsmos_scored: int = 0
+    dnsmos_ovrl_median: dict[str, float | None] = field(default_factory=dict)
 
     def headline(self) -> str:
         """One line a person reads first."""
@@ -71,17 +82,37 @@ class Report:
                 f"; WER on {self.referenced_files} referenced files: all labels {self.wer_all:.3f}, "
                 f"kept {self.wer_kept:.3f}"
             )
+        if self.second_opinion_segments:
+            rates = [v["all"] for v in self.estimated_error_rate.values() if v["all"] is not None]
+            line += (
+                f"; second opinion on {self.second_opinion_segments} segments, estimated label error rate "
+                f"{min(rates):.3f}-{max(rates):.3f} across shards"
+            )
         return line
 
 
 @dataclass
 class Distributions:
-    """Per-segment values behind the plots: kept flag, duration (s), chars per second, mean token logprob."""
+    """Per-segment values behind the plots: kept flag, duration (s), chars per voiced second, mean token logprob,
+    second-opinion disagreement and DNSMOS OVRL (NaN where not computed)."""
 
     kept: np.ndarray
     duration: np.ndarray
     chars_per_s: np.ndarray
     avg_logprob: np.ndarray
+    disagreement: np.ndarray
+    dnsmos_ovrl: np.ndarray
+
+
+def _mean_ci(values: list[float]) -> dict:
+    """Mean and 95% normal-approximation interval of per-segment values (None when there are none)."""
+    if not values:
+        return {"n": 0, "mean": None, "ci95": None}
+    x = np.asarray(values, float)
+    half = 1.96 * float(x.std(ddof=1)) / np.sqrt(x.size) if x.size > 1 else float("nan")
+    mean = float(x.mean())
+    ci = None if np.isnan(half) else [round(max(0.0, mean - half), 4), round(min(1.0, mean + half), 4)]
+    return {"n": int(x.size), "mean": round(mean, 4), "ci95": ci}
 
 
 def build_report(
@@ -97,7 +128,7 @@ def build_report(
     report = Report()
     drops: Counter = Counter()
     drop_s: Counter = Counter()
-    kept_flags, durations, rates, logprobs = [], [], [], []
+    kept_flags, durations, rates, logprobs, disagreements, dnsmos = [], [], [], [], [], []
     all_text: dict[str, str] = {}
     kept_text: dict[str, str] = {}
     for shard in shards:
@@ -107,9 +138,13 @@ def build_report(
         report.shards += 1
         audio = read_table(out, layout.audio_manifest_key(shard), AUDIO_SCHEMA)
         decisions = read_table(out, layout.decisions_key(shard), DECISION_SCHEMA)
-        features = read_table(out, layout.features_key(shard), FEATURE_SCHEMA).select(["segment_id", "duration_s"])
-        transcripts = read_transcripts(out, shard).select(["segment_id", "text", "avg_logprob"])
+        features = read_table(out, layout.features_key(shard), FEATURE_SCHEMA).select(
+            ["segment_id", "duration_s", "dnsmos_ovrl"]
+        )
+        transcripts = read_transcripts(out, shard).select(["segment_id", "text", "avg_logprob", "disagreement"])
         segments = read_table(out, layout.segments_key(shard), SEGMENT_SCHEMA)
+        voiced = dict(zip(segments["segment_id"].to_pylist(), segments["speech_s"].to_pylist(), strict=True))
+        shard_dis: dict[str, list[float]] = {"all": [], "kept": []}
         report.media += index.num_rows
         report.decoded += pc.sum(pc.equal(audio["status"], "decoded")).as_py() or 0
         report.dead_letter += layout.read_dead_letters(out, "audio_wav", shard).num_rows
@@ -124,8 +159,14 @@ def build_report(
             seconds = row["duration_s"]
             kept_flags.append(row["kept"])
             durations.append(seconds)
-            rates.append(chars_per_s(row["text"], seconds))
+            rates.append(chars_per_s(row["text"], voiced_seconds(seconds, voiced.get(row["segment_id"]))))
             logprobs.append(row["avg_logprob"] if row["avg_logprob"] is not None else np.nan)
+            disagreements.append(row["disagreement"] if row["disagreement"] is not None else np.nan)
+            dnsmos.append(row["dnsmos_ovrl"] if row["dnsmos_ovrl"] is not None else np.nan)
+            if row["disagreement"] is not None:
+                shard_dis["all"].append(row["disagreement"])
+                if row["kept"]:
+                    shard_dis["kept"].append(row["disagreement"])
             if row["kept"]:
                 report.kept += 1
                 report.kept_hours += seconds / 3600
@@ -133,6 +174,16 @@ def build_report(
                 drops[row["drop_reason"]] += 1
                 drop_s[row["drop_reason"]] += seconds
 
+        if shard_dis["all"]:
+            report.second_opinion_segments += len(shard_dis["all"])
+            est = {part: _mean_ci(values) for part, values in shard_dis.items()}
+            report.estimated_error_rate[shard] = {
+                "all": est["all"]["mean"],
+                "all_ci95": est["all"]["ci95"],
+                "kept": est["kept"]["mean"],
+                "kept_ci95": est["kept"]["ci95"],
+                "sampled": est["all"]["n"],
+            }
         if out.exists(layout.files_parquet_key(shard)):
             for f in read_table(out, layout.files_parquet_key(shard), FILES_SCHEMA).to_pylist():
                 labelled = [s for s in f["segments"] if s["text"] is not None]
@@ -148,8 +199,17 @@ def build_report(
             report.wer_all = float(jiwer.wer(refs, [normalize_text(all_text.get(u, "")) for u in covered]))
             report.wer_kept = float(jiwer.wer(refs, [normalize_text(kept_text.get(u, "")) for u in covered]))
     dist = Distributions(
-        np.array(kept_flags, bool), np.array(durations, float), np.array(rates, float), np.array(logprobs, float)
+        np.array(kept_flags, bool),
+        np.array(durations, float),
+        np.array(rates, float),
+        np.array(logprobs, float),
+        np.array(disagreements, float),
+        np.array(dnsmos, float),
     )
+    scored = np.isfinite(dist.dnsmos_ovrl)
+    report.dnsmos_scored = int(scored.sum())
+    for part, mask in (("all", scored), ("kept", scored & dist.kept)):
+        report.dnsmos_ovrl_median[part] = round(float(np.median(dist.dnsmos_ovrl[mask])), 3) if mask.any() else None
     return report, dist
 
 
@@ -178,10 +238,14 @@ def render_plots(dist: Distributions) -> dict[str, bytes]:
     plots = {}
     specs = [
         ("duration", dist.duration, "segment duration (s)", np.linspace(0, 30, 31)),
-        ("speaking_rate", dist.chars_per_s, "letters and digits per second", np.linspace(0, 40, 41)),
+        ("speaking_rate", dist.chars_per_s, "letters and digits per voiced second", np.linspace(0, 40, 41)),
         ("confidence", dist.avg_logprob, "mean token log probability", np.linspace(-2.5, 0, 26)),
+        ("disagreement", dist.disagreement, "teacher vs second opinion (normalized WER/CER)", np.linspace(0, 1, 21)),
+        ("dnsmos", dist.dnsmos_ovrl, "DNSMOS OVRL (1-5)", np.linspace(1, 5, 33)),
     ]
     for name, values, label, bins in specs:
+        if name in ("disagreement", "dnsmos") and not np.isfinite(values).any():
+            continue  # not computed for this dataset: no empty figure
         fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
         finite = np.isfinite(values)
         ax.hist(np.clip(values[dist.kept & finite], bins[0], bins[-1]), bins=bins, alpha=0.7, label="kept")

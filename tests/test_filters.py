@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from asr_assets.distill import (
     Candidate,
     Clipped,
+    Disagreement,
     EmptyText,
     HallucinationPhrase,
+    LowAcousticQuality,
     LowConfidence,
     NearSilent,
     NoSpeech,
@@ -17,7 +21,9 @@ from asr_assets.distill import (
     SpeakingRateOutlier,
     TooLong,
     TooShort,
+    UnsureDisagreement,
     apply_rules,
+    canonical_text,
     default_rules,
     fit_rules,
     normalize_text,
@@ -110,13 +116,53 @@ SHARD = [cand(text="x" * (24 + i % 9), duration_s=2.0) for i in range(40)] + [
         (cand(text="x" * 50, duration_s=2.0), True),  # 25 chars/s: fine in absolute terms, an outlier here
         (cand(text="x" * 10, duration_s=2.0), True),  # 5 chars/s
         (cand(text="y" * 17, duration_s=2.0, language="de"), False),
-        (cand(text="y" * 28, duration_s=2.0, language="de"), True),  # normal for English, not for this German
+        (cand(text="y" * 32, duration_s=2.0, language="de"), True),  # normal for English, not for this German
         (cand(text="z" * 60, duration_s=2.0, language="fr"), False),  # too few French segments to judge
     ],
 )
 def test_speaking_rate_fence_is_per_language_and_per_shard(candidate: Candidate, drops: bool) -> None:
     (fitted,) = fit_rules([SpeakingRateOutlier(k=1.5, min_segments=20)], SHARD)
     assert fitted.drops(candidate) is drops
+
+
+def test_a_narrow_shard_keeps_its_own_tails() -> None:
+    # One calm speaker: every segment at 13.5-14.5 chars per voiced second. A plain 1.5 x IQR fence would be
+    # [12.75, 15.25] and drop ordinary variation; the floor on the width keeps it and still drops half a transcript.
+    shard = [cand(text="x" * (27 + i % 3), duration_s=2.0) for i in range(40)]
+    (fitted,) = fit_rules([SpeakingRateOutlier()], shard)
+    assert not fitted.drops(cand(text="x" * 24, duration_s=2.0))  # 12 chars/s
+    assert not fitted.drops(cand(text="x" * 34, duration_s=2.0))  # 17 chars/s
+    assert fitted.drops(cand(text="x" * 14, duration_s=2.0))  # the same speech with its text cut at half
+
+
+def test_speaking_rate_is_measured_over_voiced_time() -> None:
+    # 28 letters in a 4 s segment of which 2 s are voiced (padding and a pause): 14 chars per voiced second.
+    padded = replace(cand(text="x" * 28, duration_s=4.0), speech_s=2.0)
+    assert padded.chars_per_s == 14.0
+    (fitted,) = fit_rules([SpeakingRateOutlier()], SHARD)
+    assert not fitted.drops(padded)
+    assert fitted.drops(replace(padded, speech_s=None))  # over the whole 4 s it would look like 7 chars/s
+    # A voiced time far under the segment (windows just under the VAD threshold) is floored at a quarter of it.
+    assert replace(padded, speech_s=0.1).chars_per_s == 28.0
+
+
+@pytest.mark.parametrize(
+    ("rule", "candidate", "drops"),
+    [
+        (Disagreement(0.5), cand(), False),  # no second opinion: not judged
+        (Disagreement(0.5), replace(cand(), disagreement=0.5), False),
+        (Disagreement(0.5), replace(cand(), disagreement=0.51), True),
+        (UnsureDisagreement(), replace(cand(avg_logprob=-0.7), disagreement=0.4), True),
+        (UnsureDisagreement(), replace(cand(avg_logprob=-0.3), disagreement=0.4), False),  # a confident teacher
+        (UnsureDisagreement(), replace(cand(avg_logprob=-0.7), disagreement=0.3), False),
+        (UnsureDisagreement(), cand(avg_logprob=-0.9), False),  # no second opinion
+        (LowAcousticQuality(), replace(cand(), dnsmos_ovrl=1.2), False),  # off by default
+        (LowAcousticQuality(3.0), replace(cand(), dnsmos_ovrl=2.9), True),
+        (LowAcousticQuality(3.0), cand(), False),  # unscored
+    ],
+)
+def test_second_opinion_and_quality_rules(rule, candidate: Candidate, drops: bool) -> None:
+    assert rule.drops(candidate) is drops
 
 
 def test_confidence_quantile_of_the_shard() -> None:
@@ -145,6 +191,22 @@ def test_rules_run_in_order_and_record_every_reason() -> None:
 )
 def test_normalize_text(text: str, expected: str) -> None:
     assert normalize_text(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "language", "expected"),
+    [
+        ("Press one, then pound.", "en", "press 1 then pound"),
+        ("Seven of clubs", "en", "7 of clubs"),
+        ("five, five.", "en", "5 5"),
+        ("M-I-S-D-N", "en", "misdn"),
+        ("I am a cat", "en", "i am a cat"),  # single letters apart are words
+        ("uno dos", "es", "uno dos"),  # number words are English only
+        ("ไม่ใช่", "th", "ไม่ใช่"),  # combining vowel and tone marks stay in the word
+    ],
+)
+def test_canonical_text(text: str, language: str, expected: str) -> None:
+    assert canonical_text(text, language) == expected
 
 
 def test_run_config_defaults_are_the_default_rule_set() -> None:
