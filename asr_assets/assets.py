@@ -367,10 +367,11 @@ def distilled_dataset(
 
 
 def _read_card(out, where: str) -> dict:
-    """A threshold card from the output root (a key) or a local file; a missing or malformed card fails the step."""
+    """A threshold card from a local file, else a key under the output root; a missing or malformed card fails the
+    step."""
     path = Path(where)
     try:
-        blob = path.read_bytes() if path.is_absolute() else out.read_bytes(where)
+        blob = path.read_bytes() if path.is_file() else out.read_bytes(where)
         card = json.loads(blob)
         card_overrides(card)
     except (OSError, KeyError, ValueError) as exc:
@@ -391,7 +392,7 @@ def threshold_card(config: ThresholdCardConfig, storage: StorageResource) -> dg.
     """Filter thresholds fitted on an audit set: the most hours whose kept labels' WER stays under the target
     (report/threshold_card.json; give it to distilled_dataset's ``threshold_card``)."""
     out = storage.output()
-    candidates, files = collect(out, shard_partitions.get_partition_keys())
+    candidates, files, _ = collect(out, shard_partitions.get_partition_keys())
     audited = audit_segments(files, load_references(config.audit, storage.source()))
     base = DistilledConfig().model_dump(exclude={"target_tar_mb", "threshold_card", *CARD_FIELDS})
     card = fit_card(candidates, audited, base, config.target_wer)
@@ -456,6 +457,7 @@ def distillation_report(config: ReportConfig, storage: StorageResource) -> dg.Ma
         meta |= {
             "wer_all_labels": round(report.wer_all, 4),
             "wer_kept_labels": round(report.wer_kept, 4),
+            "wer_files_kept_text": round(report.wer_files_kept_text, 4),
             "referenced_files": report.referenced_files,
         }
     return dg.MaterializeResult(metadata=meta)

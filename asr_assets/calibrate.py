@@ -98,11 +98,14 @@ def segment_references(reference: str, hypotheses: list[str], language: str = "e
     return [joiner.join(p) for p in pieces]
 
 
-def collect(out: ObjectStore, shards: list[str]) -> tuple[list[Candidate], dict[str, list[tuple[str, str, str]]]]:
-    """Every labelled segment of the shards as a rule candidate, and per source uri its labelled segments in time
-    order as (segment id, teacher text, language)."""
+def collect(
+    out: ObjectStore, shards: list[str]
+) -> tuple[list[Candidate], dict[str, list[tuple[str, str, str]]], dict[str, str | None]]:
+    """Every labelled segment of the shards as a rule candidate; per source uri its labelled segments in time order
+    as (segment id, teacher text, language); and each segment's second-opinion text (None without one)."""
     candidates: list[Candidate] = []
     files: dict[str, list[tuple[str, str, str]]] = {}
+    second: dict[str, str | None] = {}
     for shard in shards:
         transcripts = read_transcripts(out, shard)
         if not transcripts.num_rows:
@@ -115,7 +118,8 @@ def collect(out: ObjectStore, shards: list[str]) -> tuple[list[Candidate], dict[
         candidates.extend(cands)
         for t in sorted(labelled, key=lambda t: (t["media_id"], segs[t["segment_id"]]["index"])):
             files.setdefault(uris[t["media_id"]], []).append((t["segment_id"], t["text"], t["language"]))
-    return candidates, files
+            second[t["segment_id"]] = t.get("second_text")
+    return candidates, files, second
 
 
 @dataclass(frozen=True)
@@ -205,7 +209,7 @@ def fit_card(
     for t_conf in CONFIDENCE_GRID:
         conf_keep = logprob >= t_conf
         for t_dis in DISAGREEMENT_GRID:
-            base = others_keep & conf_keep & (disagreement <= t_dis)
+            base = others_keep & conf_keep & (disagreement <= t_dis + 1e-6)  # as Disagreement.drops
             for k in RATE_FENCE_GRID:
                 kept = base & rate_keep[k]
                 wer = _wer(errors, words, kept & is_audited)

@@ -197,8 +197,9 @@ def _reconcile_tars(r: Reconciliation, out: ObjectStore, shard: str, manifest: p
         if tar_key not in sizes:
             r.problems.append(f"{tar_key}: missing, yet named by {len(rows)} manifest rows, e.g. {keys[:3]}")
             continue
+        reader = _ChunkedReader(out, tar_key, sizes[tar_key])
         try:
-            members = _tar_members(out, tar_key, sizes[tar_key])
+            members = _tar_members(reader, sizes[tar_key])
         except tarfile.TarError as exc:
             r.problems.append(f"{tar_key}: unreadable ({exc}); it holds {len(rows)} manifest rows, e.g. {keys[:3]}")
             continue
@@ -212,13 +213,17 @@ def _reconcile_tars(r: Reconciliation, out: ObjectStore, shard: str, manifest: p
             )
         expected = {f"{k}.{ext}" for k in keys for ext in ("flac", "json")}
         r.expect_none(f"members of {tar_key} not in the manifest", set(where) - expected)
+        r.expect_none(
+            f"empty .flac members in {tar_key}",
+            {n for n, (_, size) in where.items() if n.endswith(".flac") and not size},
+        )
         disagree = []
         for row in rows:
             if f"{row['key']}.json" not in where:
                 continue
             start, size = where[f"{row['key']}.json"]
             try:
-                sample = json.loads(out.read_range(tar_key, start, start + size))
+                sample = json.loads(reader.read(start, size))
             except ValueError as exc:
                 disagree.append(f"{row['key']}.json: not JSON ({exc})")
                 continue
@@ -230,8 +235,34 @@ def _reconcile_tars(r: Reconciliation, out: ObjectStore, shard: str, manifest: p
         r.expect_none(f"samples in {tar_key} whose .json disagrees with the manifest", disagree)
 
 
-def _tar_members(out: ObjectStore, tar_key: str, size: int) -> list[tuple[str, int, int]]:
-    """(name, data offset, data size) of every member, from the headers alone (one range read each).
+class _ChunkedReader:
+    """Reads an object through aligned 8 MiB range reads, keeping the last chunk: walking a tar's headers costs one
+    request per 8 MiB (about 32 for a 256 MB tar on OSS), not one per member."""
+
+    CHUNK = 8 << 20
+
+    def __init__(self, out: ObjectStore, key: str, size: int) -> None:
+        self._out, self._key, self._size = out, key, size
+        self._start, self._data = -1, b""
+
+    def read(self, offset: int, length: int) -> bytes:
+        parts = []
+        while length > 0:
+            first = offset - offset % self.CHUNK
+            if first != self._start:
+                self._start = first
+                self._data = self._out.read_range(self._key, first, min(first + self.CHUNK, self._size))
+            piece = self._data[offset - first : offset - first + length]
+            if not piece:
+                break
+            parts.append(piece)
+            offset += len(piece)
+            length -= len(piece)
+        return b"".join(parts)
+
+
+def _tar_members(reader: _ChunkedReader, size: int) -> list[tuple[str, int, int]]:
+    """(name, data offset, data size) of every member, from the headers alone.
 
     Our tars are plain USTAR (``distill_shard`` writes them so): a header block, the data padded to whole blocks, and
     zero blocks at the end. Raises ``tarfile.TarError`` saying where a corrupt or truncated tar stops making sense.
@@ -240,7 +271,7 @@ def _tar_members(out: ObjectStore, tar_key: str, size: int) -> list[tuple[str, i
     members = []
     offset = 0
     while offset + block <= size:
-        header = out.read_range(tar_key, offset, offset + block)
+        header = reader.read(offset, block)
         if header == tarfile.NUL * block:
             return members
         try:

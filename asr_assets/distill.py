@@ -35,6 +35,7 @@ from asr_assets.records import (
     DecisionRow,
     to_table,
 )
+from asr_assets.second_opinion import disagreement
 from asr_assets.stages import StageReport, read_transcripts
 from resources.storage import ObjectStore, read_table, write_table
 
@@ -144,9 +145,29 @@ def voiced_seconds(duration_s: float, speech_s: float | None) -> float:
     return min(duration_s, max(speech_s, 0.25 * duration_s))
 
 
+# Letters a digit or a lone Latin letter takes when said aloud ("five", "em"): read as one character each, spelled
+# letters and digit strings look like very slow speech, and the rate rules dropped correct labels of them.
+SPOKEN_DIGIT_CHARS = 4
+SPOKEN_LETTER_CHARS = 3
+
+
+def spoken_chars(text: str) -> int:
+    """Letters and digits of the text as spoken: a digit counts as ``SPOKEN_DIGIT_CHARS``, a lone Latin letter (a
+    spelled one) as ``SPOKEN_LETTER_CHARS``, anything else one per letter."""
+    count = 0
+    for token in normalize_text(text).split():
+        if token.isdigit():
+            count += SPOKEN_DIGIT_CHARS * len(token)
+        elif len(token) == 1 and token.isascii() and token.isalpha():
+            count += SPOKEN_LETTER_CHARS
+        else:
+            count += sum(ch.isalnum() for ch in token)
+    return count
+
+
 def chars_per_s(text: str, duration_s: float) -> float:
-    """Speaking rate: letters and digits per second (what the speaking-rate rules and the report use)."""
-    return sum(ch.isalnum() for ch in text) / max(duration_s, 1e-3)
+    """Speaking rate: spoken letters per second (``spoken_chars``; what the speaking-rate rules and the report use)."""
+    return spoken_chars(text) / max(duration_s, 1e-3)
 
 
 def normalize_text(text: str) -> str:
@@ -171,10 +192,25 @@ _EN_NUMBERS = dict(
 )
 
 
+# Contractions written either way by references and teachers ("I'm sorry, that's" = "I am sorry, that is"). "'s"
+# is only expanded after pronouns: elsewhere it is a possessive.
+_EN_WHOLE = {"can't": "can not", "cannot": "can not", "won't": "will not", "let's": "let us"} | {
+    f"{w}'s": f"{w} is" for w in ("it", "that", "he", "she", "what", "there", "here", "who", "where")
+}
+_EN_WHOLE_WORD = re.compile(r"\b(" + "|".join(re.escape(w) for w in _EN_WHOLE) + r")\b", re.IGNORECASE)
+_EN_CONTRACTIONS = {"'m": " am", "'re": " are", "'ve": " have", "'ll": " will", "'d": " would", "n't": " not"}
+_EN_CONTRACTION = re.compile(r"(\w)('m|'re|'ve|'ll|'d|n't)\b", re.IGNORECASE)
+
+
 def canonical_text(text: str, language: str = "en") -> str:
     """``normalize_text`` plus the spellings two correct transcripts differ in: English number words as digits
     ("press one" = "Press 1."), and spelled-out letters joined ("M-I-S-D-N" = "MISDN"). Used wherever two texts are
-    compared (second-opinion disagreement, label error rates), so formatting is not counted as an error."""
+    compared (second-opinion disagreement, label error rates), so formatting is not counted as an error. English
+    contractions are expanded ("I'm" = "I am", "don't" = "do not") and "#" is "pound"."""
+    if language == "en":
+        text = _EN_WHOLE_WORD.sub(lambda m: _EN_WHOLE[m.group(1).lower()], text.replace("’", "'"))
+        text = _EN_CONTRACTION.sub(lambda m: m.group(1) + _EN_CONTRACTIONS[m.group(2).lower()], text)
+        text = text.replace("#", " pound ")
     words = normalize_text(text).split()
     if language == "en":
         words = [_EN_NUMBERS.get(w, w) for w in words]
@@ -294,18 +330,22 @@ class HallucinationPhrase(Rule):
 
 
 @functools.cache
-def _repeat_pattern(times: int) -> re.Pattern:
-    """A 1-4 word n-gram occurring ``times`` times back to back (the first occurrence plus times-1 repeats)."""
-    return re.compile(r"\b(\w+(?:\W+\w+){0,3}?)(?:\W+\1\b){" + str(max(times - 1, 1)) + ",}", re.IGNORECASE)
+def _repeat_pattern(times: int, min_words: int = 1) -> re.Pattern:
+    """A ``min_words``-4 word n-gram occurring ``times`` times back to back (the first occurrence plus times-1
+    repeats)."""
+    gram = r"\w+(?:\W+\w+){" + str(min_words - 1) + ",3}?"
+    return re.compile(r"\b(" + gram + r")(?:\W+\1\b){" + str(max(times - 1, 1)) + ",}", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
 class RepetitionLoop(Rule):
-    """A decoding loop: highly compressible text, a 1-4 word n-gram said ``max_repeats`` times in a row, or a
-    ``length`` finish."""
+    """A decoding loop: highly compressible text, a 1-4 word n-gram said ``max_repeats`` times in a row, a phrase of
+    2-4 words said ``max_phrase_repeats`` times in a row (people repeat a word for emphasis, rarely a whole phrase
+    three times), or a ``length`` finish."""
 
     max_compression_ratio: float = 2.4
     max_repeats: int = 4
+    max_phrase_repeats: int = 3
     name: ClassVar[str] = "repetition"
 
     def drops(self, c: Candidate) -> bool:
@@ -313,7 +353,9 @@ class RepetitionLoop(Rule):
             return True
         if c.compression_ratio is not None and c.compression_ratio > self.max_compression_ratio:
             return True
-        return _repeat_pattern(self.max_repeats).search(c.text) is not None
+        if _repeat_pattern(self.max_repeats).search(c.text) is not None:
+            return True
+        return _repeat_pattern(self.max_phrase_repeats, min_words=2).search(c.text) is not None
 
 
 @dataclass(frozen=True)
@@ -410,7 +452,8 @@ class Disagreement(Rule):
     name: ClassVar[str] = "disagreement"
 
     def drops(self, c: Candidate) -> bool:
-        return c.disagreement is not None and c.disagreement > self.max_disagreement
+        # Stored as float32: 3 of 5 words is 0.60000002 there, and must not cross a threshold of 0.6.
+        return c.disagreement is not None and c.disagreement > self.max_disagreement + 1e-6
 
 
 @dataclass(frozen=True)
@@ -419,14 +462,14 @@ class UnsureDisagreement(Rule):
     more than ``max_disagreement`` of its words: either signal alone is common on good labels, both together
     mostly on wrong ones. A segment without a second opinion is not judged."""
 
-    max_disagreement: float = 0.35
+    max_disagreement: float = 0.45
     max_avg_logprob: float = -0.55
     name: ClassVar[str] = "unsure_disagreement"
 
     def drops(self, c: Candidate) -> bool:
         if c.disagreement is None or c.avg_logprob is None:
             return False
-        return c.disagreement > self.max_disagreement and c.avg_logprob < self.max_avg_logprob
+        return c.disagreement > self.max_disagreement + 1e-6 and c.avg_logprob < self.max_avg_logprob
 
 
 @dataclass(frozen=True)
@@ -498,7 +541,7 @@ def distill_shard(out: ObjectStore, shard: str, rules: list[Rule], pack: PackSet
     transcripts = read_transcripts(out, shard).sort_by("segment_id")
     dead = {stage: layout.read_dead_letters(out, stage, shard) for stage in layout.STAGES}
 
-    fingerprint = _fingerprint(index, audio, vad_media, segments, transcripts, dead, rules, pack)
+    fingerprint = _fingerprint(index, audio, vad_media, segments, features, transcripts, dead, rules, pack)
     state_key = layout.distilled_state_key(shard)
     if out.exists(state_key) and json.loads(out.read_bytes(state_key))["fingerprint"] == fingerprint:
         report.totals = json.loads(out.read_bytes(state_key))["totals"]
@@ -613,9 +656,17 @@ def _candidate(t: dict, f: dict, seg: dict) -> Candidate:
         language=t["language"],
         clip_ratio=f["clip_ratio"],
         speech_s=seg.get("speech_s"),
-        disagreement=t.get("disagreement"),
+        disagreement=_disagreement(t),
         dnsmos_ovrl=f.get("dnsmos_ovrl"),
     )
+
+
+def _disagreement(t: dict) -> float | None:
+    """The second opinion's disagreement, recomputed from the two texts (cheap) so that the rules always compare
+    them the current way, whatever normalization was in force when the transcript was written."""
+    if t.get("second_text") is None:
+        return None
+    return disagreement(t["text"], t["second_text"], t["language"])
 
 
 def _sample_json(t: dict, f: dict, seg: dict, uri: str, rules_sha: str) -> dict:
@@ -639,7 +690,7 @@ def _sample_json(t: dict, f: dict, seg: dict, uri: str, rules_sha: str) -> dict:
         "filter_version": FILTER_VERSION,
         "filter_params_sha": rules_sha,
         "speech_s": seg.get("speech_s"),
-        "disagreement": t.get("disagreement"),
+        "disagreement": _disagreement(t),
         "second_model": t.get("second_model_id"),
         "dnsmos_ovrl": f.get("dnsmos_ovrl"),
     }
@@ -651,7 +702,7 @@ def _manifest_table(rows: list[dict]) -> pa.Table:
     )
 
 
-def _fingerprint(index, audio, vad_media, segments, transcripts, dead, rules, pack) -> str:
+def _fingerprint(index, audio, vad_media, segments, features, transcripts, dead, rules, pack) -> str:
     h = hashlib.sha256()
     for table, column in (
         (index, "media_id"),
@@ -662,6 +713,13 @@ def _fingerprint(index, audio, vad_media, segments, transcripts, dead, rules, pa
         (transcripts, "settings_hash"),
     ):
         h.update(json.dumps(sorted(table[column].to_pylist())).encode())
+    # Every signal a rule reads: a second opinion or a DNSMOS score added later changes the decisions.
+    for table, columns in (
+        (segments, ["segment_id", "speech_s"]),
+        (transcripts, ["segment_id", "second_text", "second_model_id"]),
+        (features, ["segment_id", "dnsmos_ovrl", "rms_dbfs", "clip_ratio"]),
+    ):
+        h.update(json.dumps(sorted(table.select(columns).to_pylist(), key=lambda r: r["segment_id"])).encode())
     for stage in sorted(dead):
         h.update(json.dumps([stage, sorted(dead[stage]["item_id"].to_pylist())]).encode())
     h.update(json.dumps([FILTER_VERSION, [(r.name, asdict(r)) for r in rules], asdict(pack)], default=str).encode())

@@ -16,7 +16,8 @@ import numpy as np
 import pyarrow.compute as pc
 
 from asr_assets import layout
-from asr_assets.distill import FILES_SCHEMA, chars_per_s, normalize_text, voiced_seconds
+from asr_assets.calibrate import audit_segments
+from asr_assets.distill import FILES_SCHEMA, canonical_text, chars_per_s, voiced_seconds
 from asr_assets.records import AUDIO_SCHEMA, DECISION_SCHEMA, FEATURE_SCHEMA, SEGMENT_SCHEMA
 from asr_assets.stages import read_transcripts
 from resources.storage import ObjectStore, read_table
@@ -40,13 +41,19 @@ class Report:
         dropped_by_reason: dropped segments by first reason.
         dropped_hours_by_reason: dropped audio by first reason, hours.
         referenced_files: files with a reference transcript that the WERs cover.
-        wer_all: WER of every teacher label on those files (None without references).
-        wer_kept: WER of the kept labels on those files (None without references).
+        wer_all: WER of every teacher label on those files (None without references): each file's reference is split
+            over its segments by alignment (``calibrate.segment_references``), and the errors of all labelled
+            segments are summed over the words they cover.
+        wer_kept: the same over the kept labels only: the error rate of what a student trains on. (A file-level WER
+            of the kept text would count every dropped segment's words as deletions and rise with every drop.)
+        wer_files_kept_text: the file-level WER of the kept text against the whole reference, dropped segments
+            counting as deletions (what a user comparing whole-file transcripts sees).
         second_opinion_segments: labelled segments that got a second opinion.
         estimated_error_rate: per shard, from the second opinion alone (no reference needed): the mean disagreement
             between teacher and second opinion over the sampled segments, for all labels and for the kept ones,
-            with a 95% interval (normal approximation). Disagreement counts the errors of either model, so it is an
-            upper estimate of the teacher's label error rate.
+            with a 95% interval (normal approximation). A proxy, not a measurement: errors both models share are
+            invisible to it (on real speech, bench/RESULTS.md, many teacher errors had disagreement 0), and errors
+            of the second model alone count. An audit set (threshold_card) measures the real rate.
         dnsmos_scored: segments with a DNSMOS score.
         dnsmos_ovrl_median: median DNSMOS OVRL of the scored segments, all and kept.
     """
@@ -66,6 +73,7 @@ class Report:
     referenced_files: int = 0
     wer_all: float | None = None
     wer_kept: float | None = None
+    wer_files_kept_text: float | None = None
     second_opinion_segments: int = 0
     estimated_error_rate: dict[str, dict] = field(default_factory=dict)
     dnsmos_scored: int = 0
@@ -77,7 +85,7 @@ class Report:
             f"{self.hours_in:.3f} h in, {self.kept_hours:.3f} h kept ({self.kept} of {self.transcribed} labelled "
             f"segments); dead-lettered files: {self.dead_letter}; drops: {self.dropped_by_reason or 'none'}"
         )
-        if self.wer_all is not None:
+        if self.wer_all is not None and self.wer_kept is not None:
             line += (
                 f"; WER on {self.referenced_files} referenced files: all labels {self.wer_all:.3f}, "
                 f"kept {self.wer_kept:.3f}"
@@ -131,6 +139,8 @@ def build_report(
     kept_flags, durations, rates, logprobs, disagreements, dnsmos = [], [], [], [], [], []
     all_text: dict[str, str] = {}
     kept_text: dict[str, str] = {}
+    segs_of: dict[str, list[tuple[str, str, str]]] = {}
+    kept_ids: set[str] = set()
     for shard in shards:
         index = layout.read_index(out, shard)
         if not index.num_rows:
@@ -189,15 +199,20 @@ def build_report(
                 labelled = [s for s in f["segments"] if s["text"] is not None]
                 all_text[f["uri"]] = " ".join(s["text"] for s in labelled)
                 kept_text[f["uri"]] = f["text"]
+                segs_of[f["uri"]] = [(s["segment_id"], s["text"], "en") for s in labelled]
+                kept_ids.update(s["segment_id"] for s in labelled if s["status"] == "kept")
     report.dropped_by_reason = dict(sorted(drops.items()))
     report.dropped_hours_by_reason = {k: round(v / 3600, 5) for k, v in sorted(drop_s.items())}
     if references:
         covered = [uri for uri in references if uri in all_text or uri in kept_text]
         if covered:
-            refs = [normalize_text(references[uri]) for uri in covered]
+            # Canonical text: "press one" and "Press 1." are the same words (as for the second opinion).
+            refs = [canonical_text(references[uri]) for uri in covered]
             report.referenced_files = len(covered)
-            report.wer_all = float(jiwer.wer(refs, [normalize_text(all_text.get(u, "")) for u in covered]))
-            report.wer_kept = float(jiwer.wer(refs, [normalize_text(kept_text.get(u, "")) for u in covered]))
+            report.wer_files_kept_text = float(jiwer.wer(refs, [canonical_text(kept_text.get(u, "")) for u in covered]))
+            audited = audit_segments(segs_of, {u: references[u] for u in covered})
+            report.wer_all = _segment_wer(audited.items())
+            report.wer_kept = _segment_wer((sid, a) for sid, a in audited.items() if sid in kept_ids)
     dist = Distributions(
         np.array(kept_flags, bool),
         np.array(durations, float),
@@ -211,6 +226,15 @@ def build_report(
     for part, mask in (("all", scored), ("kept", scored & dist.kept)):
         report.dnsmos_ovrl_median[part] = round(float(np.median(dist.dnsmos_ovrl[mask])), 3) if mask.any() else None
     return report, dist
+
+
+def _segment_wer(audited) -> float | None:
+    """Errors over reference words of the given (segment id, Audited) pairs; None when they cover no word."""
+    errors = words = 0
+    for _, a in audited:
+        errors += a.errors
+        words += a.ref_words
+    return errors / words if words else None
 
 
 def load_references(path: str, source: ObjectStore) -> dict[str, str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from asr_assets.distill import (
@@ -81,6 +82,10 @@ def cand(
         (RepetitionLoop(max_compression_ratio=99), cand(text="go go go go"), True),
         (RepetitionLoop(max_compression_ratio=99), cand(text="go go go"), False),
         (RepetitionLoop(max_compression_ratio=99), cand(text="we can, we can, we can, we can"), True),
+        # A phrase three times is a loop; a word three times is emphasis.
+        (RepetitionLoop(max_compression_ratio=99), cand(text="go to the menu to the menu to the menu"), True),
+        (RepetitionLoop(max_compression_ratio=99), cand(text="no no no, not that one"), False),
+        (RepetitionLoop(max_compression_ratio=99), cand(text="I said it, I said it."), False),
         (RepetitionLoop(), cand(text="we need to finish this project before the holidays"), False),
         (NoSpeech(), cand(no_speech_prob=0.9, avg_logprob=-1.5), True),
         (NoSpeech(), cand(no_speech_prob=0.9, avg_logprob=-0.2), False),
@@ -152,9 +157,11 @@ def test_speaking_rate_is_measured_over_voiced_time() -> None:
         (Disagreement(0.5), cand(), False),  # no second opinion: not judged
         (Disagreement(0.5), replace(cand(), disagreement=0.5), False),
         (Disagreement(0.5), replace(cand(), disagreement=0.51), True),
-        (UnsureDisagreement(), replace(cand(avg_logprob=-0.7), disagreement=0.4), True),
-        (UnsureDisagreement(), replace(cand(avg_logprob=-0.3), disagreement=0.4), False),  # a confident teacher
-        (UnsureDisagreement(), replace(cand(avg_logprob=-0.7), disagreement=0.3), False),
+        # 3 of 5 words as stored (float32) is not over 0.6.
+        (Disagreement(0.6), replace(cand(), disagreement=float(np.float32(0.6))), False),
+        (UnsureDisagreement(), replace(cand(avg_logprob=-0.7), disagreement=0.5), True),
+        (UnsureDisagreement(), replace(cand(avg_logprob=-0.3), disagreement=0.5), False),  # a confident teacher
+        (UnsureDisagreement(), replace(cand(avg_logprob=-0.7), disagreement=0.4), False),
         (UnsureDisagreement(), cand(avg_logprob=-0.9), False),  # no second opinion
         (LowAcousticQuality(), replace(cand(), dnsmos_ovrl=1.2), False),  # off by default
         (LowAcousticQuality(3.0), replace(cand(), dnsmos_ovrl=2.9), True),
@@ -202,6 +209,9 @@ def test_normalize_text(text: str, expected: str) -> None:
         ("M-I-S-D-N", "en", "misdn"),
         ("I am a cat", "en", "i am a cat"),  # single letters apart are words
         ("uno dos", "es", "uno dos"),  # number words are English only
+        ("I'm sorry, that's all. Don't press #.", "en", "i am sorry that is all do not press pound"),
+        ("You can't; it cannot", "en", "you can not it can not"),
+        ("the dog's bone", "en", "the dogs bone"),  # a possessive stays
         ("ไม่ใช่", "th", "ไม่ใช่"),  # combining vowel and tone marks stay in the word
     ],
 )
