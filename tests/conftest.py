@@ -7,6 +7,10 @@ import os
 # No test may reach a model or data hub: Hugging Face libraries fail fast instead of trying.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
+# The second opinion (Whisper base on every segment) more than doubles the teacher's time. Dagster processes the
+# tests start (CLI, webserver, daemon) run without it; the in-process runs opt in where a test is about it
+# (``pipeline_run``, the second-opinion and real-speech filter tests).
+os.environ.setdefault("ASR_SECOND_OPINION", "off")
 
 import dataclasses  # noqa: E402
 from collections import Counter  # noqa: E402
@@ -65,21 +69,27 @@ def busiest_shard(corpus: Corpus) -> str:
     return _busiest(corpus)[0]
 
 
-def resources_for(corpus: Corpus, output_root: Path) -> dict:
+def resources_for(corpus: Corpus, output_root: Path, second_opinion: bool = False) -> dict:
+    teacher = TeacherResource() if second_opinion else TeacherResource(second_opinion="off")
     return {
         "storage": StorageResource(source_uri=str(corpus.media_dir), output_root=str(output_root)),
-        "teacher": TeacherResource(),
+        "teacher": teacher,
     }
 
 
 def materialize_shard(
-    corpus: Corpus, output_root: Path, shard: str, run_config: dict | None = None, raise_on_error: bool = True
+    corpus: Corpus,
+    output_root: Path,
+    shard: str,
+    run_config: dict | None = None,
+    raise_on_error: bool = True,
+    second_opinion: bool = False,
 ):
     """Runs every partitioned asset and check of the graph on one shard, in process, and returns the result."""
     per_shard = [a for a in all_assets if a.partitions_def is not None]
     return dg.materialize(
         [*per_shard, *all_checks],
-        resources=resources_for(corpus, output_root),
+        resources=resources_for(corpus, output_root, second_opinion),
         partition_key=shard,
         run_config=run_config or {},
         raise_on_error=raise_on_error,
@@ -90,4 +100,6 @@ def materialize_shard(
 def pipeline_run(corpus: Corpus, busiest_shard: str, tmp_path_factory: pytest.TempPathFactory):
     """The whole graph materialized once on the busiest shard: (result, output root, shard)."""
     out = tmp_path_factory.mktemp("out")
-    return materialize_shard(corpus, out, busiest_shard), out, busiest_shard
+    # With every signal on: a second opinion and a DNSMOS score for every segment.
+    config = {"ops": {"segment_features": {"config": {"dnsmos_fraction": 1.0}}}}
+    return materialize_shard(corpus, out, busiest_shard, config, second_opinion=True), out, busiest_shard

@@ -111,3 +111,42 @@ def test_a_card_replaces_the_configured_thresholds() -> None:
     assert DistilledConfig().rules() == default_rules()
     with pytest.raises(ValueError, match="threshold card"):
         card_overrides({"version": "something-else"})
+
+
+def test_threshold_card_asset_and_a_dataset_built_with_it(pipeline_run, corpus, tmp_path) -> None:
+    import shutil
+
+    import dagster as dg
+
+    from asr_assets.assets import distilled_dataset, threshold_card
+    from tests.conftest import resources_for
+
+    _, out, shard = pipeline_run
+    root = tmp_path / "out"
+    shutil.copytree(out, root)
+    audit = {"ops": {"threshold_card": {"config": {"audit": str(corpus.references_path), "target_wer": 0.2}}}}
+    result = dg.materialize([threshold_card], resources=resources_for(corpus, root), run_config=audit)
+    card = json.loads((root / "report" / "threshold_card.json").read_text())
+    meta = {k: v.value for k, v in result.get_asset_materialization_events()[0].materialization.metadata.items()}
+    assert card["effect"]["audited_segments"] > 0 and card["target_met"] == meta["target_met"]
+    assert meta["thresholds"] == card["thresholds"]
+    # The same inputs give the same card.
+    dg.materialize([threshold_card], resources=resources_for(corpus, root), run_config=audit)
+    assert json.loads((root / "report" / "threshold_card.json").read_text()) == card
+
+    built = dg.materialize(
+        [distilled_dataset],
+        resources=resources_for(corpus, root),
+        partition_key=shard,
+        run_config={"ops": {"distilled_dataset": {"config": {"threshold_card": "report/threshold_card.json"}}}},
+    )
+    meta = {k: v.value for k, v in built.get_asset_materialization_events()[0].materialization.metadata.items()}
+    assert meta["threshold_card"]["thresholds"] == card["thresholds"]
+    bad = dg.materialize(
+        [distilled_dataset],
+        resources=resources_for(corpus, root),
+        partition_key=shard,
+        run_config={"ops": {"distilled_dataset": {"config": {"threshold_card": "report/no-such-card.json"}}}},
+        raise_on_error=False,
+    )
+    assert not bad.success

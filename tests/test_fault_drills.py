@@ -23,6 +23,7 @@ from asr_assets.checks import reconcile_audio, reconcile_distilled, reconcile_tr
 from asr_assets.sample_corpus import Corpus
 from asr_assets.stages import read_transcripts
 from resources.storage import LocalStore
+from resources.teachers import DEFAULT_SECOND_OPINION
 from tests.conftest import materialize_shard
 from tests.dagster_processes import ROOT
 
@@ -141,17 +142,24 @@ def test_sigkill_in_the_middle_of_transcripts_then_rerun_matches_an_uninterrupte
 ) -> None:
     _, clean, shard = pipeline_run
     drill = tmp_path / "drill"
-    env = {"ASR_SOURCE_URI": str(corpus.media_dir), "ASR_OUTPUT_ROOT": str(drill), "ASR_CACHE_DIR": str(tmp_path / "c")}
+    env = {
+        "ASR_SOURCE_URI": str(corpus.media_dir),
+        "ASR_OUTPUT_ROOT": str(drill),
+        "ASR_CACHE_DIR": str(tmp_path / "c"),
+        # As in the reference run: a second opinion on every label (written in the same checkpoint part).
+        "ASR_SECOND_OPINION": DEFAULT_SECOND_OPINION,
+    }
     home = tmp_path / "home"
     # One segment per wave: every label is its own checkpoint part, so the kill lands between two of them.
-    proc = _materialize(env, home, "group:asr", shard, {"ops": {"transcripts": {"config": {"wave_size": 1}}}})
+    dnsmos = {"segment_features": {"config": {"dnsmos_fraction": 1.0}}}
+    proc = _materialize(env, home, "group:asr", shard, {"ops": {"transcripts": {"config": {"wave_size": 1}}, **dnsmos}})
     parts = drill / "transcripts" / shard
     _kill_when(proc, lambda: parts.is_dir() and len(list(parts.glob("part-*.parquet"))) >= 2)
     total = pq.read_table(clean / layout.features_key(shard)).num_rows
     assert 2 <= read_transcripts(LocalStore(drill), shard).num_rows < total, "the kill did not land mid-stage"
     assert not (drill / layout.distilled_manifest_key(shard)).exists()
 
-    _run(env, home, "group:asr", shard)
+    _run(env, home, "group:asr", shard, {"ops": dnsmos})
     store, reference = LocalStore(drill), LocalStore(clean)
     assert reconcile_transcripts(store, shard).passed and reconcile_distilled(store, shard).passed
     ours = sorted(read_transcripts(store, shard).to_pylist(), key=lambda r: r["segment_id"])

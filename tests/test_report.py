@@ -33,7 +33,12 @@ def test_report_reconciles_and_measures_the_filters(pipeline_run, corpus: Corpus
     # The whole-file view counts every dropped segment's words as missing.
     assert report["wer_files_kept_text"] >= report["wer_kept"] - 1e-9
     assert meta["wer_kept_labels"] == round(report["wer_kept"], 4)
-    for name in ("duration", "speaking_rate", "confidence"):
+    # The run had a second opinion and DNSMOS on every segment: both are plotted and summarized.
+    assert report["second_opinion_segments"] == report["transcribed"] == report["dnsmos_scored"]
+    assert set(report["estimated_error_rate"]) == {shard}
+    assert 0 <= report["estimated_error_rate"][shard]["all"] <= 1
+    assert 1 <= report["dnsmos_ovrl_median"]["all"] <= 5
+    for name in ("duration", "speaking_rate", "confidence", "disagreement", "dnsmos"):
         png = (out / "report" / f"{name}.png").read_bytes()
         assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
         assert f"![{name}](data:image/png;base64," in meta["plots"]

@@ -40,7 +40,8 @@ from resources.teachers.whisper import assemble_model
         ("", "hello there", "en", 1.0),
         ("hello there", "", "en", 1.0),
         ("Hello, World!", "hello world", "en", 0.0),  # case and punctuation ignored
-        ("It's FINE.", "its fine", "en", 0.0),
+        ("Fine, THANKS.", "fine thanks", "en", 0.0),
+        ("It's fine, press one.", "it is fine press 1", "en", 0.0),  # canonical: contractions, number words
         ("the cat sat on the mat", "the cat sat on a mat", "en", 1 / 6),
         ("hi", "hi there my good friend", "en", 1.0),  # four insertions on one word: capped
         ("今天天气很好", "今天天气不好", "zh", 1 / 6),  # characters, not the one "word"
