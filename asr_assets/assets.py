@@ -136,6 +136,10 @@ class DistilledConfig(dg.Config):
     max_repeats: int = Field(
         default=RepetitionLoop.max_repeats, description="repetition when an n-gram occurs this many times in a row."
     )
+    max_phrase_repeats: int = Field(
+        default=RepetitionLoop.max_phrase_repeats,
+        description="repetition when a phrase of 2-4 words occurs this many times in a row.",
+    )
     no_speech_prob: float = Field(
         default=NoSpeech.min_no_speech_prob, description="no_speech above this (with logprob below -1)."
     )
