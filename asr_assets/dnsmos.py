@@ -1,8 +1,8 @@
 """DNSMOS P.835 acoustic quality (SIG, BAK, OVRL on a 1-5 scale) through onnxruntime, without torch or librosa.
 
 The ONNX model ships inside the ``speechmos`` wheel, installed with ``--no-deps``: the package's own module imports
-librosa and requests, so the file is located with ``importlib.util.find_spec`` instead. The model takes 9.01 s of
-16 kHz audio per row and returns raw scores that the DNS Challenge's non-personalized polynomials map to MOS.
+librosa and requests, so the file is located with ``resources.packaged.package_file`` instead. The model takes
+9.01 s of 16 kHz audio per row and returns raw scores that the DNS Challenge's non-personalized polynomials map to MOS.
 
 Two departures from the reference script (DNSMOS ``dnsmos_local.py``), both to bound cost: a clip shorter than 9.01 s
 is tiled cyclically to exactly one window (the reference doubles it until it is long enough, then slides over it),
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
 from pathlib import Path
 from typing import NamedTuple
 
@@ -22,6 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 from asr_assets.records import SAMPLE_RATE
+from resources.packaged import package_file
 
 WINDOW = round(9.01 * SAMPLE_RATE)  # samples per model input (144160); the model knows 16 kHz input only
 
@@ -52,15 +52,12 @@ def model_path() -> Path:
     Raises:
         FileNotFoundError: speechmos is not installed; the message says how to install it.
     """
-    spec = importlib.util.find_spec("speechmos")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "speechmos (the DNSMOS models) is not installed: run `make install` (it installs the wheel with --no-deps)"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / "dnsmos_models" / "sig_bak_ovr.onnx"
-    if not path.is_file():
-        raise FileNotFoundError(f"DNSMOS model missing at {path}: reinstall speechmos (`make install`)")
-    return path
+    return package_file(
+        "speechmos",
+        "dnsmos_models/sig_bak_ovr.onnx",
+        "speechmos (the DNSMOS models)",
+        "run `make install` (it installs the wheel with --no-deps)",
+    )
 
 
 @functools.cache

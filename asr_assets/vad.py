@@ -1,16 +1,15 @@
 """Silero VAD through onnxruntime on numpy, without torch.
 
 The ONNX model ships inside the ``silero-vad`` wheel; importing that package would import torch, so the file is located
-with ``importlib.util.find_spec`` instead. The window loop and the timestamp post-processing reproduce the semantics
-of silero-vad's ``get_speech_timestamps`` (same parameters, same results); it is re-implemented here because the
-original lives in a module that imports torch. Runs inside pool workers: import-light, no Dagster.
+with ``resources.packaged.package_file`` instead. The window loop and the timestamp post-processing reproduce the
+semantics of silero-vad's ``get_speech_timestamps`` (same parameters, same results); it is re-implemented here
+because the original lives in a module that imports torch. Runs inside pool workers: import-light, no Dagster.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from asr_assets.records import SAMPLE_RATE, SegmentRow
+from resources.packaged import package_file
 
 WINDOW = 512  # samples per model window at 16 kHz (32 ms)
 CONTEXT = 64  # samples of the previous window the model sees before each window
@@ -61,15 +61,12 @@ def silero_model_path() -> Path:
     Raises:
         FileNotFoundError: silero-vad is not installed; the message says how to install it.
     """
-    spec = importlib.util.find_spec("silero_vad")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "silero-vad is not installed: run `make install` (it installs the wheel with --no-deps, without torch)"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "silero_vad_16k_sequence.onnx"
-    if not path.is_file():
-        raise FileNotFoundError(f"Silero VAD model missing at {path}: reinstall silero-vad")
-    return path
+    return package_file(
+        "silero_vad",
+        "data/silero_vad_16k_sequence.onnx",
+        "silero-vad",
+        "run `make install` (it installs the wheel with --no-deps, without torch)",
+    )
 
 
 @functools.cache

