@@ -35,7 +35,7 @@ from asr_assets.records import (
     DecisionRow,
     to_table,
 )
-from asr_assets.second_opinion import disagreement
+from asr_assets.second_opinion import row_disagreement
 from asr_assets.stages import StageReport, read_transcripts
 from resources.storage import ObjectStore, read_table, write_table
 
@@ -452,7 +452,7 @@ class Disagreement(Rule):
     name: ClassVar[str] = "disagreement"
 
     def drops(self, c: Candidate) -> bool:
-        # Stored as float32: 3 of 5 words is 0.60000002 there, and must not cross a threshold of 0.6.
+        # Read back from a float32 column (the manifest) 3 of 5 words is 0.60000002: it must not cross 0.6.
         return c.disagreement is not None and c.disagreement > self.max_disagreement + 1e-6
 
 
@@ -656,17 +656,9 @@ def _candidate(t: dict, f: dict, seg: dict) -> Candidate:
         language=t["language"],
         clip_ratio=f["clip_ratio"],
         speech_s=seg.get("speech_s"),
-        disagreement=_disagreement(t),
+        disagreement=row_disagreement(t),
         dnsmos_ovrl=f.get("dnsmos_ovrl"),
     )
-
-
-def _disagreement(t: dict) -> float | None:
-    """The second opinion's disagreement, recomputed from the two texts (cheap) so that the rules always compare
-    them the current way, whatever normalization was in force when the transcript was written."""
-    if t.get("second_text") is None:
-        return None
-    return disagreement(t["text"], t["second_text"], t["language"])
 
 
 def _sample_json(t: dict, f: dict, seg: dict, uri: str, rules_sha: str) -> dict:
@@ -690,7 +682,7 @@ def _sample_json(t: dict, f: dict, seg: dict, uri: str, rules_sha: str) -> dict:
         "filter_version": FILTER_VERSION,
         "filter_params_sha": rules_sha,
         "speech_s": seg.get("speech_s"),
-        "disagreement": _disagreement(t),
+        "disagreement": row_disagreement(t),
         "second_model": t.get("second_model_id"),
         "dnsmos_ovrl": f.get("dnsmos_ovrl"),
     }

@@ -57,10 +57,6 @@ class Labelled:
     audit: Audited | None = None
     vad_rejects: bool = False
 
-    @property
-    def bad(self) -> bool:
-        return self.kind != "good"
-
 
 def run_pipeline(media: Path, root: Path, teacher: TeacherResource | None = None, dnsmos_fraction: float = 0.1):
     """Every partitioned asset of the graph on every shard of ``media``, in process (incremental: done work is
@@ -187,7 +183,12 @@ def planted_text_labels(
     for c in _spread(good, per_kind, offset=1):
         start = good.index(c) + n // 2
         other = next(
-            (good[(start + d) % n] for d in range(n) if _canon(good[(start + d) % n].text) != _canon(c.text)), None
+            (
+                good[(start + d) % n]
+                for d in range(n)
+                if canonical_text(good[(start + d) % n].text) != canonical_text(c.text)
+            ),
+            None,
         )
         if other is not None:
             out.append(planted(c, "swapped", other.text))
@@ -200,10 +201,6 @@ def planted_text_labels(
         loop = c.text + " " + " ".join([phrase] * (repeats - 1))
         out.append(planted(c, "repetition", loop, finish_reason="length" if repeats == 10 and k % 8 == 3 else "stop"))
     return out
-
-
-def _canon(text: str) -> str:
-    return canonical_text(text)
 
 
 def _spread(items: list, count: int, offset: int) -> list:

@@ -19,6 +19,7 @@ from asr_assets import layout
 from asr_assets.calibrate import audit_segments
 from asr_assets.distill import FILES_SCHEMA, canonical_text, chars_per_s, voiced_seconds
 from asr_assets.records import AUDIO_SCHEMA, DECISION_SCHEMA, FEATURE_SCHEMA, SEGMENT_SCHEMA
+from asr_assets.second_opinion import row_disagreement
 from asr_assets.stages import read_transcripts
 from resources.storage import ObjectStore, read_table
 
@@ -151,7 +152,9 @@ def build_report(
         features = read_table(out, layout.features_key(shard), FEATURE_SCHEMA).select(
             ["segment_id", "duration_s", "dnsmos_ovrl"]
         )
-        transcripts = read_transcripts(out, shard).select(["segment_id", "text", "avg_logprob", "disagreement"])
+        transcripts = read_transcripts(out, shard).select(
+            ["segment_id", "text", "avg_logprob", "language", "second_text"]
+        )
         segments = read_table(out, layout.segments_key(shard), SEGMENT_SCHEMA)
         voiced = dict(zip(segments["segment_id"].to_pylist(), segments["speech_s"].to_pylist(), strict=True))
         shard_dis: dict[str, list[float]] = {"all": [], "kept": []}
@@ -171,12 +174,13 @@ def build_report(
             durations.append(seconds)
             rates.append(chars_per_s(row["text"], voiced_seconds(seconds, voiced.get(row["segment_id"]))))
             logprobs.append(row["avg_logprob"] if row["avg_logprob"] is not None else np.nan)
-            disagreements.append(row["disagreement"] if row["disagreement"] is not None else np.nan)
+            score = row_disagreement(row)  # as the rules saw it
+            disagreements.append(score if score is not None else np.nan)
             dnsmos.append(row["dnsmos_ovrl"] if row["dnsmos_ovrl"] is not None else np.nan)
-            if row["disagreement"] is not None:
-                shard_dis["all"].append(row["disagreement"])
+            if score is not None:
+                shard_dis["all"].append(score)
                 if row["kept"]:
-                    shard_dis["kept"].append(row["disagreement"])
+                    shard_dis["kept"].append(score)
             if row["kept"]:
                 report.kept += 1
                 report.kept_hours += seconds / 3600

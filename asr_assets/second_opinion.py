@@ -41,6 +41,16 @@ def disagreement(teacher_text: str, second_text: str, language: str) -> float:
     return min(1.0, float(measure(reference, hypothesis)))
 
 
+def row_disagreement(row: dict) -> float | None:
+    """A transcript row's disagreement, computed from its two texts the current way (None without a second opinion).
+
+    What the rules and the report read: the stored ``disagreement`` column keeps the normalization in force when the
+    row was written, which a later release may refine."""
+    if row.get("second_text") is None:
+        return None
+    return disagreement(row["text"], row["second_text"], row["language"])
+
+
 def is_sampled(segment_id: str, fraction: float) -> bool:
     """Whether the segment gets a second opinion: a hash of its id against ``fraction``, so every run (and every
     re-run after a crash) picks the same segments; 1.0 picks all, 0.0 none."""
