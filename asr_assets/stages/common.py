@@ -1,0 +1,74 @@
+"""What every stage shares: the run report, pool settings and small helpers."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from asr_assets.pool import PoolOutcome
+
+
+@dataclass
+class StageReport:
+    """What one stage run did on one shard; the asset turns it into Dagster metadata.
+
+    Attributes:
+        processed: items this run gave an outcome to.
+        succeeded: of those, how many succeeded.
+        failed: of those, how many were dead-lettered.
+        errors: failures by error kind.
+        audio_s: seconds of audio this run handled.
+        seconds: wall time of the run.
+        totals: whole-shard counts after the run (what the shard holds now).
+        outputs: keys written.
+    """
+
+    processed: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    errors: Counter = field(default_factory=Counter)
+    audio_s: float = 0.0
+    seconds: float = 0.0
+    totals: dict[str, float | int | str] = field(default_factory=dict)
+    outputs: list[str] = field(default_factory=list)
+
+    def merge(self, other: StageReport) -> None:
+        """Adds another shard's report (a run over several shards); totals stay per shard, so they are dropped."""
+        self.processed += other.processed
+        self.succeeded += other.succeeded
+        self.failed += other.failed
+        self.errors.update(other.errors)
+        self.audio_s += other.audio_s
+        self.seconds += other.seconds
+        self.outputs.extend(other.outputs)
+
+    def fail(self, kind: str) -> None:
+        self.processed += 1
+        self.failed += 1
+        self.errors[kind] += 1
+
+    def ok(self, audio_s: float = 0.0) -> None:
+        self.processed += 1
+        self.succeeded += 1
+        self.audio_s += audio_s
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    """Worker processes and per-item limits for a CPU stage."""
+
+    workers: int
+    timeout_s: float
+    checkpoint_every: int = 200
+
+
+def ids_of(table: pa.Table, column: str) -> set[str]:
+    return set(table.column(column).to_pylist())
+
+
+def error_of(outcome: PoolOutcome) -> tuple[str, str]:
+    exc = outcome.error
+    assert exc is not None
+    return getattr(exc, "kind", type(exc).__name__), str(exc)

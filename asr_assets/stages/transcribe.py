@@ -1,0 +1,244 @@
+"""transcripts: the teacher (and the sampled second opinion) labels every featured segment, wave by wave."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from asr_assets import layout
+from asr_assets.media import read_audio
+from asr_assets.records import (
+    FEATURE_SCHEMA,
+    SAMPLE_RATE,
+    TRANSCRIPT_SCHEMA,
+    DeadLetterRow,
+    TranscriptRow,
+    to_table,
+)
+from asr_assets.second_opinion import SecondOpinion, SecondOpinionStats, disagreement, is_sampled
+from asr_assets.stages.common import StageReport, ids_of
+from resources.storage import (
+    ObjectStore,
+    StorageAuthError,
+    is_out_of_space,
+    read_table,
+    write_table,
+)
+from resources.teachers.base import (
+    EngineCallFailed,
+    TeacherBroken,
+    TeacherEngine,
+    TeacherError,
+    TeacherInput,
+    TeacherOutput,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TranscribeSettings:
+    """Feeding the teacher: segments are read in waves (bounded host memory), sorted by duration within a wave, and
+    each wave's results are written as one Parquet part (the resume checkpoint)."""
+
+    wave_size: int = 256
+    batch_size: int = 16
+    language: str = "en"
+
+
+def read_transcripts(out: ObjectStore, shard: str) -> pa.Table:
+    """Every transcript part of a shard, concatenated."""
+    tables = [read_table(out, info.key, TRANSCRIPT_SCHEMA) for info in out.list(layout.transcripts_prefix(shard))]
+    return pa.concat_tables(tables) if tables else TRANSCRIPT_SCHEMA.empty_table()
+
+
+def transcribe_shard(
+    out: ObjectStore,
+    shard: str,
+    engine: Callable[[], TeacherEngine],
+    settings: TranscribeSettings,
+    on_wave: Callable[[StageReport], None] | None = None,
+    second: SecondOpinion | None = None,
+) -> StageReport:
+    """Labels every featured segment without a transcript or dead letter, writing one part per wave.
+
+    With ``second``, an independent engine also labels the sampled segments of each batch the teacher labelled; its
+    text and disagreement go into the same rows (so into the same checkpoint part). A segment the second engine fails
+    on keeps the teacher's label with null second-opinion columns.
+
+    Args:
+        out: output store.
+        shard: partition key.
+        engine: returns the loaded teacher (called only when there is work, so a no-op run loads nothing).
+        settings: wave and batch sizes.
+        on_wave: called after each wave is written (progress logging).
+        second: the second opinion, if any (its engine is loaded only when a sampled segment has a label).
+    """
+    started = time.perf_counter()
+    report = StageReport()
+    features = read_table(out, layout.features_key(shard), FEATURE_SCHEMA)
+    existing = read_transcripts(out, shard)
+    done = ids_of(existing, "segment_id") | ids_of(layout.read_dead_letters(out, "transcripts", shard), "item_id")
+    todo = features.filter(pc.invert(pc.is_in(features["segment_id"], value_set=pa.array(sorted(done), pa.string()))))
+    # Storage order: each packed part is read front to back.
+    todo = todo.sort_by([("audio_key", "ascending"), ("audio_offset", "ascending")]).to_pylist()
+    index = layout.read_index(out, shard)
+    uris = dict(zip(index["media_id"].to_pylist(), index["uri"].to_pylist(), strict=True))
+    next_part = sum(1 for _ in out.list(layout.transcripts_prefix(shard)))
+    teacher = engine() if todo else None
+    second_engine: TeacherEngine | None = None
+    stats = SecondOpinionStats()
+    for wave in _chunks(todo, settings.wave_size):
+        wave = sorted(wave, key=lambda r: r["audio_frames"])  # similar lengths batch together
+        rows: list[TranscriptRow] = []
+        dead: list[DeadLetterRow] = []
+        for batch in _chunks(wave, settings.batch_size):
+            inputs, ready = [], []
+            for r in batch:
+                try:
+                    audio = read_audio(out.local_path(r["audio_key"]), r["audio_offset"], r["audio_frames"])
+                except Exception as exc:  # a damaged part costs its segments, not the shard
+                    if is_out_of_space(exc) or isinstance(exc, StorageAuthError):
+                        raise  # the machine's or the credentials' failure, not the segment's
+                    message = f"transcripts: segment {r['segment_id']}: cannot read its audio: {exc}"
+                    dead.append(
+                        layout.dead_letter(
+                            r["segment_id"], uris.get(r["media_id"], ""), "transcripts", "UnreadableAudio", message
+                        )
+                    )
+                    report.fail("UnreadableAudio")
+                    continue
+                inputs.append(TeacherInput(r["segment_id"], audio, settings.language))
+                ready.append(r)
+            results = _transcribe_checked(teacher, inputs)
+            opinions: dict[str, tuple[str, str, float]] = {}
+            if second is not None:
+                sampled = [
+                    (item, result)
+                    for item, result in zip(inputs, results, strict=True)
+                    if isinstance(result, TeacherOutput) and is_sampled(item.segment_id, second.fraction)
+                ]
+                if sampled:
+                    second_engine = second_engine or second.engine()
+                    opinions = _second_opinions(second_engine, sampled, stats)
+            for row, result in zip(ready, results, strict=True):
+                if isinstance(result, TeacherError):
+                    dead.append(
+                        layout.dead_letter(
+                            row["segment_id"], uris.get(row["media_id"], ""), "transcripts", result.kind, str(result)
+                        )
+                    )
+                    report.fail(result.kind)
+                    continue
+                rows.append(
+                    TranscriptRow(
+                        segment_id=row["segment_id"],
+                        media_id=row["media_id"],
+                        text=result.text,
+                        language=result.language,
+                        num_tokens=result.num_tokens,
+                        avg_logprob=result.avg_logprob,
+                        no_speech_prob=result.no_speech_prob,
+                        compression_ratio=result.compression_ratio,
+                        finish_reason=result.finish_reason,
+                        model_id=teacher.model_id,
+                        engine=teacher.name,
+                        settings_hash=teacher.settings_hash,
+                        prompt_version=teacher.prompt_version,
+                        **_opinion_columns(opinions.get(row["segment_id"])),
+                    )
+                )
+                report.ok(row["audio_frames"] / SAMPLE_RATE)
+        # Dead letters first: a crash between the two writes re-labels nothing twice (the part is the commit).
+        layout.append_dead_letters(out, "transcripts", shard, dead)
+        if rows:
+            key = layout.transcript_part_key(shard, next_part)
+            write_table(out, key, to_table(rows, TRANSCRIPT_SCHEMA))
+            report.outputs.append(key)
+            next_part += 1
+        if on_wave is not None:
+            report.seconds = time.perf_counter() - started
+            report.totals["pending"] = len(todo) - report.processed
+            on_wave(report)
+    report.totals = {"featured": features.num_rows, "transcribed": existing.num_rows + report.succeeded}
+    if teacher is not None:
+        report.totals.update({"model_id": teacher.model_id, "settings_hash": teacher.settings_hash})
+    if second is not None:
+        judged = existing["disagreement"].drop_null()
+        count = len(judged) + stats.segments
+        report.totals.update(stats.totals())
+        report.totals["second_opinions"] = count  # whole shard
+        if count:
+            report.totals["mean_disagreement"] = ((pc.sum(judged).as_py() or 0.0) + stats.disagreement_sum) / count
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _second_opinions(
+    engine: TeacherEngine, sampled: list[tuple[TeacherInput, TeacherOutput]], stats: SecondOpinionStats
+) -> dict[str, tuple[str, str, float]]:
+    """The second engine's text, model id and disagreement per segment id, for the sampled segments it labelled;
+    failures are only counted (never raised, never dead-lettered: the teacher's label stands alone)."""
+    started = time.perf_counter()
+    results = _transcribe(engine, [item for item, _ in sampled])  # never raises: failures come back in their slots
+    stats.seconds += time.perf_counter() - started
+    opinions = {}
+    for (item, label), result in zip(sampled, results, strict=True):
+        if not isinstance(result, TeacherOutput):
+            stats.failed += 1
+            continue
+        score = disagreement(label.text, result.text, label.language)
+        opinions[item.segment_id] = (result.text, engine.model_id, score)
+        stats.segments += 1
+        stats.audio_s += len(item.audio) / SAMPLE_RATE
+        stats.disagreement_sum += score
+    return opinions
+
+
+def _opinion_columns(opinion: tuple[str, str, float] | None) -> dict[str, str | float | None]:
+    if opinion is None:
+        return {"second_text": None, "second_model_id": None, "disagreement": None}
+    text, model_id, score = opinion
+    return {"second_text": text, "second_model_id": model_id, "disagreement": score}
+
+
+def _transcribe(teacher: TeacherEngine, inputs: list[TeacherInput]) -> list:
+    """The engine's results for a batch. When the whole call fails (an engine error, a wrong result count), the batch
+    is split in halves and each half tried again, down to single segments: only segments that fail by themselves are
+    dead-lettered, at about 2*log2(batch) extra calls per bad segment (vLLM batches of a thousand stay cheap)."""
+    if not inputs:
+        return []
+    try:
+        results = teacher.transcribe(inputs)
+        if len(results) == len(inputs):
+            return results
+        problem = f"returned {len(results)} results"
+    except Exception as exc:
+        problem = f"failed ({type(exc).__name__}: {exc})"
+    if len(inputs) == 1:
+        return [EngineCallFailed(f"{teacher.name} {problem} on segment {inputs[0].segment_id}")]
+    log.warning("teacher %s on a batch of %d; splitting it", problem, len(inputs))
+    half = len(inputs) // 2
+    return _transcribe(teacher, inputs[:half]) + _transcribe(teacher, inputs[half:])
+
+
+def _transcribe_checked(teacher: TeacherEngine, inputs: list[TeacherInput]) -> list:
+    """``_transcribe``, refusing to dead-letter a whole batch: when every segment of a batch of several failed on its
+    own, the engine is what is broken (a dead GPU, a lost engine process), and the step fails instead."""
+    results = _transcribe(teacher, inputs)
+    if len(inputs) > 1 and all(isinstance(r, EngineCallFailed) for r in results):
+        raise TeacherBroken(
+            f"{teacher.name} failed on every one of {len(inputs)} segments, each tried alone ({results[0]}); "
+            "nothing was dead-lettered: fix the engine and re-run the partition"
+        )
+    return results
+
+
+def _chunks(items: Sequence, size: int) -> Iterable[Sequence]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
