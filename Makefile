@@ -15,7 +15,7 @@ export ASR_OUTPUT_ROOT ?= $(CURDIR)/data/out
 SAMPLE_DIR := $(CURDIR)/data/sample
 
 .PHONY: install install-dev system-deps demo demo-oss demo-vllm test test-vllm lint ui screenshots clean bench-env \
-	bench-filters
+	bench-filters chaos
 
 system-deps:
 	@missing=""; for tool in ffmpeg espeak-ng sox; do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
@@ -135,6 +135,13 @@ screenshots: install-dev $(DAGSTER_HOME)/dagster.yaml
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium; }
 	$(VPY) -m asr_assets.sample_corpus --out $(SAMPLE_DIR)
 	$(VPY) -m docs.make_screenshots --media $(SAMPLE_DIR)/media --out docs
+
+# The chaos drills in full: per seed, a run SIGKILLed at random moments (every stage) then finished; two runs of one
+# shard started together; files arriving mid-run. One JSON line; exit 1 unless every output equals a clean run's.
+CHAOS_SEEDS ?= 4
+CHAOS_KILLS ?= 3
+chaos: install-dev
+	$(VPY) -m tests.chaos --seeds $(CHAOS_SEEDS) --kills $(CHAOS_KILLS) | tail -1
 
 # The filters on real human speech (Debian's Asterisk prompts and LibriVox sentences, fetched with apt-get download):
 # good labels dropped and bad labels caught, per rule; then the same on the prompts the first run did not use.

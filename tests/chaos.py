@@ -1,0 +1,340 @@
+"""Chaos drills on the sample corpus: random SIGKILLs, concurrent runs, arrivals during a run; one JSON line.
+
+Every drill runs the real `dagster asset materialize` CLI over one shard (``ASR_NUM_SHARDS=1``: the whole corpus in
+one partition) and compares the final outputs with an uninterrupted run from the same source folder (uris, and so
+ids, are the same):
+
+- kills: per seed, a run is SIGKILLed (its whole process group, pool workers included) at random moments, several
+  times, then run to completion;
+- concurrent: two runs of the same shard started together (each step's lease makes one wait for the other);
+- arrivals: a run starts on part of the corpus, the rest arrives midway and is indexed the way the arrivals sensor
+  does it (``index_objects``) while the run works, then the shard is run again.
+
+"Identical" means: every table (index, decode manifest, VAD, features, transcripts, dead letters of every stage,
+dataset manifest, decisions) equal row for row once sorted by id and stripped of wall-clock columns and of where a
+segment sits in a packed part (that follows worker completion order), the per-file transcripts equal, and every tar
+byte for byte. ``make chaos`` runs the full form; ``tests/test_chaos.py`` a light one inside ``make test``.
+
+Usage: python -m tests.chaos [--seeds 4] [--kills 3] [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARD = "shard-00000"
+# Wall-clock columns (when and how long) and packing positions (worker completion order): never what was decided.
+VOLATILE = {"seconds", "time", "discovered_at", "audio_key", "audio_offset", "mel_key"}
+# Error kinds that say the world failed, not the item: a final dead letter of one of them is a lost item.
+# The column that is unique in each table (dead letters: item_id, one row per failed item and stage).
+ID_COLUMNS = {
+    "index": "media_id",
+    "audio_wav": "media_id",
+    "vad_media": "media_id",
+    "segments": "segment_id",
+    "features": "segment_id",
+    "transcripts": "segment_id",
+    "manifest": "key",
+    "decisions": "segment_id",
+}
+FALLBACK_TRANSIENT = {"FetchError", "UnreadableAudio", "StorageError"}
+
+
+def _transient_kinds() -> set[str]:
+    try:
+        from asr_assets import failures
+    except ImportError:
+        return FALLBACK_TRANSIENT
+    return set(getattr(failures, "TRANSIENT", FALLBACK_TRANSIENT))
+
+
+@dataclass
+class Drill:
+    """What the drills did and found."""
+
+    kills: int = 0
+    concurrent_runs: int = 0
+    arrival_drills: int = 0
+    stages_hit: Counter = field(default_factory=Counter)
+    mismatches: list[str] = field(default_factory=list)
+    duplicates: int = 0
+    transient_dead_letters: int = 0
+    failed_runs: int = 0
+
+    def line(self) -> dict:
+        return {
+            "kills": self.kills,
+            "stages_hit": dict(sorted(self.stages_hit.items())),
+            "concurrent_runs": self.concurrent_runs,
+            "arrival_drills": self.arrival_drills,
+            "identical": not self.mismatches,
+            "duplicates": self.duplicates,
+            "transient_dead_letters": self.transient_dead_letters,
+            "failed_runs": self.failed_runs,
+            "mismatches": self.mismatches[:10],
+        }
+
+
+class Runner:
+    """Launches CLI runs of the per-shard assets with a fixed environment."""
+
+    def __init__(self, source: Path, work: Path, extra_env: dict[str, str] | None = None) -> None:
+        self.source, self.work = source, work
+        self.env = {
+            **os.environ,
+            "ASR_SOURCE_URI": str(source),
+            "ASR_NUM_SHARDS": "1",
+            "ASR_SECOND_OPINION": "off",
+            "ASR_LEASE_WAIT_S": "900",
+            "ASR_CACHE_DIR": str(work / "cache"),
+            "HF_HUB_OFFLINE": "1",
+            **(extra_env or {}),
+        }
+
+    def start(self, out: Path, tag: str) -> subprocess.Popen:
+        home = self.work / "homes" / f"{out.name}-{tag}"
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "dagster.yaml").write_text((ROOT / "dagster.yaml").read_text())
+        argv = [str(Path(sys.executable).parent / "dagster"), "asset", "materialize", "-m", "asr_assets.definitions"]
+        argv += ["--select", "group:asr", "--partition", SHARD]
+        env = {
+            **self.env,
+            "ASR_OUTPUT_ROOT": str(out),
+            "ASR_CACHE_DIR": str(self.work / "cache"),
+            "DAGSTER_HOME": str(home),
+        }
+        log = open(home / "run.log", "wb")  # noqa: SIM115 - closed with the process by the caller's wait
+        return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def run(self, out: Path, tag: str, timeout_s: float = 1800) -> int:
+        proc = self.start(out, tag)
+        try:
+            return proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return -9
+
+
+def _stage_now(out: Path) -> str:
+    """The stage a run is in, from the outputs it has written so far (the last stage with any output)."""
+    marks = [
+        ("distilled_dataset", out / "distilled"),
+        ("transcripts", out / "transcripts"),
+        ("segment_features", out / "segment_features"),
+        ("vad_segments", out / "vad_segments"),
+        ("audio_wav", out / "audio_wav"),
+        ("media_index", out / "index"),
+    ]
+    for stage, path in marks:
+        if path.exists() and any(p.is_file() for p in path.rglob("*")):
+            return stage
+    return "start-up"
+
+
+def _kill_after(proc: subprocess.Popen, delay_s: float, out: Path) -> str | None:
+    """SIGKILLs the run's process group after ``delay_s`` and returns the stage it was in; None when the run had
+    already ended."""
+    deadline = time.monotonic() + delay_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return None
+        time.sleep(0.05)
+    stage = _stage_now(out)
+    if proc.poll() is not None:
+        return None
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return stage
+
+
+# ----------------------------------------------------------------------------------------------------- comparison
+
+
+def _tables(out: Path) -> dict[str, pa.Table]:
+    """Every table of the shard, read the way the pipeline reads it."""
+    from asr_assets import layout
+    from asr_assets.records import AUDIO_SCHEMA, FEATURE_SCHEMA, SEGMENT_SCHEMA, VAD_MEDIA_SCHEMA
+    from asr_assets.stages import read_transcripts
+    from resources.storage import LocalStore, read_table
+
+    store = LocalStore(out)
+    tables = {
+        "index": layout.read_index(store, SHARD),
+        "audio_wav": read_table(store, layout.audio_manifest_key(SHARD), AUDIO_SCHEMA),
+        "vad_media": read_table(store, layout.vad_media_key(SHARD), VAD_MEDIA_SCHEMA),
+        "segments": read_table(store, layout.segments_key(SHARD), SEGMENT_SCHEMA),
+        "features": read_table(store, layout.features_key(SHARD), FEATURE_SCHEMA),
+        "transcripts": read_transcripts(store, SHARD),
+    }
+    for stage in layout.STAGES:
+        tables[f"dead_letter/{stage}"] = layout.read_dead_letters(store, stage, SHARD)
+    for name, key in (("manifest", layout.distilled_manifest_key(SHARD)), ("decisions", layout.decisions_key(SHARD))):
+        import pyarrow.parquet as pq
+
+        path = _committed(out, key)
+        tables[name] = pq.read_table(path) if path is not None else pa.table({})
+    return tables
+
+
+def _committed(out: Path, key: str) -> Path | None:
+    path = out / key
+    return path if path.is_file() else None
+
+
+def _rows(table: pa.Table) -> list[dict]:
+    keep = [c for c in table.column_names if c not in VOLATILE]
+    rows = table.select(keep).to_pylist()
+    return sorted(rows, key=lambda r: json.dumps(r, sort_keys=True, default=str))
+
+
+def _tars(out: Path) -> list[tuple[str, bytes]]:
+    """The current build's tars, by the manifest's tar keys (older builds kept for readers do not count)."""
+    tables = _tables(out)
+    manifest = tables["manifest"]
+    keys = sorted(set(manifest["tar_key"].to_pylist())) if "tar_key" in manifest.column_names else []
+    return [(key, (out / key).read_bytes()) for key in keys]
+
+
+def compare(reference: Path, drill: Path, label: str, report: Drill) -> None:
+    """Records every difference between the drill's outputs and the reference's, and counts duplicate ids."""
+    ours, theirs = _tables(drill), _tables(reference)
+    for name in theirs:
+        if _rows(ours[name]) != _rows(theirs[name]):
+            report.mismatches.append(f"{label}: {name} differs ({ours[name].num_rows} vs {theirs[name].num_rows} rows)")
+        id_column = ID_COLUMNS.get(name, "item_id")
+        if id_column in ours[name].column_names:
+            counts = Counter(ours[name][id_column].to_pylist())
+            report.duplicates += sum(n - 1 for n in counts.values() if n > 1)
+    transient = _transient_kinds()
+    for name, table in ours.items():
+        if name.startswith("dead_letter/"):
+            report.transient_dead_letters += sum(1 for k in table["error_class"].to_pylist() if k in transient)
+    if [k for k, _ in _tars(drill)] != [k for k, _ in _tars(reference)] or _tars(drill) != _tars(reference):
+        report.mismatches.append(f"{label}: tars differ")
+    from asr_assets import layout
+
+    a, b = _committed(drill, layout.files_key(SHARD)), _committed(reference, layout.files_key(SHARD))
+    if (a.read_bytes() if a else b"") != (b.read_bytes() if b else b""):
+        report.mismatches.append(f"{label}: per-file transcripts differ")
+
+
+# ------------------------------------------------------------------------------------------------------------ drills
+
+
+def kill_drill(runner: Runner, reference: Path, clean_s: float, seed: int, kills: int, report: Drill) -> None:
+    """Kills a run ``kills`` times at random moments (seeded), then runs it to completion and compares."""
+    rng = random.Random(seed)
+    out = runner.work / f"kill-{seed}"
+    for n in range(kills):
+        proc = runner.start(out, f"k{n}")
+        # Uniform over the clean run's length: start-up, every stage and the commit alike.
+        stage = _kill_after(proc, rng.uniform(1.0, max(2.0, clean_s)), out)
+        if stage is not None:
+            report.kills += 1
+            report.stages_hit[stage] += 1
+    if runner.run(out, "final") != 0:
+        report.failed_runs += 1
+        report.mismatches.append(f"kill seed {seed}: the final run failed (see {runner.work}/homes)")
+        return
+    compare(reference, out, f"kill seed {seed}", report)
+
+
+def concurrent_drill(runner: Runner, reference: Path, report: Drill) -> None:
+    """Two runs of the same shard started together; both must succeed and the outputs match the reference."""
+    out = runner.work / "concurrent"
+    procs = [runner.start(out, f"c{n}") for n in range(2)]
+    codes = [p.wait(timeout=1800) for p in procs]
+    report.concurrent_runs += 2
+    if any(codes):
+        report.failed_runs += sum(1 for c in codes if c)
+        report.mismatches.append(f"concurrent: exit codes {codes}")
+    compare(reference, out, "concurrent", report)
+
+
+def arrivals_drill(runner: Runner, reference: Path, clean_s: float, report: Drill) -> None:
+    """Half the corpus is held back; it arrives while a run works on the shard and is indexed as the sensor does."""
+    from asr_assets.stages import index_objects
+    from resources.storage import LocalStore
+
+    out = runner.work / "arrivals"
+    held = runner.work / "held-back"
+    held.mkdir(exist_ok=True)
+    files = sorted(p for p in runner.source.rglob("*") if p.is_file())
+    late = files[1::2]
+    for path in late:
+        dest = held / path.relative_to(runner.source)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, dest)  # a rename keeps size and mtime: the same object versions as the reference saw
+    proc = runner.start(out, "a0")
+    time.sleep(max(1.0, clean_s / 3))
+    for path in late:
+        os.replace(held / path.relative_to(runner.source), path)
+    source = LocalStore(runner.source)
+    index_objects(source, LocalStore(out), source.list(), 1)  # what the arrivals sensor does on its tick
+    code = proc.wait(timeout=1800)
+    report.arrival_drills += 1
+    if code != 0 or runner.run(out, "a1") != 0:
+        report.failed_runs += 1
+        report.mismatches.append("arrivals: a run failed")
+        return
+    compare(reference, out, "arrivals", report)
+
+
+def run_chaos(work: Path, seeds: int, kills: int, concurrent: bool = True, arrivals: bool = True) -> dict:
+    """Builds the corpus, the reference run and every drill under ``work``; returns the JSON line as a dict."""
+    from asr_assets.sample_corpus import generate_corpus
+
+    corpus = generate_corpus(work / "corpus", seed=0, num_files=7)
+    runner = Runner(corpus.media_dir, work)
+    reference = work / "reference"
+    started = time.monotonic()
+    if runner.run(reference, "ref") != 0:
+        raise RuntimeError(f"the reference run failed; see {work}/homes/reference-ref/run.log")
+    clean_s = time.monotonic() - started
+    report = Drill()
+    for seed in range(seeds):
+        kill_drill(runner, reference, clean_s, seed, kills, report)
+    if concurrent:
+        concurrent_drill(runner, reference, report)
+    if arrivals:
+        arrivals_drill(runner, reference, clean_s, report)
+    line = report.line()
+    line["clean_run_s"] = round(clean_s, 1)
+    return line
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=4, help="kill drills, one output root each")
+    parser.add_argument("--kills", type=int, default=3, help="SIGKILLs per seed before the final run")
+    parser.add_argument("--work", type=Path, default=None, help="working folder (default: a temporary one)")
+    args = parser.parse_args(argv)
+    work = args.work or Path(tempfile.mkdtemp(prefix="asr-chaos-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        line = run_chaos(work, args.seeds, args.kills)
+    finally:
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(line))
+    sys.exit(0 if line["identical"] and not line["duplicates"] and not line["transient_dead_letters"] else 1)
+
+
+if __name__ == "__main__":
+    main()
