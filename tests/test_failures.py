@@ -7,7 +7,6 @@ import os
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
@@ -186,25 +185,3 @@ def test_a_segment_the_engine_fails_on_is_retried_across_runs_until_its_third_at
             assert report.failed == 1
     assert attempts == [[("EngineCallFailed", n)] for n in (1, 2, 3, 3)]
     assert report.processed == 0  # the third failure was final
-
-
-def test_whisper_engine_errors_reach_the_broken_engine_guard(monkeypatch) -> None:
-    from asr_assets.stages import _transcribe_checked
-    from resources.teachers.base import TeacherBroken, TeacherInput, create_engine
-
-    engine = create_engine("faster-whisper", TeacherSettings(threads=1))
-
-    class _DeadModel:  # the CTranslate2 model, its generate call failing as on a lost device
-        def __init__(self, model) -> None:
-            self._model = model
-
-        def __getattr__(self, name):
-            return getattr(self._model, name)
-
-        def generate(self, *args, **kwargs):
-            raise RuntimeError("CUDA failed with error device-side assert triggered")
-
-    monkeypatch.setattr(engine._model, "model", _DeadModel(engine._model.model))
-    batch = [TeacherInput(f"seg-{i}", np.zeros(16000, np.float32), "en") for i in range(4)]
-    with pytest.raises(TeacherBroken, match="every one of 4 segments.*device-side assert"):
-        _transcribe_checked(engine, batch)
