@@ -82,7 +82,7 @@ class OssServer:
         self.objects: dict[str, Stored] = {}
         self.uploads: dict[str, dict[int, bytes]] = {}
         self.faults = Faults()
-        self.counts = {"requests": 0, "errors_503": 0, "dropped": 0, "rejected": 0}
+        self.counts = {"requests": 0, "errors_503": 0, "dropped": 0, "rejected": 0, "outages": 0}
         self.lock = threading.Lock()
         handler = type("Handler", (_Handler,), {"oss": self})
         self.down = threading.Event()
@@ -107,6 +107,7 @@ class OssServer:
         """Unreachable: new connections are refused (the listening socket is closed) and requests on connections
         already open are dropped without an answer."""
         self.down.set()
+        self.counts["outages"] += 1
         self._httpd.shutdown()
         self._httpd.server_close()
 
