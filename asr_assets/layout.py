@@ -120,6 +120,16 @@ def append_dead_letters(store: ObjectStore, stage: str, shard: str, rows: Sequen
     write_table(store, dead_letter_key(stage, shard), pa.concat_tables([kept, to_table(rows, DEAD_LETTER_SCHEMA)]))
 
 
+def remove_dead_letters(store: ObjectStore, stage: str, shard: str, item_ids: set[str]) -> None:
+    """Drops the dead-letter rows of items retried with success. Called after their results are written: a crash in
+    between leaves a stale row beside a result, which the stage's next run removes (results win)."""
+    old = read_dead_letters(store, stage, shard)
+    gone = pc.is_in(old["item_id"], value_set=pa.array(sorted(item_ids), pa.string()))
+    if not item_ids or not pc.any(gone).as_py():
+        return
+    write_table(store, dead_letter_key(stage, shard), old.filter(pc.invert(gone)))
+
+
 def dead_letter(item_id: str, uri: str, stage: str, error_class: str, message: str, attempt: int = 1) -> DeadLetterRow:
     """A dead-letter row stamped now."""
     return DeadLetterRow(item_id, uri, stage, error_class, message, attempt, datetime.now(UTC))

@@ -110,8 +110,12 @@ class ObjectStore(ABC):
         """Moves (or uploads) a finished local file into the store atomically; ``src`` is consumed."""
 
     @abstractmethod
-    def local_path(self, key: str) -> Path:
-        """A local file holding the object's bytes, for libraries that need a path (FFmpeg, soundfile)."""
+    def local_path(self, key: str, max_bytes: int | None = None) -> Path:
+        """A local file holding the object's bytes, for libraries that need a path (FFmpeg, soundfile).
+
+        Raises:
+            ObjectTooLarge: the object holds more than ``max_bytes`` (checked before any byte is downloaded).
+        """
 
     @abstractmethod
     def delete(self, key: str) -> None:
@@ -234,8 +238,11 @@ class LocalStore(ObjectStore):
         finally:
             src.unlink(missing_ok=True)
 
-    def local_path(self, key: str) -> Path:
-        return self._path(key)
+    def local_path(self, key: str, max_bytes: int | None = None) -> Path:
+        path = self._path(key)
+        if max_bytes is not None and path.stat().st_size > max_bytes:
+            raise ObjectTooLarge(f"{self.uri_of(key)} is {path.stat().st_size} bytes, over the {max_bytes}-byte limit")
+        return path
 
     def _full(self, key: str) -> StorageFull:
         return StorageFull(
@@ -304,6 +311,18 @@ def _pid_alive(pid: int) -> bool:
 
 class StorageAuthError(PermissionError):
     """OSS refused the credentials or the request signature; retrying cannot help."""
+
+
+class StorageRefused(OSError):
+    """OSS answered a request with an error that retrying cannot fix (a 4xx other than throttling or timeouts)."""
+
+    transient = False
+
+
+class ObjectTooLarge(ValueError):
+    """An object larger than the caller's limit; refused before downloading it."""
+
+    kind = "TooLarge"
 
 
 @dataclass(frozen=True)
@@ -416,6 +435,8 @@ class OssStore(ObjectStore):
                 raise FileNotFoundError(f"{what}: no such object in {self._where()}") from None
             except errors.NoSuchBucket:
                 raise StorageConfigError(f"{what}: {self._where()} does not exist") from None
+            except errors.NotFound:  # a HEAD of a missing object: 404 without a body, so no NoSuchKey code
+                raise FileNotFoundError(f"{what}: no such object in {self._where()}") from None
             except errors.OssError as exc:
                 transient = exc.status in (-2, 408, 429) or exc.status >= 500 or exc.code in ("RequestTimeout",)
                 if exc.status == 403 or exc.code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied"):
@@ -423,7 +444,9 @@ class OssStore(ObjectStore):
                         f"{what}: OSS refused the request to {self._where()} ({exc.code}); check OSS_ACCESS_KEY_ID "
                         "and OSS_ACCESS_KEY_SECRET"
                     ) from None
-                if not transient or attempt + 1 == policy.attempts:
+                if not transient:
+                    raise StorageRefused(f"{what}: {self._where()} answered {exc.status} {exc.code}") from None
+                if attempt + 1 == policy.attempts:
                     raise OSError(f"{what}: {self._where()} answered {exc.status} {exc.code}") from None
             time.sleep(random.uniform(0, min(policy.max_delay_s, policy.base_delay_s * 2**attempt)))
         raise AssertionError("unreachable")
@@ -493,13 +516,58 @@ class OssStore(ObjectStore):
                 self._bucket.abort_multipart_upload(full, upload_id)
             raise
 
-    def local_path(self, key: str) -> Path:
-        def download(dst: Path) -> None:
-            self._call(
-                f"downloading {self.uri_of(key)}", lambda: self._bucket.get_object_to_file(self._prefix + key, str(dst))
-            )
+    def local_path(self, key: str, max_bytes: int | None = None) -> Path:
+        return self._cache.fetch(self.uri_of(key), lambda dst: self._download(key, dst, max_bytes))
 
-        return self._cache.fetch(self.uri_of(key), download)
+    def _download(self, key: str, dst: Path, max_bytes: int | None) -> None:
+        """Downloads an object in ranged reads, checked against the size and CRC-64 its HEAD announced.
+
+        oss2 streams a body unwrapped, so a connection dropped in the middle would fail the whole object: here the read
+        resumes from the bytes already written (a Range request), a CRC-64 mismatch downloads it again, and an object
+        over ``max_bytes`` is refused before any byte is fetched; never more than the announced size is written.
+        """
+        full, what = self._prefix + key, f"downloading {self.uri_of(key)}"
+        head = self._call(what, lambda: self._bucket.head_object(full))
+        size = head.content_length
+        if max_bytes is not None and size > max_bytes:
+            raise ObjectTooLarge(f"{self.uri_of(key)} is {size} bytes, over the {max_bytes}-byte limit; not downloaded")
+        policy = self._settings.retry
+        for attempt in range(policy.attempts):
+            with open(dst, "wb") as f:
+                self._read_ranges(full, what, f, size, head.etag)
+            crc = _crc64_of(self._oss2, dst)
+            if head.server_crc is None or crc == head.server_crc:
+                return
+            if attempt + 1 < policy.attempts:
+                time.sleep(random.uniform(0, min(policy.max_delay_s, policy.base_delay_s * 2**attempt)))
+        raise OSError(f"{what}: CRC-64 of the downloaded bytes differs from {self._where()}'s, {policy.attempts} times")
+
+    def _read_ranges(self, full: str, what: str, f, size: int, etag: str) -> None:
+        """Fills ``f`` with bytes ``[0, size)``, resuming after a dropped body; gives up after ``policy.attempts``
+        drops in a row without progress."""
+        policy = self._settings.retry
+        stalls = 0
+        while f.tell() < size:
+            start = f.tell()
+            result = self._call(what, lambda s=start: self._bucket.get_object(full, byte_range=(s, size - 1)))
+            if result.etag != etag:
+                raise OSError(f"{what}: the object was replaced during the download")
+            try:
+                while chunk := result.read(1 << 20):
+                    if f.tell() + len(chunk) > size:
+                        raise StorageRefused(f"{what}: {self._where()} sent more than the {size} bytes it announced")
+                    f.write(chunk)
+                if f.tell() < size:
+                    raise ConnectionError(f"the body ended at byte {f.tell()} of {size}")
+            except StorageRefused:
+                raise
+            except OSError as exc:  # requests' ChunkedEncodingError or a reset: resume from what is written
+                stalls = 0 if f.tell() > start else stalls + 1
+                if stalls >= policy.attempts:
+                    raise OSError(f"{what}: the connection to {self._where()} keeps dropping ({exc})") from None
+                time.sleep(random.uniform(0, min(policy.max_delay_s, policy.base_delay_s * 2**stalls)))
+            finally:
+                result.close()
 
     def delete(self, key: str) -> None:
         self._call(f"deleting {self.uri_of(key)}", lambda: self._bucket.delete_object(self._prefix + key))
@@ -508,6 +576,14 @@ class OssStore(ObjectStore):
         if self._scratch is None:
             self._scratch = Path(tempfile.mkdtemp(prefix="asr-scratch-"))
         return self._scratch
+
+
+def _crc64_of(oss2, path: Path) -> int:
+    crc = oss2.utils.Crc64(0)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            crc.update(chunk)
+    return crc.crc
 
 
 def _same_device(a: Path, b: Path) -> bool:

@@ -5,8 +5,10 @@ Content-MD5, Content-Type, Date, the canonical x-oss-* headers and the resource 
 configured key pair and a Date within 15 minutes; failures answer with OSS's error XML (InvalidAccessKeyId,
 SignatureDoesNotMatch, RequestTimeTooSkewed, NoSuchBucket, NoSuchKey, InvalidPart, NoSuchUpload, InvalidDigest).
 Implements put/get (with Range)/head/delete object, list objects v2 (prefix, max-keys, continuation-token,
-start-after, url encoding) and multipart upload (initiate, upload part, complete, abort). Faults can be injected: a
-fraction of requests answered 503, a fraction of connections dropped without an answer, and a delay per request.
+start-after, url encoding) and multipart upload (initiate, upload part, complete, abort); GET and HEAD answer the
+object's CRC-64 (x-oss-hash-crc64ecma) as OSS does. Faults can be injected: a fraction of requests answered 503, a
+fraction of connections dropped without an answer, a delay per request, object bodies cut off after some bytes or
+with a flipped byte, and outages (:meth:`OssServer.outage`: connections refused, then back on the same port).
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ class Faults:
     error_rate: float = 0.0
     drop_rate: float = 0.0
     delay_s: float = 0.0
+    cut_bodies: int = 0  # the next this many object bodies (GET) stop after cut_after bytes and the connection drops
+    cut_after: int = 0
+    corrupt_bodies: int = 0  # the next this many object bodies have one byte flipped
     seed: int = 0
     rng: random.Random = field(init=False)
 
@@ -77,20 +82,55 @@ class OssServer:
         self.objects: dict[str, Stored] = {}
         self.uploads: dict[str, dict[int, bytes]] = {}
         self.faults = Faults()
-        self.counts = {"requests": 0, "errors_503": 0, "dropped": 0, "rejected": 0}
+        self.counts = {"requests": 0, "errors_503": 0, "dropped": 0, "rejected": 0, "outages": 0}
         self.lock = threading.Lock()
         handler = type("Handler", (_Handler,), {"oss": self})
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self.down = threading.Event()
+        self._handler = handler
+        self._httpd = self._listen(0)
+        self._port = self._httpd.server_address[1]
+
+    def _listen(self, port: int) -> ThreadingHTTPServer:
+        httpd = ThreadingHTTPServer(("127.0.0.1", port), self._handler)
+        httpd.daemon_threads = True
+        return httpd
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        return f"http://127.0.0.1:{self._port}"
 
     def __enter__(self) -> OssServer:
-        self._thread.start()
+        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
         return self
+
+    def go_down(self) -> None:
+        """Unreachable: new connections are refused (the listening socket is closed) and requests on connections
+        already open are dropped without an answer."""
+        self.down.set()
+        self.counts["outages"] += 1
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def come_back(self) -> None:
+        """Listens again on the same port."""
+        self._httpd = self._listen(self._port)
+        self.down.clear()
+        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
+
+    def outage(self, seconds: float, after_requests: int = 0) -> threading.Thread:
+        """Goes down once ``after_requests`` more requests were served, for ``seconds``, in a background thread."""
+
+        def run() -> None:
+            target = self.counts["requests"] + after_requests
+            while self.counts["requests"] < target:
+                threading.Event().wait(0.01)
+            self.go_down()
+            threading.Event().wait(seconds)
+            self.come_back()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        return thread
 
     def __exit__(self, *exc) -> None:
         self._httpd.shutdown()
@@ -134,6 +174,11 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self) -> None:
         oss = self.oss
         body = self._read_body()
+        if oss.down.is_set():  # a keep-alive connection from before the outage
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_RDWR)
+            return
         with oss.lock:
             oss.counts["requests"] += 1
             roll_drop, roll_error = oss.faults.rng.random(), oss.faults.rng.random()
@@ -284,6 +329,7 @@ class _Handler(BaseHTTPRequestHandler):
             "Last-Modified": format_datetime(obj.mtime, usegmt=True),
             "Content-Type": "application/octet-stream",
             "Accept-Ranges": "bytes",
+            "x-oss-hash-crc64ecma": str(_crc64(obj.data)),
         }
         data, status = obj.data, 200
         range_header = self.headers.get("Range")
@@ -303,7 +349,24 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             return
-        self._send(status, data, headers)
+        with self.oss.lock:
+            cut, corrupt = self.oss.faults.cut_bodies > 0, self.oss.faults.corrupt_bodies > 0
+            self.oss.faults.cut_bodies -= cut
+            self.oss.faults.corrupt_bodies -= corrupt and not cut
+        if corrupt and not cut and data:
+            data = bytes([data[0] ^ 0xFF]) + data[1:]
+        if not cut:
+            return self._send(status, data, headers)
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data[: self.oss.faults.cut_after])
+        self.wfile.flush()
+        self.close_connection = True
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
 
     def _list_v2(self, params: dict[str, str]) -> None:
         prefix = params.get("prefix", "")
@@ -386,6 +449,14 @@ class _Handler(BaseHTTPRequestHandler):
         for tag, text in (("Bucket", self.oss.bucket), ("Key", key), ("ETag", f'"{etag}"')):
             ElementTree.SubElement(root, tag).text = text
         self._send(200, ElementTree.tostring(root), {"Content-Type": "application/xml"})
+
+
+def _crc64(data: bytes) -> int:
+    import oss2
+
+    crc = oss2.utils.Crc64(0)
+    crc.update(data)
+    return crc.crc
 
 
 def main() -> None:

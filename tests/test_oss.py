@@ -177,3 +177,26 @@ def test_whole_graph_on_oss_in_and_out_also_under_faults(server: OssServer, corp
     for result in (clean, faulty):
         assert SECRET not in "\n".join(str(event) for event in result.all_events)
     assert not any(SECRET.encode() in obj.data for obj in server.objects.values())
+
+
+def test_downloads_resume_a_dropped_body_retry_a_bad_crc_and_refuse_oversized_objects(
+    server: OssServer, tmp_path: Path
+) -> None:
+    from resources.storage import ObjectTooLarge
+
+    store = OssStore(BUCKET, "", settings(server, tmp_path, attempts=5, base_delay_s=0.001, max_delay_s=0.01))
+    data = bytes(range(256)) * 4000  # 1 MB
+    server.objects["a.wav"] = _stored(data)
+    server.faults.cut_bodies, server.faults.cut_after = 3, 300_000  # three connections dropped mid-body
+    assert store.local_path("a.wav").read_bytes() == data
+    assert server.faults.cut_bodies == 0  # each drop resumed from the bytes already written
+    server.objects["b.wav"] = _stored(data)
+    server.faults.corrupt_bodies = 1  # a flipped byte: the CRC-64 differs, the object is fetched again
+    assert store.local_path("b.wav").read_bytes() == data and server.faults.corrupt_bodies == 0
+    server.objects["big.wav"] = _stored(data)
+    requests = server.counts["requests"]
+    with pytest.raises(ObjectTooLarge, match="over the 1000-byte limit; not downloaded"):
+        store.local_path("big.wav", max_bytes=1000)
+    assert server.counts["requests"] == requests + 1  # the HEAD only
+    with pytest.raises(FileNotFoundError):
+        store.local_path("nope.wav")

@@ -119,19 +119,25 @@ def test_a_failing_batch_is_bisected_down_to_the_bad_segment() -> None:
     assert engine.calls == 1 + 2 * 6
 
 
-class _AlwaysFails(_BatchFailsOnBad):
-    name = "always-fails"
+class _DeadModel:
+    """The CTranslate2 model inside faster-whisper, its generate call failing as on a lost device."""
 
-    def transcribe(self, batch):
-        self.calls += 1
+    def __init__(self, model) -> None:
+        self._model = model
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def generate(self, *args, **kwargs):
         raise RuntimeError("CUDA error: device lost")
 
 
-def test_an_engine_that_fails_on_every_segment_fails_the_step_instead_of_dead_lettering_them() -> None:
+def test_an_engine_that_fails_on_every_segment_fails_the_step_instead_of_dead_lettering_them(monkeypatch) -> None:
     from asr_assets.stages import _transcribe_checked
 
-    engine = _AlwaysFails(TeacherSettings())
-    batch = [TeacherInput(f"seg-{i}", np.zeros(160, np.float32), "en") for i in range(8)]
+    engine = create_engine("faster-whisper", TeacherSettings(threads=1))  # its own: the model gets broken below
+    monkeypatch.setattr(engine._model, "model", _DeadModel(engine._model.model))
+    batch = [TeacherInput(f"seg-{i}", np.zeros(16000, np.float32), "en") for i in range(8)]
     with pytest.raises(TeacherBroken, match="every one of 8 segments.*device lost"):
         _transcribe_checked(engine, batch)
     # One bad segment among good ones is still that segment's outcome alone.

@@ -6,13 +6,15 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from asr_assets import layout
+from asr_assets import failures, layout
+from asr_assets.failures import BugGuard, RetryBudget, TransientFailure
 from asr_assets.media import DecodeJob, DecodeResult, decode_media
-from asr_assets.pool import run_pool
+from asr_assets.pool import PoolOutcome, run_pool
 from asr_assets.records import (
     AUDIO_SCHEMA,
     AudioRow,
@@ -38,71 +40,128 @@ class DecodeSettings:
 
 
 def decode_shard(
-    source: ObjectStore, out: ObjectStore, shard: str, settings: DecodeSettings, pool: PoolSettings
+    source: ObjectStore,
+    out: ObjectStore,
+    shard: str,
+    settings: DecodeSettings,
+    pool: PoolSettings,
+    budget: RetryBudget | None = None,
 ) -> StageReport:
-    """Decodes every indexed media object without an outcome to ``audio_wav/{shard}/{media_id}.flac``."""
+    """Decodes every indexed media object without an outcome to ``audio_wav/{shard}/{media_id}.flac``.
+
+    Failures follow the taxonomy (asr_assets/failures.py): a fetch that fails the way a network does is retried
+    within ``budget`` and then fails the step (:class:`TransientFailure`, nothing dead-lettered); a worker timeout or
+    crash is retried alone up to three attempts; bad input is dead-lettered at once. Items whose old dead letter is not
+    final are retried, and their row is removed when they succeed.
+    """
     started = time.perf_counter()
+    budget = budget or RetryBudget()
     report = StageReport()
+    guard = BugGuard("audio_wav", shard)
     index = layout.read_index(out, shard)
     manifest = read_table(out, layout.audio_manifest_key(shard), AUDIO_SCHEMA)
-    # Dead letters count as outcomes too: they are written first, so a crash between the two writes must not make an
-    # item run again (and perhaps end both decoded and dead-lettered).
-    done = ids_of(manifest, "media_id") | ids_of(layout.read_dead_letters(out, "audio_wav", shard), "item_id")
+    dead_table = layout.read_dead_letters(out, "audio_wav", shard)
+    decoded = set(manifest.filter(pc.equal(manifest["status"], "decoded"))["media_id"].to_pylist())
+    # A crash after a retried item's success was written, before its old dead letter was removed: finish the removal.
+    layout.remove_dead_letters(out, "audio_wav", shard, ids_of(dead_table, "item_id") & decoded)
+    # Dead letters count as outcomes only when final (written first, so a crash between the two writes does not run
+    # a failed item again); transient and not-yet-exhausted suspect ones are retried.
+    final = failures.final_ids(dead_table)
+    retried = ids_of(dead_table, "item_id") - final
+    attempts = failures.prior_attempts(dead_table)
+    done = decoded | final
     todo = [r for r in index.to_pylist() if r["media_id"] not in done]
     scratch = out.scratch_dir()
     rows: list[AudioRow] = []
     dead: list[DeadLetterRow] = []
 
-    def jobs() -> Iterator[DecodeJob]:
-        for row in todo:
-            try:
-                src = source.local_path(row["key"])
-            except Exception as exc:  # unreadable object (missing, refused, unsafe): this item's outcome only
-                if is_out_of_space(exc) or isinstance(exc, StorageAuthError):
-                    raise  # a full cache disk or refused credentials: the step's failure, not the file's
-                message = f"audio_wav: media {row['media_id']} ({row['uri']}): cannot fetch it: {exc}"
-                rows.append(_audio_row_failed(row, "FetchError", message))
-                dead.append(layout.dead_letter(row["media_id"], row["uri"], "audio_wav", "FetchError", message))
-                report.fail("FetchError")
-                continue
-            yield DecodeJob(
-                media_id=row["media_id"],
-                uri=row["uri"],
-                src=src,
-                dst=scratch / f"{shard}-{row['media_id']}.flac",
-                max_bytes=settings.max_bytes,
-                max_duration_s=settings.max_duration_s,
-            )
+    def fail(row: dict, kind: str, message: str, unexpected: bool = False) -> None:
+        # The real count: a suspect kind's attempts were counted as they failed (_retry_alone), any other is one more.
+        suspect = failures.classify(kind) == failures.SUSPECT
+        attempt = attempts.get(row["media_id"], 1) if suspect else attempts.get(row["media_id"], 0) + 1
+        rows.append(_audio_row_failed(row, kind, message))
+        dead.append(layout.dead_letter(row["media_id"], row["uri"], "audio_wav", kind, message, attempt))
+        guard.failed(kind, message, unexpected)
+        report.fail(kind)
 
-    def flush() -> None:
+    def fetch(row: dict) -> Path | None:
+        where = f"audio_wav: media {row['media_id']} ({row['uri']})"
+        if row["size"] > settings.max_bytes:  # refused before any download: the index knows the size
+            fail(row, "TooLarge", f"{where}: file is {row['size']} bytes, over the {settings.max_bytes}-byte limit")
+            return None
+        try:
+            return budget.call(lambda: source.local_path(row["key"], max_bytes=settings.max_bytes))
+        except FileNotFoundError as exc:
+            fail(row, "Missing", f"{where}: the object is gone: {exc}")
+        except Exception as exc:
+            if is_out_of_space(exc) or isinstance(exc, StorageAuthError):
+                raise  # a full cache disk or refused credentials: the step's failure, not the file's
+            if failures.is_transient_error(exc):
+                raise TransientFailure("audio_wav", shard, len(todo) - report.processed, exc) from exc
+            fail(row, getattr(exc, "kind", "Unfetchable"), f"{where}: cannot fetch it: {exc}")  # e.g. unsafe key
+        return None
+
+    def jobs(queue: list[dict]) -> Iterator[DecodeJob]:
+        for row in queue:
+            src = fetch(row)
+            if src is not None:
+                yield DecodeJob(
+                    media_id=row["media_id"],
+                    uri=row["uri"],
+                    src=src,
+                    dst=scratch / f"{shard}-{row['media_id']}.flac",
+                    max_bytes=settings.max_bytes,
+                    max_duration_s=settings.max_duration_s,
+                )
+
+    def flush(final_flush: bool = False) -> None:
         nonlocal manifest
-        if rows:
-            manifest = pa.concat_tables([manifest, to_table(rows, AUDIO_SCHEMA)])
+        if rows and guard.may_flush(final_flush):
+            new = to_table(rows, AUDIO_SCHEMA)
+            ok_ids = {r.media_id for r in rows if r.status == "decoded"}
             layout.append_dead_letters(out, "audio_wav", shard, dead)
+            # One row per item: a retried item's new outcome replaces its old failed row.
+            manifest = manifest.filter(pc.invert(pc.is_in(manifest["media_id"], value_set=new["media_id"])))
+            manifest = pa.concat_tables([manifest, new])
             write_table(out, layout.audio_manifest_key(shard), manifest)
+            layout.remove_dead_letters(out, "audio_wav", shard, ok_ids & retried)  # after the result that replaces it
             rows.clear()
             dead.clear()
 
-    for outcome in run_pool(decode_media, jobs(), workers=pool.workers, timeout_s=pool.timeout_s):
-        job: DecodeJob = outcome.job
-        result: DecodeResult | None = outcome.result
-        if result is not None and result.error_class is None:
-            key = layout.audio_key(shard, job.media_id)
-            out.put_file(key, job.dst)
-            rows.append(_audio_row(job, result, "decoded", key))
-            report.ok(result.duration_s or 0.0)
-        else:
-            job.dst.unlink(missing_ok=True)
-            if result is None:
-                kind, message = error_of(outcome)
-                message = f"audio_wav: media {job.media_id} ({job.uri}): {message}"
-                result = DecodeResult(job.media_id, "unknown", kind, message)
-            rows.append(_audio_row(job, result, "failed", None))
-            dead.append(layout.dead_letter(job.media_id, job.uri, "audio_wav", result.error_class, result.error))
-            report.fail(result.error_class)
-        if len(rows) >= pool.checkpoint_every:
-            flush()
-    flush()
+    by_id = {r["media_id"]: r for r in todo}
+    queue = todo
+    try:
+        while queue:
+            again: list[dict] = []
+            for outcome in run_pool(decode_media, jobs(queue), workers=pool.workers, timeout_s=pool.timeout_s):
+                job: DecodeJob = outcome.job
+                result: DecodeResult | None = outcome.result
+                if result is not None and result.error_class is None:
+                    key = layout.audio_key(shard, job.media_id)
+                    out.put_file(key, job.dst)
+                    rows.append(_audio_row(job, result, "decoded", key))
+                    guard.ok()
+                    report.ok(result.duration_s or 0.0)
+                else:
+                    job.dst.unlink(missing_ok=True)
+                    if _retry_alone(outcome, result, attempts):
+                        again.append(by_id[job.media_id])
+                        continue
+                    unexpected = result is None and failures.is_unexpected(outcome.error)
+                    if result is None:
+                        kind, message = error_of(outcome)
+                        kind = "Missing" if isinstance(outcome.error, FileNotFoundError) else kind
+                        message = f"audio_wav: media {job.media_id} ({job.uri}): {message}"
+                        result = DecodeResult(job.media_id, "unknown", kind, message)
+                    fail(by_id[job.media_id], result.error_class, result.error, unexpected)
+                    rows[-1] = _audio_row(job, result, "failed", None)  # keeps what the worker learned
+                if len(rows) >= pool.checkpoint_every:
+                    flush()
+            queue = again
+    except TransientFailure:
+        flush(final_flush=True)  # what finished stays finished; the rest is pending
+        raise
+    flush(final_flush=True)
     if report.processed:
         report.outputs.append(layout.audio_manifest_key(shard))
     statuses = Counter(manifest["status"].to_pylist())
@@ -114,6 +173,16 @@ def decode_shard(
     }
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _retry_alone(outcome: PoolOutcome, result: DecodeResult | None, attempts: dict[str, int]) -> bool:
+    """Counts a suspect failure (timeout, crash, memory) as an attempt; whether the item gets another one."""
+    kind = result.error_class if result is not None else error_of(outcome)[0]
+    if failures.classify(kind) != failures.SUSPECT:
+        return False
+    media_id = outcome.job.media_id
+    attempts[media_id] = attempts.get(media_id, 0) + 1
+    return attempts[media_id] < failures.MAX_ATTEMPTS
 
 
 def _audio_row_failed(row: dict, kind: str, message: str) -> AudioRow:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,8 +12,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import soundfile as sf
 
-from asr_assets import dnsmos, layout
-from asr_assets.pool import run_pool
+from asr_assets import dnsmos, failures, layout
+from asr_assets.failures import BugGuard
+from asr_assets.pool import PoolOutcome, run_pool
 from asr_assets.records import (
     AUDIO_SCHEMA,
     FEATURE_SCHEMA,
@@ -131,8 +133,15 @@ def features_shard(
     dnsmos_sha = dnsmos.model_sha256() if dnsmos_fraction > 0 else None
     segments = read_table(out, layout.segments_key(shard), SEGMENT_SCHEMA)
     features = read_table(out, layout.features_key(shard), FEATURE_SCHEMA)
+    guard = BugGuard("segment_features", shard)
     dead_table = layout.read_dead_letters(out, "segment_features", shard)
-    done = ids_of(features, "segment_id") | ids_of(dead_table, "item_id")
+    featured = ids_of(features, "segment_id")
+    # A crash after a retried segment's row was written, before its old dead letter was removed: finish the removal.
+    layout.remove_dead_letters(out, "segment_features", shard, ids_of(dead_table, "item_id") & featured)
+    final = failures.final_ids(dead_table)
+    retried = ids_of(dead_table, "item_id") - final  # pending: transient, or suspect with attempts left
+    attempts = failures.prior_attempts(dead_table)
+    done = featured | final
     audio = read_table(out, layout.audio_manifest_key(shard), AUDIO_SCHEMA)
     audio_keys = dict(zip(audio["media_id"].to_pylist(), audio["audio_key"].to_pylist(), strict=True))
     uris = dict(zip(audio["media_id"].to_pylist(), audio["uri"].to_pylist(), strict=True))
@@ -143,10 +152,11 @@ def features_shard(
             by_media.setdefault(row["media_id"], []).append(
                 SegmentSpan(row["segment_id"], row["start_s"], row["end_s"], row["prob_mean"], row["prob_min"])
             )
-    jobs = (
-        CutJob(mid, out.local_path(audio_keys[mid]), tuple(spans), mel_bins, dnsmos_fraction)
-        for mid, spans in by_media.items()
-    )
+
+    def jobs(media_ids: list[str]) -> Iterator[CutJob]:
+        for mid in media_ids:
+            yield CutJob(mid, out.local_path(audio_keys[mid]), tuple(by_media[mid]), mel_bins, dnsmos_fraction)
+
     parts = set(features["audio_key"].to_pylist())
     writer = _PackWriter(out, shard, first_part=len(parts), settings=pack)
     rows: list[FeatureRow] = []
@@ -157,35 +167,56 @@ def features_shard(
         nonlocal features
         still_open = None if final else writer.open_part_key
         ready = [r for r in rows if r.audio_key != still_open]
-        if not ready and not dead:
+        if (not ready and not dead) or not guard.may_flush(final):
             return
         layout.append_dead_letters(out, "segment_features", shard, dead)
         dead.clear()
         features = pa.concat_tables([features, to_table(ready, FEATURE_SCHEMA)])
         write_table(out, layout.features_key(shard), features)
+        # After the rows that replace them: a crash in between leaves stale rows the next run removes.
+        layout.remove_dead_letters(out, "segment_features", shard, {r.segment_id for r in ready} & retried)
         rows[:] = [r for r in rows if r.audio_key == still_open]
 
     closed_parts = 0
+    tries: dict[str, int] = {}  # suspect failures of each media's job in this run
+
+    def failed(job: CutJob, outcome: PoolOutcome, again: list[str]) -> None:
+        kind, message = error_of(outcome)
+        suspect = failures.classify(kind) == failures.SUSPECT
+        if suspect:
+            tries[job.media_id] = tries.get(job.media_id, 0) + 1
+            prior = max(attempts.get(span.segment_id, 0) for span in job.spans)
+            if prior + tries[job.media_id] < failures.MAX_ATTEMPTS:
+                again.append(job.media_id)  # retried alone: the worker may have died of another item's load
+                return
+        message = f"segment_features: media {job.media_id} ({uris[job.media_id]}): {message}"
+        for span in job.spans:
+            attempt = attempts.get(span.segment_id, 0) + (tries.get(job.media_id, 0) if suspect else 1)
+            dead.append(
+                layout.dead_letter(span.segment_id, uris[job.media_id], "segment_features", kind, message, attempt)
+            )
+            guard.failed(kind, message, failures.is_unexpected(outcome.error))
+            report.fail(kind)
+
+    queue = list(by_media)
     try:
-        for outcome in run_pool(cut_and_measure, jobs, workers=pool.workers, timeout_s=pool.timeout_s):
-            job: CutJob = outcome.job
-            measured: list[Measured] | None = outcome.result
-            if measured is None:
-                kind, message = error_of(outcome)
-                message = f"segment_features: media {job.media_id} ({uris[job.media_id]}): {message}"
-                for span in job.spans:
-                    dead.append(
-                        layout.dead_letter(span.segment_id, uris[job.media_id], "segment_features", kind, message)
-                    )
-                    report.fail(kind)
-                continue
-            for m in measured:
-                key, offset, mel_key = writer.append(m.pcm, m.mel, m.span.segment_id)
-                rows.append(_feature_row(job.media_id, m, key, offset, mel_key))
-                report.ok(m.pcm.shape[0] / SAMPLE_RATE)
-            if len(writer.written) > closed_parts or len(dead) >= pool.checkpoint_every:
-                closed_parts = len(writer.written)
-                flush(final=False)
+        while queue:
+            again: list[str] = []
+            for outcome in run_pool(cut_and_measure, jobs(queue), workers=pool.workers, timeout_s=pool.timeout_s):
+                job: CutJob = outcome.job
+                measured: list[Measured] | None = outcome.result
+                if measured is None:
+                    failed(job, outcome, again)
+                    continue
+                for m in measured:
+                    key, offset, mel_key = writer.append(m.pcm, m.mel, m.span.segment_id)
+                    rows.append(_feature_row(job.media_id, m, key, offset, mel_key))
+                    guard.ok()
+                    report.ok(m.pcm.shape[0] / SAMPLE_RATE)
+                if len(writer.written) > closed_parts or len(dead) >= pool.checkpoint_every:
+                    closed_parts = len(writer.written)
+                    flush(final=False)
+            queue = again
         writer.close()
     except BaseException:
         writer.abort()

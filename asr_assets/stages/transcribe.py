@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from asr_assets import layout
+from asr_assets import failures, layout
+from asr_assets.failures import RetryBudget, TransientFailure
 from asr_assets.media import read_audio
 from asr_assets.records import (
     FEATURE_SCHEMA,
@@ -64,8 +65,13 @@ def transcribe_shard(
     settings: TranscribeSettings,
     on_wave: Callable[[StageReport], None] | None = None,
     second: SecondOpinion | None = None,
+    budget: RetryBudget | None = None,
 ) -> StageReport:
-    """Labels every featured segment without a transcript or dead letter, writing one part per wave.
+    """Labels every featured segment without a transcript or final dead letter, writing one part per wave.
+
+    A segment whose audio cannot be read (a store outage) is retried within ``budget``, then the step fails with
+    :class:`TransientFailure` and the segment stays pending; a segment the engine fails on alone (EngineCallFailed) is
+    dead-lettered but retried by the next runs until its third attempt.
 
     With ``second``, an independent engine also labels the sampled segments of each batch the teacher labelled; its
     text and disagreement go into the same rows (so into the same checkpoint part). A segment the second engine fails
@@ -78,12 +84,21 @@ def transcribe_shard(
         settings: wave and batch sizes.
         on_wave: called after each wave is written (progress logging).
         second: the second opinion, if any (its engine is loaded only when a sampled segment has a label).
+        budget: how long a failed audio read is retried (default: ``ASR_TRANSIENT_DEADLINE_S``).
     """
     started = time.perf_counter()
+    budget = budget or RetryBudget()
     report = StageReport()
     features = read_table(out, layout.features_key(shard), FEATURE_SCHEMA)
     existing = read_transcripts(out, shard)
-    done = ids_of(existing, "segment_id") | ids_of(layout.read_dead_letters(out, "transcripts", shard), "item_id")
+    dead_table = layout.read_dead_letters(out, "transcripts", shard)
+    labelled = ids_of(existing, "segment_id")
+    # A crash after a retried segment's part was written, before its old dead letter was removed: finish the removal.
+    layout.remove_dead_letters(out, "transcripts", shard, ids_of(dead_table, "item_id") & labelled)
+    final = failures.final_ids(dead_table)
+    retried = ids_of(dead_table, "item_id") - final  # pending: transient, or suspect with attempts left
+    attempts = failures.prior_attempts(dead_table)
+    done = labelled | final
     todo = features.filter(pc.invert(pc.is_in(features["segment_id"], value_set=pa.array(sorted(done), pa.string()))))
     # Storage order: each packed part is read front to back.
     todo = todo.sort_by([("audio_key", "ascending"), ("audio_offset", "ascending")]).to_pylist()
@@ -98,23 +113,11 @@ def transcribe_shard(
         rows: list[TranscriptRow] = []
         dead: list[DeadLetterRow] = []
         for batch in _chunks(wave, settings.batch_size):
-            inputs, ready = [], []
-            for r in batch:
-                try:
-                    audio = read_audio(out.local_path(r["audio_key"]), r["audio_offset"], r["audio_frames"])
-                except Exception as exc:  # a damaged part costs its segments, not the shard
-                    if is_out_of_space(exc) or isinstance(exc, StorageAuthError):
-                        raise  # the machine's or the credentials' failure, not the segment's
-                    message = f"transcripts: segment {r['segment_id']}: cannot read its audio: {exc}"
-                    dead.append(
-                        layout.dead_letter(
-                            r["segment_id"], uris.get(r["media_id"], ""), "transcripts", "UnreadableAudio", message
-                        )
-                    )
-                    report.fail("UnreadableAudio")
-                    continue
-                inputs.append(TeacherInput(r["segment_id"], audio, settings.language))
-                ready.append(r)
+            pending = len(todo) - report.processed
+            inputs = [
+                TeacherInput(r["segment_id"], _read_segment(out, r, budget, shard, pending), settings.language)
+                for r in batch
+            ]
             results = _transcribe_checked(teacher, inputs)
             opinions: dict[str, tuple[str, str, float]] = {}
             if second is not None:
@@ -126,11 +129,18 @@ def transcribe_shard(
                 if sampled:
                     second_engine = second_engine or second.engine()
                     opinions = _second_opinions(second_engine, sampled, stats)
-            for row, result in zip(ready, results, strict=True):
+            for row, result in zip(batch, results, strict=True):
                 if isinstance(result, TeacherError):
+                    # EngineCallFailed is suspect: its row stays pending until the third attempt fails too.
+                    attempt = attempts.get(row["segment_id"], 0) + 1
                     dead.append(
                         layout.dead_letter(
-                            row["segment_id"], uris.get(row["media_id"], ""), "transcripts", result.kind, str(result)
+                            row["segment_id"],
+                            uris.get(row["media_id"], ""),
+                            "transcripts",
+                            result.kind,
+                            str(result),
+                            attempt,
                         )
                     )
                     report.fail(result.kind)
@@ -161,6 +171,8 @@ def transcribe_shard(
             write_table(out, key, to_table(rows, TRANSCRIPT_SCHEMA))
             report.outputs.append(key)
             next_part += 1
+            # After the part that holds their labels: a crash in between leaves a stale row the next run removes.
+            layout.remove_dead_letters(out, "transcripts", shard, {r.segment_id for r in rows} & retried)
         if on_wave is not None:
             report.seconds = time.perf_counter() - started
             report.totals["pending"] = len(todo) - report.processed
@@ -177,6 +189,25 @@ def transcribe_shard(
             report.totals["mean_disagreement"] = ((pc.sum(judged).as_py() or 0.0) + stats.disagreement_sum) / count
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _read_segment(out: ObjectStore, row: dict, budget: RetryBudget, shard: str, pending: int):
+    """A segment's samples from its packed part. A failed read (UnreadableAudio) is transient: the store or the cache
+    may be failing, the segment is not bad. Retried within ``budget``, then the step fails, nothing dead-lettered."""
+
+    def retryable(exc: BaseException) -> bool:
+        return not (is_out_of_space(exc) or isinstance(exc, StorageAuthError))
+
+    try:
+        return budget.call(
+            lambda: read_audio(out.local_path(row["audio_key"]), row["audio_offset"], row["audio_frames"]), retryable
+        )
+    except Exception as exc:
+        if not retryable(exc):
+            raise  # the machine's or the credentials' failure, not the segment's
+        raise TransientFailure(
+            "transcripts", shard, pending, f"UnreadableAudio: segment {row['segment_id']}: cannot read its audio: {exc}"
+        ) from exc
 
 
 def _second_opinions(

@@ -10,7 +10,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from asr_assets import layout
+from asr_assets import failures, layout
+from asr_assets.failures import BugGuard, RetryBudget, TransientFailure
 from asr_assets.pool import PoolOutcome, run_pool
 from asr_assets.records import (
     AUDIO_SCHEMA,
@@ -59,13 +60,17 @@ def vad_shard(
     model_path: Path,
     pool: PoolSettings,
     grouping: GroupSettings | None = None,
+    budget: RetryBudget | None = None,
 ) -> StageReport:
     """Runs Silero VAD on every decoded media object without a VAD outcome and appends its segments.
 
     When a whole group fails (a worker timed out or died), its files are run again one per job, so only the file that
-    caused it is dead-lettered.
+    caused it is dead-lettered, and only after its third attempt. A file whose audio could not be read
+    (UnreadableAudio, transient) is retried within ``budget``; then the step fails and it stays pending.
     """
     started = time.perf_counter()
+    budget = budget or RetryBudget()
+    guard = BugGuard("vad_segments", shard)
     report = StageReport()
     audio = read_table(out, layout.audio_manifest_key(shard), AUDIO_SCHEMA)
     decoded = audio.filter(pc.equal(audio["status"], "decoded"))
@@ -74,7 +79,13 @@ def vad_shard(
     # Segments are written before the media outcomes that vouch for them: segments of media without an outcome are
     # left over from a crash between the two writes, and their media runs again.
     segments = segments.filter(pc.is_in(segments["media_id"], value_set=media["media_id"]))
-    done = ids_of(media, "media_id") | ids_of(layout.read_dead_letters(out, "vad_segments", shard), "item_id")
+    dead_table = layout.read_dead_letters(out, "vad_segments", shard)
+    # A crash after a retried file's outcome was written, before its old dead letter was removed: finish the removal.
+    layout.remove_dead_letters(out, "vad_segments", shard, ids_of(dead_table, "item_id") & ids_of(media, "media_id"))
+    final = failures.final_ids(dead_table)
+    retried = ids_of(dead_table, "item_id") - final
+    attempts = failures.prior_attempts(dead_table)
+    done = ids_of(media, "media_id") | final
     columns = ["media_id", "uri", "audio_key", "duration_s"]
     todo = [r for r in decoded.select(columns).to_pylist() if r["media_id"] not in done]
     uris = {r["media_id"]: r["uri"] for r in todo}
@@ -87,19 +98,27 @@ def vad_shard(
     segment_rows: list = []
     dead: list[DeadLetterRow] = []
 
-    def flush() -> None:
+    def flush(final_flush: bool = False) -> None:
         nonlocal media, segments
-        if media_rows or dead:
+        if (media_rows or dead) and guard.may_flush(final_flush):
+            ok_ids = {r.media_id for r in media_rows}
             segments = pa.concat_tables([segments, to_table(segment_rows, SEGMENT_SCHEMA)])
             media = pa.concat_tables([media, to_table(media_rows, VAD_MEDIA_SCHEMA)])
             layout.append_dead_letters(out, "vad_segments", shard, dead)
             write_table(out, layout.segments_key(shard), segments)  # segments before the media outcomes that vouch
             write_table(out, layout.vad_media_key(shard), media)
+            layout.remove_dead_letters(out, "vad_segments", shard, ok_ids & retried)  # after the outcome replacing it
             media_rows.clear()
             segment_rows.clear()
             dead.clear()
 
-    def record(outcome: PoolOutcome, retry: list[VadJob]) -> None:
+    def fail(media_id: str, kind: str, message: str, unexpected: bool = False) -> None:
+        attempt = attempts.get(media_id, 0) + (failures.classify(kind) != failures.SUSPECT)
+        dead.append(layout.dead_letter(media_id, uris[media_id], "vad_segments", kind, message, max(attempt, 1)))
+        guard.failed(kind, message, unexpected)
+        report.fail(kind)
+
+    def record(outcome: PoolOutcome, retry: list[VadJob], unreadable: list[VadItem]) -> None:
         batch: VadJob = outcome.job
         if outcome.result is None:
             if len(batch.items) > 1:
@@ -107,35 +126,51 @@ def vad_shard(
                 return
             kind, message = error_of(outcome)
             media_id = batch.items[0].media_id
+            if failures.classify(kind) == failures.SUSPECT:
+                attempts[media_id] = attempts.get(media_id, 0) + 1
+                if attempts[media_id] < failures.MAX_ATTEMPTS:
+                    retry.append(batch)
+                    return
             message = f"vad_segments: media {media_id} ({uris[media_id]}): {message}"
-            dead.append(layout.dead_letter(media_id, uris[media_id], "vad_segments", kind, message))
-            report.fail(kind)
+            fail(media_id, kind, message, failures.is_unexpected(outcome.error))
             return
-        for result in outcome.result:
-            if result.error_class is not None:
-                dead.append(
-                    layout.dead_letter(
-                        result.media_id, uris[result.media_id], "vad_segments", result.error_class, result.error
-                    )
-                )
-                report.fail(result.error_class)
+        for item, result in zip(batch.items, outcome.result, strict=True):
+            if result.error_class is not None and failures.classify(result.error_class) == failures.TRANSIENT:
+                unreadable.append(item)
+                last_error[0] = result.error
                 continue
+            if result.error_class is not None:
+                fail(result.media_id, result.error_class, result.error)
+                continue
+            guard.ok()
             speech_s = sum(s.end_s - s.start_s for s in result.segments)
             media_rows.append(VadMediaRow(result.media_id, result.duration_s, speech_s, len(result.segments)))
             segment_rows.extend(result.segments)
             report.ok(result.duration_s)
 
     jobs: Iterable[VadJob] = (job(rows) for rows in _groups(todo, grouping or GroupSettings()))
+    last_error = [""]
+    unreadable_since: float | None = None
+    rounds = 0
     while True:
         retry: list[VadJob] = []
+        unreadable: list[VadItem] = []
         for outcome in run_pool(detect_speech, jobs, workers=pool.workers, timeout_s=pool.timeout_s):
-            record(outcome, retry)
+            record(outcome, retry, unreadable)
             if len(media_rows) + len(dead) >= pool.checkpoint_every:
                 flush()
+        if unreadable:
+            unreadable_since = unreadable_since or time.monotonic()
+            if time.monotonic() - unreadable_since > budget.deadline_s:
+                flush(final_flush=True)
+                raise TransientFailure("vad_segments", shard, len(unreadable), last_error[0])
+            time.sleep(budget.delay(rounds))
+            rounds += 1
+            retry.extend(VadJob((item,), params, model_path) for item in unreadable)
         if not retry:
             break
         jobs = retry
-    flush()
+    flush(final_flush=True)
     if report.processed:
         report.outputs += [layout.segments_key(shard), layout.vad_media_key(shard)]
     report.totals = {

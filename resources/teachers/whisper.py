@@ -172,22 +172,21 @@ class FasterWhisperTeacher(TeacherEngine):
 
     def transcribe(self, batch: Sequence[TeacherInput]) -> list[TeacherOutput | TeacherError]:
         # Batching buys nothing on a few CPU cores (measured, shared/notes/cpu-teacher.md): one call per segment.
+        # An engine exception propagates: the stage's bisection isolates the segment that fails alone, and its
+        # broken-engine guard fails the step when every segment does (a swallowed exception would hide both).
         return [self._one(item) for item in batch]
 
-    def _one(self, item: TeacherInput) -> TeacherOutput | TeacherError:
-        try:
-            pieces, _ = self._model.transcribe(
-                item.audio,
-                language=item.language,
-                beam_size=self.settings.beam_size,
-                temperature=0.0,
-                condition_on_previous_text=False,
-                without_timestamps=False,
-                vad_filter=False,
-            )
-            pieces = list(pieces)
-        except Exception as exc:  # CTranslate2 raises plain RuntimeErrors; one segment must not fail the batch
-            return TeacherError(f"faster-whisper failed on {item.segment_id}: {type(exc).__name__}: {exc}")
+    def _one(self, item: TeacherInput) -> TeacherOutput:
+        pieces, _ = self._model.transcribe(
+            item.audio,
+            language=item.language,
+            beam_size=self.settings.beam_size,
+            temperature=0.0,
+            condition_on_previous_text=False,
+            without_timestamps=False,
+            vad_filter=False,
+        )
+        pieces = list(pieces)
         text = " ".join(p.text.strip() for p in pieces if p.text.strip())
         num_tokens = sum(len(p.tokens) for p in pieces)
         avg_logprob = sum(p.avg_logprob * len(p.tokens) for p in pieces) / num_tokens if num_tokens else None
