@@ -56,7 +56,7 @@ def decode_shard(
     def jobs() -> Iterator[DecodeJob]:
         for row in todo:
             try:
-                src = source.local_path(row["key"])
+                src = source.local_path(row["key"], row["version"] or "")
             except Exception as exc:  # unreadable object (missing, refused, unsafe): this item's outcome only
                 if is_out_of_space(exc) or isinstance(exc, StorageAuthError):
                     raise  # a full cache disk or refused credentials: the step's failure, not the file's
