@@ -216,7 +216,8 @@ class MediaIndexConfig(dg.Config):
     manifest: str = Field(
         default="",
         description="A Parquet or CSV file of objects to index instead of listing ASR_SOURCE_URI: a 'uri' column "
-        "(under the source) or a 'key' column (relative to it), optionally 'size' and 'mtime'.",
+        "(under the source) or a 'key' column (relative to it), optionally 'size', 'mtime' and 'version' (an ETag or "
+        "content hash: a row whose version changed is processed again).",
     )
 
 
@@ -224,7 +225,8 @@ class MediaIndexConfig(dg.Config):
 def media_index(
     context: dg.AssetExecutionContext, config: MediaIndexConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
-    """The shard's media objects (one row each: media_id, uri, size, mtime, extension), appended as new ones appear."""
+    """The shard's media objects (one row per object version: media_id, uri, size, mtime, extension, version),
+    appended as new ones appear; a replaced object's older row is retired."""
     with layout.step_output(storage, "media_index", context.partition_key) as out:
         report = build_index(storage.source(), out, context.partition_key, NUM_SHARDS, config.manifest or None)
         context.log.info(

@@ -85,8 +85,11 @@ def reconcile_index(out: ObjectStore, shard: str) -> Reconciliation:
     r = Reconciliation()
     index = layout.read_index(out, shard)
     r.expect_unique("media ids", index["media_id"].to_pylist())
-    r.expect_unique("uris", index["uri"].to_pylist())
+    # A uri may be indexed once per version (a replaced object); the same version twice is a duplicate.
+    versions = pc.fill_null(index["version"], "").to_pylist()
+    r.expect_unique("uri versions", [f"{u} @ {v}" for u, v in zip(index["uri"].to_pylist(), versions, strict=True)])
     r.counts["media"] = index.num_rows
+    r.counts["retired"] = len(layout.retired_media(index))
     return r
 
 
@@ -301,6 +304,7 @@ def _reconcile_files(
         by_outcome.setdefault(f"files_{rec['outcome']}", set()).add(rec["media_id"])
     r.expect_partition("indexed files (files.jsonl)", set(index["media_id"].to_pylist()), by_outcome)
 
+    retired = layout.retired_media(index)
     media_failed = _first_dead_letter(out, shard, ("audio_wav", "vad_segments"))
     segment_failed = _first_dead_letter(out, shard, ("segment_features", "transcripts"))
     vad_done = set(read_table(out, layout.vad_media_key(shard), VAD_MEDIA_SCHEMA)["media_id"].to_pylist())
@@ -316,7 +320,9 @@ def _reconcile_files(
         stage = media_failed.get(media_id)
         if stage is None and seg_ids and all(s in segment_failed for s in seg_ids):
             stage = segment_failed[seg_ids[0]]
-        if stage is not None:
+        if media_id in retired:
+            outcome, stage = "superseded", None
+        elif stage is not None:
             outcome = "failed"
         elif media_id not in vad_done:
             outcome = "pending"
@@ -375,7 +381,9 @@ def _check(asset: dg.AssetsDefinition, name: str, fn, description: str):
     return _run
 
 
-index_ids_unique = _check(media_index, "ids_unique", reconcile_index, "No media id or uri appears twice.")
+index_ids_unique = _check(
+    media_index, "ids_unique", reconcile_index, "No media id, nor a uri at one version, appears twice."
+)
 audio_counts_reconcile = _check(
     audio_wav, "counts_reconcile", reconcile_audio, "Every index row is decoded or dead-lettered, exactly once."
 )

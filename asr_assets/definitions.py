@@ -10,7 +10,7 @@ import warnings
 import dagster as dg
 
 from asr_assets import assets, checks, deployment
-from asr_assets.sensors import arrivals_sensor, rescan_schedule
+from asr_assets.sensors import arrivals_sensor, pending_work_sensor, rescan_schedule
 
 # distill_job runs one shard per run; only a backfill groups the teacher's shards (its BackfillPolicy), which Dagster
 # reports on every load of the job as "varying BackfillPolicies": expected here, and nothing a user can act on.
@@ -32,7 +32,7 @@ defs = dg.Definitions(
     assets=all_assets,
     asset_checks=all_checks,
     jobs=[distill_job],
-    sensors=[arrivals_sensor(distill_job)],
+    sensors=[arrivals_sensor(distill_job), pending_work_sensor(distill_job)],
     schedules=[rescan_schedule(distill_job)],
     resources=deployment.resources(DEPLOYMENT),
 )

@@ -21,6 +21,7 @@ from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import soundfile as sf
 
 from asr_assets import layout
@@ -548,9 +549,17 @@ def distill_shard(out: ObjectStore, shard: str, rules: list[Rule], pack: PackSet
         report.seconds = time.perf_counter() - started
         return report
 
-    labelled, feats, segs, candidates = shard_candidates(transcripts, features, segments)
+    # A replaced object's older version leaves the dataset (its newest version has its own samples) and the fitting.
+    retired = layout.retired_media(index)
+    is_retired = pc.is_in(transcripts["media_id"], value_set=pa.array(sorted(retired), pa.string()))
+    labelled, feats, segs, candidates = shard_candidates(transcripts.filter(pc.invert(is_retired)), features, segments)
     uris = dict(zip(index["media_id"].to_pylist(), index["uri"].to_pylist(), strict=True))
-    decisions: list[DecisionRow] = []
+    decisions = [
+        DecisionRow(t["segment_id"], t["media_id"], False, "superseded", ["superseded"], None)
+        for t in transcripts.filter(is_retired).select(["segment_id", "media_id"]).to_pylist()
+    ]
+    for _ in decisions:
+        report.fail("superseded")
     kept_rows: list[dict] = []
     scratch = out.scratch_dir()
     tar_keys: list[str] = []
@@ -605,7 +614,7 @@ def distill_shard(out: ObjectStore, shard: str, rules: list[Rule], pack: PackSet
             out.delete(info.key)
     write_table(out, layout.decisions_key(shard), to_table(decisions, DECISION_SCHEMA))
     write_table(out, layout.distilled_manifest_key(shard), _manifest_table(kept_rows))
-    files = _file_records(index, audio, vad_media, segments, transcripts, decisions, dead)
+    files = _file_records(index, audio, vad_media, segments, transcripts, decisions, dead, retired)
     jsonl = "".join(json.dumps(f, ensure_ascii=False, sort_keys=True) + "\n" for f in files)
     out.put_bytes(layout.files_key(shard), jsonl.encode())
     write_table(out, layout.files_parquet_key(shard), pa.Table.from_pylist(files, schema=FILES_SCHEMA))
@@ -718,7 +727,7 @@ def _fingerprint(index, audio, vad_media, segments, features, transcripts, dead,
     return h.hexdigest()
 
 
-def _file_records(index, audio, vad_media, segments, transcripts, decisions, dead) -> list[dict]:
+def _file_records(index, audio, vad_media, segments, transcripts, decisions, dead, retired=frozenset()) -> list[dict]:
     """One record per indexed media object: its outcome, its segments in time order and the kept full text.
 
     A file's ``outcome`` is one of:
@@ -730,6 +739,8 @@ def _file_records(index, audio, vad_media, segments, transcripts, decisions, dea
     - ``no_speech``: segmented, and the VAD found no speech in it: no segments, no text.
     - ``transcribed``: it has segments and at least one did not fail (some may have failed or be pending); ``text``
       joins its kept segments.
+    - ``superseded``: an older version of an object replaced since (``layout.retired_media``), whatever became of it;
+      its transcribed segments are ``dropped:superseded``.
 
     Each segment's ``status`` is one of ``kept`` (in the dataset), ``dropped:{rule}`` (the first filter rule that
     dropped it), ``failed:{stage}`` (dead-lettered by ``segment_features`` or ``transcripts``) or ``pending``.
@@ -767,7 +778,9 @@ def _file_records(index, audio, vad_media, segments, transcripts, decisions, dea
         failure = failed.get(m["media_id"])
         if failure is None and segs and all(s["segment_id"] in seg_failed for s in segs):
             failure = seg_failed[segs[0]["segment_id"]]
-        if failure is not None:
+        if m["media_id"] in retired:
+            outcome, failure = "superseded", None
+        elif failure is not None:
             outcome = "failed"
         elif m["media_id"] not in vad_done:
             outcome = "pending"

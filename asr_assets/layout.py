@@ -8,11 +8,12 @@ import json
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from asr_assets.records import DEAD_LETTER_SCHEMA, MEDIA_SCHEMA, DeadLetterRow, to_table
-from partitions import NUM_SHARDS
+from partitions import MEDIA_ID_SCHEME, NUM_SHARDS
 from resources.storage import (
     ObjectStore,
     StorageFull,
@@ -39,6 +40,22 @@ def read_index(store: ObjectStore, shard: str) -> pa.Table:
     """The shard's index: every part, in the order they were appended."""
     parts = [read_table(store, info.key, MEDIA_SCHEMA) for info in store.list(index_prefix(shard))]
     return pa.concat_tables(parts) if parts else MEDIA_SCHEMA.empty_table()
+
+
+def retired_media(index: pa.Table) -> set[str]:
+    """Media ids of index rows whose uri was indexed again later, with another version (the object was replaced):
+    for each uri only the newest version is live. Newest by ``discovered_at``, then by position in the index."""
+    n = index.num_rows
+    if n == 0:
+        return set()
+    positions = pa.array(np.arange(n))
+    order = pa.table({"at": index["discovered_at"], "pos": positions}).sort_by(
+        [("at", "descending"), ("pos", "descending")]
+    )["pos"]
+    uris = index["uri"].take(order)
+    # Newest first: a row is live where its uri occurs for the first time.
+    live = pc.equal(pc.index_in(uris, value_set=uris), positions)
+    return set(index["media_id"].take(order).filter(pc.invert(live)).to_pylist())
 
 
 def audio_manifest_key(shard: str) -> str:
@@ -181,13 +198,23 @@ def dataset_output(storage: StorageResource) -> ObjectStore:
 
 
 def check_dataset(store: ObjectStore, num_shards: int) -> None:
-    """Records the shard count on first use and refuses a different one later (it would move media between shards)."""
+    """Records the shard count and the media id scheme on first use and refuses different ones later (another count
+    would move media between shards; ids of another scheme would make every object look new)."""
     if store.exists(DATASET_KEY):
-        recorded = json.loads(store.read_bytes(DATASET_KEY))["num_shards"]
+        dataset = json.loads(store.read_bytes(DATASET_KEY))
+        recorded = dataset["num_shards"]
         if recorded != num_shards:
             raise ValueError(
                 f"ASR_NUM_SHARDS={num_shards} but the output root {store.root_uri} was built with {recorded} shards; "
                 f"set ASR_NUM_SHARDS={recorded} or use a new ASR_OUTPUT_ROOT"
             )
+        scheme = dataset.get("media_id_scheme")
+        if scheme != MEDIA_ID_SCHEME:
+            built = scheme or "64-bit media ids (blake2b of the uri alone)"
+            raise ValueError(
+                f"the output root {store.root_uri} was built with {built}; this version names media by "
+                f"{MEDIA_ID_SCHEME} (128-bit ids that change when an object is replaced), and the two cannot be mixed "
+                "in one index. Set ASR_OUTPUT_ROOT to a new folder (or bucket prefix) and run the pipeline there"
+            )
         return
-    store.put_bytes(DATASET_KEY, json.dumps({"num_shards": num_shards}).encode())
+    store.put_bytes(DATASET_KEY, json.dumps({"num_shards": num_shards, "media_id_scheme": MEDIA_ID_SCHEME}).encode())

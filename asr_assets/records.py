@@ -21,13 +21,17 @@ class MediaRow:
     """One media object in the index.
 
     Attributes:
-        media_id: 16 hex chars of blake2b over the uri; stable, and the id every later row refers to.
+        media_id: 32 hex chars of blake2b over the uri and the version (``partitions.media_id``); stable, and the id
+            every later row refers to. A replaced object gets a new id; the older row is then retired
+            (``layout.retired_media``).
         uri: full uri of the object (``file:///...``).
         key: path of the object relative to the source root.
         size: bytes.
         mtime: last modification, seconds since the epoch.
         extension: lower-case file extension without the dot ("" when none).
         discovered_at: when the index first saw the object (UTC).
+        version: what identifies this content of the uri (``ObjectInfo.version``: size and mtime in nanoseconds
+            locally, the ETag on OSS; "" when a manifest gives neither).
     """
 
     media_id: str
@@ -37,6 +41,7 @@ class MediaRow:
     mtime: float
     extension: str
     discovered_at: datetime
+    version: str = ""
 
 
 MEDIA_SCHEMA = pa.schema(
@@ -48,6 +53,7 @@ MEDIA_SCHEMA = pa.schema(
         ("mtime", pa.float64()),
         ("extension", pa.string()),
         ("discovered_at", pa.timestamp("us", tz="UTC")),
+        ("version", pa.string()),
     ]
 )
 

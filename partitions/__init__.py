@@ -51,8 +51,30 @@ def shard_index(key: str) -> int:
 
 
 def uri_digest(uri: str) -> bytes:
-    """8 bytes of blake2b over the uri: the media id is its hex, the shard its value modulo the shard count."""
+    """8 bytes of blake2b over the uri: the shard is its value modulo the shard count (every version of a uri lands in
+    the same shard)."""
     return hashlib.blake2b(uri.encode("utf-8"), digest_size=8).digest()
+
+
+# Recorded in the output root's dataset.json: an output root built with another scheme is refused.
+MEDIA_ID_SCHEME = "blake2b-128(uri,version)"
+
+
+def media_id_bytes(uri: bytes, version: bytes) -> str:
+    """:func:`media_id` over already-encoded parts (the index hashes millions of uris and encodes them once)."""
+    # The uri's length first: no (uri, version) pair can be spelled as another one.
+    return hashlib.blake2b(b"%d:" % len(uri) + uri + version, digest_size=16).hexdigest()
+
+
+def media_id(uri: str, version: str) -> str:
+    """A media object's id: 32 hex chars (128 bits) of blake2b over its uri and its version.
+
+    The version (size and mtime of a local file, the ETag of an OSS object, "" when a manifest names neither) is part
+    of the identity: an object replaced under the same uri gets a new id, is processed again, and retires the old one.
+    128 bits make an accidental collision negligible even over billions of objects; the index still dead-letters one
+    (``IdCollision``) rather than trusting that.
+    """
+    return media_id_bytes(uri.encode("utf-8"), version.encode("utf-8"))
 
 
 def shard_of(uri: str, num_shards: int) -> str:

@@ -8,6 +8,7 @@ implementation slots in beside it.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import errno
 import hashlib
@@ -52,14 +53,49 @@ class ObjectInfo(NamedTuple):
     times cheaper to build and to garbage-collect).
 
     Attributes:
-        key: path relative to the store root, ``/``-separated.
+        key: path relative to the store root, ``/``-separated. Bytes of a local name that are not valid UTF-8 are
+            percent-escaped (``%FF``), so every key is a printable string (``problem`` then says ``InvalidName``).
         size: size in bytes.
         mtime: last modification, seconds since the epoch (UTC).
+        version: what changes when the object is replaced under the same key: ``{size}-{mtime_ns}`` locally, the
+            ETag on OSS, "" when unknown (a manifest row without size and mtime).
+        problem: "" for a readable object; otherwise an entry the listing found that cannot be read as one, by kind
+            (see ``LISTING_PROBLEMS``): the index dead-letters it, so it too gets an outcome.
     """
 
     key: str
     size: int
     mtime: float
+    version: str = ""
+    problem: str = ""
+
+
+# Entries a listing reports but that are not readable objects, by kind, with what is wrong with them.
+LISTING_PROBLEMS = {
+    "InvalidName": "the file name is not valid UTF-8 (its bad bytes are shown percent-escaped); rename the file",
+    "NotAFile": "not a regular file (a symbolic link to a folder, a dangling link, a pipe, socket or device); "
+    "links to folders are not followed",
+    "OutsideRoot": "a symbolic link that points outside the source folder; it is not read",
+    "DirectoryObject": "an OSS key ending in '/' that holds data: a folder placeholder with content, not a media file",
+}
+
+
+def _percent_escape(error: UnicodeDecodeError) -> tuple[str, int]:
+    return "".join(f"%{b:02X}" for b in error.object[error.start : error.end]), error.end
+
+
+codecs.register_error("asr-percent-escape", _percent_escape)
+
+
+def printable_name(name: str) -> tuple[str, bool]:
+    """A file system name (undecodable bytes held as surrogates, as ``os`` returns them) with those bytes
+    percent-escaped, and whether there were any."""
+    try:
+        name.encode("utf-8")
+        return name, False
+    except UnicodeEncodeError:
+        raw = name.encode("utf-8", "surrogateescape")
+        return raw.decode("utf-8", "asr-percent-escape"), True
 
 
 def check_key(key: str) -> list[str]:
@@ -110,11 +146,13 @@ class ObjectStore(ABC):
         """Moves (or uploads) a finished local file into the store atomically; ``src`` is consumed."""
 
     @abstractmethod
-    def local_path(self, key: str, max_bytes: int | None = None) -> Path:
-        """A local file holding the object's bytes, for libraries that need a path (FFmpeg, soundfile).
+    def local_path(self, key: str, max_bytes: int | None = None, version: str = "") -> Path:
+        """A local file holding the object's bytes, for libraries that need a path (FFmpeg, soundfile). ``version``
+        (from the listing) keys a download cache, so a replaced object is never served from the old one's bytes.
 
         Raises:
             ObjectTooLarge: the object holds more than ``max_bytes`` (checked before any byte is downloaded).
+            FileNotFoundError: the object is gone, or (OSS) holds another version than ``version`` now.
         """
 
     @abstractmethod
@@ -179,16 +217,29 @@ class LocalStore(ObjectStore):
                         continue  # hidden: unfinished atomic writes, scratch space, .DS_Store and the like
                     if entry.is_dir(follow_symlinks=False):
                         stack.append(Path(entry.path))
-                    elif entry.is_file(follow_symlinks=True):
-                        if entry.is_symlink() and not Path(entry.path).resolve().is_relative_to(self._root):
-                            continue  # points outside the store: not one of its objects
-                        key = Path(entry.path).relative_to(self._root).as_posix()
-                        if key.startswith(prefix) and key > start_after:
-                            stat = entry.stat()
-                            found.append(ObjectInfo(key, stat.st_size, stat.st_mtime))
+                        continue
+                    key, bad_name = printable_name(Path(entry.path).relative_to(self._root).as_posix())
+                    if key.startswith(prefix) and key > start_after:
+                        found.append(self._entry_info(entry, key, "InvalidName" if bad_name else ""))
         # Sorted so listings are deterministic and a cursor (the last key seen) is meaningful.
         found.sort(key=lambda info: info.key)
         yield from found
+
+    def _entry_info(self, entry: os.DirEntry, key: str, problem: str) -> ObjectInfo:
+        """A listed entry that is not a folder: a readable file, or what keeps it from being one."""
+        if not problem and entry.is_symlink():
+            try:
+                target = Path(entry.path).resolve()
+            except (OSError, RuntimeError):  # a loop of links
+                target = None
+            if target is not None and not target.is_relative_to(self._root):
+                problem = "OutsideRoot"  # never followed: not one of the store's objects
+            elif target is None or not target.is_file():
+                problem = "NotAFile"  # a link to a folder (not followed: no loops, no files listed twice) or dangling
+        elif not problem and not entry.is_file(follow_symlinks=False):
+            problem = "NotAFile"
+        stat = entry.stat(follow_symlinks=not problem)
+        return ObjectInfo(key, stat.st_size, stat.st_mtime, f"{stat.st_size}-{stat.st_mtime_ns}", problem)
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -238,7 +289,8 @@ class LocalStore(ObjectStore):
         finally:
             src.unlink(missing_ok=True)
 
-    def local_path(self, key: str, max_bytes: int | None = None) -> Path:
+    def local_path(self, key: str, max_bytes: int | None = None, version: str = "") -> Path:
+        # The file itself: it always holds the current version's bytes, there is no copy to go stale.
         path = self._path(key)
         if max_bytes is not None and path.stat().st_size > max_bytes:
             raise ObjectTooLarge(f"{self.uri_of(key)} is {path.stat().st_size} bytes, over the {max_bytes}-byte limit")
@@ -340,8 +392,9 @@ class RetryPolicy:
 class LocalCache:
     """A size-capped folder of downloaded objects, evicted least recently used first.
 
-    Files are named by a hash of the object's uri (plus its extension when it is a plain one), so an object key such as
-    ``../../etc/passwd`` or one with odd unicode can never name a path outside the cache.
+    Files are named by a hash of the object's uri and version (plus its extension when it is a plain one), so an object
+    key such as ``../../etc/passwd`` or one with odd unicode can never name a path outside the cache, and an object
+    replaced under the same key (a new ETag) is downloaded again instead of served from the old bytes.
     """
 
     def __init__(self, root: Path, max_bytes: int) -> None:
@@ -350,15 +403,17 @@ class LocalCache:
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
 
-    def path_for(self, uri: str) -> Path:
-        digest = hashlib.sha256(uri.encode("utf-8")).hexdigest()
+    def path_for(self, uri: str, version: str = "") -> Path:
+        raw = uri.encode("utf-8")
+        # The uri's length first, so no (uri, version) pair names another's file; no version: the uri alone.
+        digest = hashlib.sha256(b"%d:" % len(raw) + raw + version.encode("utf-8") if version else raw).hexdigest()
         suffix = PurePosixPath(uri).suffix.lower()
         suffix = suffix if len(suffix) <= 6 and suffix[1:].isalnum() else ""
         return self.root / digest[:2] / f"{digest}{suffix}"
 
-    def fetch(self, uri: str, download) -> Path:
-        """The cached file for ``uri``; ``download(dst)`` fills a temporary path on a miss."""
-        path = self.path_for(uri)
+    def fetch(self, uri: str, download, version: str = "") -> Path:
+        """The cached file for ``uri`` at ``version``; ``download(dst)`` fills a temporary path on a miss."""
+        path = self.path_for(uri, version)
         if path.is_file():
             os.utime(path)  # recently used
             return path
@@ -466,8 +521,11 @@ class OssStore(ObjectStore):
                 ),
             )
             for obj in page.object_list:
-                if not obj.key.endswith("/"):  # folder placeholders
-                    yield ObjectInfo(obj.key[len(self._prefix) :], obj.size, float(obj.last_modified))
+                info = ObjectInfo(obj.key[len(self._prefix) :], obj.size, float(obj.last_modified), obj.etag)
+                if not obj.key.endswith("/"):
+                    yield info
+                elif obj.size:  # empty ones are folder placeholders, not objects
+                    yield info._replace(problem="DirectoryObject")
             if not page.is_truncated:
                 return
             token = page.next_continuation_token
@@ -516,10 +574,10 @@ class OssStore(ObjectStore):
                 self._bucket.abort_multipart_upload(full, upload_id)
             raise
 
-    def local_path(self, key: str, max_bytes: int | None = None) -> Path:
-        return self._cache.fetch(self.uri_of(key), lambda dst: self._download(key, dst, max_bytes))
+    def local_path(self, key: str, max_bytes: int | None = None, version: str = "") -> Path:
+        return self._cache.fetch(self.uri_of(key), lambda dst: self._download(key, dst, max_bytes, version), version)
 
-    def _download(self, key: str, dst: Path, max_bytes: int | None) -> None:
+    def _download(self, key: str, dst: Path, max_bytes: int | None, version: str = "") -> None:
         """Downloads an object in ranged reads, checked against the size and CRC-64 its HEAD announced.
 
         oss2 streams a body unwrapped, so a connection dropped in the middle would fail the whole object: here the read
@@ -529,6 +587,9 @@ class OssStore(ObjectStore):
         full, what = self._prefix + key, f"downloading {self.uri_of(key)}"
         head = self._call(what, lambda: self._bucket.head_object(full))
         size = head.content_length
+        if version and head.etag != version:
+            # Replaced since it was listed: the listed version no longer exists (the new one gets its own id).
+            raise FileNotFoundError(f"{self.uri_of(key)} was replaced since it was listed (ETag {head.etag})")
         if max_bytes is not None and size > max_bytes:
             raise ObjectTooLarge(f"{self.uri_of(key)} is {size} bytes, over the {max_bytes}-byte limit; not downloaded")
         policy = self._settings.retry

@@ -41,12 +41,12 @@ class _Flaky(LocalStore):
         super().__init__(root)
         self.left, self.calls = failures, 0
 
-    def local_path(self, key: str, max_bytes: int | None = None) -> Path:
+    def local_path(self, key: str, max_bytes: int | None = None, version: str = "") -> Path:
         self.calls += 1
         if self.left:
             self.left -= 1
             raise ConnectionResetError("connection reset by peer")
-        return super().local_path(key, max_bytes)
+        return super().local_path(key, max_bytes, version)
 
 
 def _pending(pipeline_run, tmp_path: Path, count: int) -> tuple[LocalStore, str, list[str]]:

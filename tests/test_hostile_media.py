@@ -104,7 +104,7 @@ def hostile(corpus: Corpus, tmp_path_factory: pytest.TempPathFactory) -> tuple[P
         made(name, "decoded").write_bytes(data)
     made("notes.txt", "failed", "UnsupportedFormat").write_text("a stray text file among the media\n")
     (src / "tab\tin-name.wav").write_bytes(data)  # cannot be a safe key: dead-lettered by media_index
-    (src / "escape.wav").symlink_to(mp3)  # points outside the source: not one of its objects
+    (src / "escape.wav").symlink_to(mp3)  # points outside the source: not one of its objects, dead-lettered as such
     return src, expected
 
 
@@ -131,7 +131,10 @@ def test_every_hostile_file_ends_in_one_recorded_outcome(hostile, tmp_path: Path
         for shard in shard_partitions.get_partition_keys()
         for row in layout.read_dead_letters(out, "media_index", shard).to_pylist()
     ]
-    assert [(Path(r["uri"]).name, r["error_class"]) for r in unsafe] == [("tab\tin-name.wav", "UnsafeName")]
+    assert sorted((Path(r["uri"]).name, r["error_class"]) for r in unsafe) == [
+        ("escape.wav", "OutsideRoot"),
+        ("tab\tin-name.wav", "UnsafeName"),
+    ]
 
 
 def test_silence_and_tiny_files_have_no_speech(hostile, tmp_path: Path) -> None:

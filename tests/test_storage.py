@@ -1,21 +1,33 @@
-"""The local object store: safe keys, atomic writes, object-store listing semantics, clear configuration errors."""
+"""The local object store: safe keys, atomic writes, object-store listing semantics, clear configuration errors; and
+the identity a listing gives each object (versions, entries that are not objects, the cache keyed by version), locally
+and on OSS (the loopback OSS server)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
+from asr_assets import layout
+from asr_assets.stages import index_objects
+from partitions import shard_of
 from resources.storage import (
+    LocalCache,
     LocalStore,
+    OssSettings,
+    OssStore,
+    RetryPolicy,
     StorageConfigError,
     UnsafeKeyError,
     check_key,
     open_store,
+    printable_name,
     read_table,
     write_table,
 )
+from tests.oss_server import OssServer
 
 
 @pytest.mark.parametrize(
@@ -42,14 +54,46 @@ def test_symlink_out_of_the_root_is_refused(tmp_path: Path) -> None:
     assert not (outside / "file").exists()
 
 
-def test_symlinks_out_of_the_root_are_not_listed(tmp_path: Path) -> None:
+def test_links_out_of_the_root_or_to_folders_are_listed_as_problems_never_followed(tmp_path: Path) -> None:
     (tmp_path / "secret.wav").write_bytes(b"outside")
     root = tmp_path / "root"
-    root.mkdir()
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "x.wav").write_bytes(b"x")
     (root / "in.wav").write_bytes(b"inside")
     (root / "alias.wav").symlink_to(root / "in.wav")
     (root / "escape.wav").symlink_to(tmp_path / "secret.wav")
-    assert [o.key for o in LocalStore(root).list()] == ["alias.wav", "in.wav"]
+    (root / "loop").symlink_to(root, target_is_directory=True)
+    (root / "self").symlink_to(root / "self")
+    store = LocalStore(root)
+    listed = {o.key: o.problem for o in store.list()}
+    assert listed == {
+        "alias.wav": "",
+        "escape.wav": "OutsideRoot",
+        "in.wav": "",
+        "loop": "NotAFile",
+        "self": "NotAFile",
+        "sub/x.wav": "",
+    }
+    with pytest.raises(UnsafeKeyError):
+        store.local_path("escape.wav")
+
+
+def test_versions_change_when_a_file_is_replaced(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    store.put_bytes("a.wav", b"one")
+    os.utime(tmp_path / "a.wav", ns=(10**18, 10**18 + 7))
+    assert [tuple(o) for o in store.list()] == [("a.wav", 3, 1e9, "3-1000000000000000007", "")]
+    store.put_bytes("a.wav", b"two")  # same size, new mtime
+    assert next(store.list()).version != "3-1000000000000000007"
+
+
+def test_names_that_are_not_utf8_are_listed_percent_escaped(tmp_path: Path) -> None:
+    with open(os.path.join(os.fsencode(tmp_path), b"bad\xff\xfe name.wav"), "wb") as f:
+        f.write(b"x")
+    (tmp_path / "good%FF.wav").write_bytes(b"x")
+    listed = [(o.key, o.problem) for o in LocalStore(tmp_path).list()]
+    assert listed == [("bad%FF%FE name.wav", "InvalidName"), ("good%FF.wav", "")]
+    assert printable_name("ok ünï") == ("ok ünï", False)
 
 
 def test_unicode_and_spaces_are_fine(tmp_path: Path) -> None:
@@ -146,3 +190,57 @@ def test_vectorized_key_check_agrees_with_check_key(tmp_path: Path) -> None:
         return False
 
     assert LocalStore(tmp_path).unsafe_keys(pa.array(KEYS)).to_pylist() == [refused(k) for k in KEYS]
+
+
+KEY_ID, SECRET, BUCKET = "LTAI5tTestKeyId", "Sup3r-Secret-Value-42", "media-bucket"
+
+
+@pytest.fixture
+def oss(tmp_path: Path):
+    with OssServer(KEY_ID, SECRET, BUCKET) as server:
+        settings = OssSettings(server.endpoint, KEY_ID, SECRET, tmp_path / "cache", 1 << 30, RetryPolicy())
+        yield server, OssStore(BUCKET, "media", settings)
+
+
+def test_oss_listing_versions_by_etag_and_reports_folder_keys_with_content(oss, tmp_path: Path) -> None:
+    server, store = oss
+    store.put_bytes("a.wav", b"first")
+    store.put_bytes("folder/", b"")  # a folder placeholder: not an object, nothing to record
+    store.put_bytes("data dir/", b"bytes under a folder name")
+    listed = {o.key: (o.version, o.problem) for o in store.list()}
+    assert listed == {
+        "a.wav": (server.objects["media/a.wav"].etag, ""),
+        "data dir/": (server.objects["media/data dir/"].etag, "DirectoryObject"),
+    }
+    out = LocalStore(tmp_path / "out")
+    index_objects(store, out, store.list(), 4)
+    dead = layout.read_dead_letters(out, "media_index", shard_of(store.uri_of("data dir/"), 4)).to_pylist()
+    assert [(r["uri"], r["error_class"]) for r in dead] == [(store.uri_of("data dir/"), "DirectoryObject")]
+    assert "ending in '/' that holds data" in dead[0]["message"]
+
+
+def test_a_replaced_oss_object_is_never_served_from_the_old_cached_bytes(oss, tmp_path: Path) -> None:
+    server, store = oss
+    store.put_bytes("a.wav", b"first version")
+    first = next(store.list())
+    assert store.local_path("a.wav", version=first.version).read_bytes() == b"first version"
+    store.put_bytes("a.wav", b"second version")
+    second = next(store.list())
+    assert second.version != first.version
+    assert store.local_path("a.wav", version=second.version).read_bytes() == b"second version"
+    # Indexed twice: two ids, the first retired.
+    out = LocalStore(tmp_path / "out")
+    index_objects(store, out, [first], 4)
+    index_objects(store, out, [second], 4)
+    index = layout.read_index(out, shard_of(store.uri_of("a.wav"), 4))
+    assert index["version"].to_pylist() == [first.version, second.version]
+    assert layout.retired_media(index) == {index["media_id"][0].as_py()}
+
+
+def test_cache_files_are_named_by_uri_and_version(tmp_path: Path) -> None:
+    cache = LocalCache(tmp_path / "c", max_bytes=1 << 20)
+    one = cache.fetch("oss://b/a.wav", lambda dst: dst.write_bytes(b"one"), "etag-1")
+    two = cache.fetch("oss://b/a.wav", lambda dst: dst.write_bytes(b"two"), "etag-2")
+    assert one != two and one.read_bytes() == b"one" and two.read_bytes() == b"two"
+    assert cache.fetch("oss://b/a.wav", lambda dst: dst.write_bytes(b"never"), "etag-1").read_bytes() == b"one"
+    assert one.suffix == ".wav" and one.resolve().is_relative_to((tmp_path / "c").resolve())

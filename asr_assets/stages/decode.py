@@ -90,7 +90,9 @@ def decode_shard(
             fail(row, "TooLarge", f"{where}: file is {row['size']} bytes, over the {settings.max_bytes}-byte limit")
             return None
         try:
-            return budget.call(lambda: source.local_path(row["key"], max_bytes=settings.max_bytes))
+            return budget.call(
+                lambda: source.local_path(row["key"], max_bytes=settings.max_bytes, version=row["version"] or "")
+            )
         except FileNotFoundError as exc:
             fail(row, "Missing", f"{where}: the object is gone: {exc}")
         except Exception as exc:
