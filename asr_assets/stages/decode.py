@@ -35,6 +35,7 @@ class DecodeSettings:
 
     max_bytes: int
     max_duration_s: float
+    max_damaged_fraction: float = 0.2
 
 
 def decode_shard(
@@ -72,6 +73,7 @@ def decode_shard(
                 dst=scratch / f"{shard}-{row['media_id']}.flac",
                 max_bytes=settings.max_bytes,
                 max_duration_s=settings.max_duration_s,
+                max_damaged_fraction=settings.max_damaged_fraction,
             )
 
     def flush() -> None:
@@ -83,7 +85,9 @@ def decode_shard(
             rows.clear()
             dead.clear()
 
-    for outcome in run_pool(decode_media, jobs(), workers=pool.workers, timeout_s=pool.timeout_s):
+    for outcome in run_pool(
+        decode_media, jobs(), workers=pool.workers, timeout_s=pool.timeout_s, memory_limit_bytes=pool.memory_limit_bytes
+    ):
         job: DecodeJob = outcome.job
         result: DecodeResult | None = outcome.result
         if result is not None and result.error_class is None:
@@ -118,7 +122,21 @@ def decode_shard(
 
 def _audio_row_failed(row: dict, kind: str, message: str) -> AudioRow:
     return AudioRow(
-        row["media_id"], row["uri"], "failed", None, None, "unknown", None, None, None, None, kind, message, 0.0
+        row["media_id"],
+        row["uri"],
+        "failed",
+        None,
+        None,
+        "unknown",
+        None,
+        None,
+        None,
+        None,
+        kind,
+        message,
+        0.0,
+        None,
+        None,
     )
 
 
@@ -137,4 +155,6 @@ def _audio_row(job: DecodeJob, result: DecodeResult, status: str, key: str | Non
         error_class=result.error_class,
         error=result.error,
         seconds=result.seconds,
+        gap_s=result.gap_s,
+        skipped_packets=result.skipped_packets,
     )

@@ -167,7 +167,13 @@ def features_shard(
 
     closed_parts = 0
     try:
-        for outcome in run_pool(cut_and_measure, jobs, workers=pool.workers, timeout_s=pool.timeout_s):
+        for outcome in run_pool(
+            cut_and_measure,
+            jobs,
+            workers=pool.workers,
+            timeout_s=pool.timeout_s,
+            memory_limit_bytes=pool.memory_limit_bytes,
+        ):
             job: CutJob = outcome.job
             measured: list[Measured] | None = outcome.result
             if measured is None:

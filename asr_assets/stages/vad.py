@@ -128,7 +128,13 @@ def vad_shard(
     jobs: Iterable[VadJob] = (job(rows) for rows in _groups(todo, grouping or GroupSettings()))
     while True:
         retry: list[VadJob] = []
-        for outcome in run_pool(detect_speech, jobs, workers=pool.workers, timeout_s=pool.timeout_s):
+        for outcome in run_pool(
+            detect_speech,
+            jobs,
+            workers=pool.workers,
+            timeout_s=pool.timeout_s,
+            memory_limit_bytes=pool.memory_limit_bytes,
+        ):
             record(outcome, retry)
             if len(media_rows) + len(dead) >= pool.checkpoint_every:
                 flush()
