@@ -315,7 +315,7 @@ def _stream_to_flac(
     try:
         with sf.SoundFile(job.dst, "w", samplerate=SAMPLE_RATE, channels=1, format="FLAC", subtype="PCM_16") as out:
             for chunk in _chunked(frames):
-                for converted in resampler.resample(chunk):
+                for converted in resampler.resample(_downmixed(chunk)):
                     written += _write(out, converted)
                 if written > max_frames:
                     raise TooLong(f"decoded audio is over the {job.max_duration_s:.0f} s limit")
@@ -436,6 +436,27 @@ def _chunked(frames, seconds: float = 1.0):
             yield fifo.read(size)
     if fifo is not None and fifo.samples:
         yield fifo.read()
+
+
+# Full scale of integer sample formats (planar or not), to bring them to float -1..1.
+_FULL_SCALE = {"u8": 128.0, "s16": 32768.0, "s32": 2.0**31, "s64": 2.0**63}
+
+
+def _downmixed(chunk: av.AudioFrame) -> av.AudioFrame:
+    """Averages the channels of a layout swresample refuses to remix (over 8 channels in no known order, as a
+    32-channel WAV without a channel mask has) into mono; other chunks pass through to the resampler unchanged."""
+    channels = chunk.layout.nb_channels
+    if channels <= 8 or chunk.layout.name != f"{channels} channels":
+        return chunk
+    data = chunk.to_ndarray()
+    data = data if chunk.format.is_planar else data.reshape(-1, channels).T
+    base = chunk.format.name.rstrip("p")
+    mono = data.astype(np.float32).mean(axis=0, keepdims=True)
+    if base in _FULL_SCALE:
+        mono = (mono - (128.0 if base == "u8" else 0.0)) / _FULL_SCALE[base]
+    frame = av.AudioFrame.from_ndarray(mono, format="flt", layout="mono")
+    frame.sample_rate = chunk.sample_rate
+    return frame
 
 
 def _write(out: sf.SoundFile, frame: av.AudioFrame) -> int:
