@@ -31,6 +31,36 @@ _SIGNATURES: tuple[tuple[str, int, bytes], ...] = (
     ("amr", 0, b"#!AMR"),
 )
 
+# The FFmpeg demuxer for each sniffed family. The file is opened with that demuxer only (never FFmpeg's own probing)
+# and only through the ``file`` protocol: a file that sniffs as mp3 but is an HLS playlist or a concat list behind an
+# ID3 tag must not make FFmpeg open other files (``format_whitelist`` also binds demuxers nested inside this one).
+DEMUXERS: dict[str, str] = {
+    "flac": "flac",
+    "ogg": "ogg",
+    "mkv": "matroska",
+    "flv": "flv",
+    "asf": "asf",
+    "mp3": "mp3",
+    "caf": "caf",
+    "amr": "amr",
+    "wav": "wav",
+    "avi": "avi",
+    "aiff": "aiff",
+    "mp4": "mov",
+    "aac": "aac",
+    "ts": "mpegts",
+}
+
+# Streams beyond these are refused before decoding: no real recording needs them, and a forged header (a WAV
+# claiming 2 GHz) would otherwise make one second of audio, the decoder's unit of work, gigabytes.
+MAX_SOURCE_SAMPLE_RATE = 384_000
+MAX_SOURCE_CHANNELS = 32
+# Samples x channels held in one chunk before resampling: 8 MiB even as doubles, whatever the stream claims.
+MAX_CHUNK_VALUES = 1 << 20
+# Timestamps later than the audio decoded so far by more than this are a gap, filled with silence. Decoders overlap
+# or trim a few ms at block edges (Vorbis: 128 samples), so smaller differences are jitter, not damage.
+GAP_TOLERANCE_S = 0.02
+
 
 class MediaError(Exception):
     """An item-level failure with a short kind; the item is dead-lettered, the shard goes on."""
@@ -66,6 +96,14 @@ class EmptyAudio(MediaError):
     kind = "EmptyAudio"
 
 
+class UnsupportedStream(MediaError):
+    kind = "UnsupportedStream"
+
+
+class Damaged(MediaError):
+    kind = "Damaged"
+
+
 def sniff_format(head: bytes) -> str:
     """The container family of a file from its first bytes (``unknown`` when nothing matches).
 
@@ -92,6 +130,20 @@ def sniff_format(head: bytes) -> str:
     return "unknown"
 
 
+def sniff_file(path: Path) -> str:
+    """The container family of a file, looking past an ID3v2 tag: FFmpeg skips the tag whatever the demuxer, and
+    ADTS AAC and FLAC files are found behind one too (anything else behind it is read as mp3)."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+        family = sniff_format(head)
+        if head[:3] != b"ID3" or len(head) < 10:
+            return family
+        size = 10 + sum((b & 0x7F) << (7 * (3 - i)) for i, b in enumerate(head[6:10])) + (10 if head[5] & 0x10 else 0)
+        f.seek(size)
+        inner = sniff_format(f.read(512))
+    return inner if inner in ("aac", "flac") else family
+
+
 @dataclass(frozen=True)
 class DecodeJob:
     """One media object to decode in a worker.
@@ -103,6 +155,8 @@ class DecodeJob:
         dst: local path for the FLAC output (written whole; the caller moves it into the store).
         max_bytes: files larger than this are refused before decoding.
         max_duration_s: audio longer than this is refused (by the probed duration, or while decoding).
+        max_damaged_fraction: a file whose timestamp gaps and skipped corrupt packets add up to more than this
+            fraction of its duration is refused as Damaged.
     """
 
     media_id: str
@@ -111,6 +165,7 @@ class DecodeJob:
     dst: Path
     max_bytes: int
     max_duration_s: float
+    max_damaged_fraction: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -128,6 +183,8 @@ class DecodeResult:
         source_channels: channels of the source stream.
         duration_s: decoded seconds at 16 kHz.
         seconds: wall time spent.
+        gap_s: seconds of silence filled in where the stream's timestamps jump ahead of its audio.
+        skipped_packets: corrupt packets the decoder refused (their time is silence when the timestamps show it).
     """
 
     media_id: str
@@ -140,6 +197,8 @@ class DecodeResult:
     source_channels: int | None = None
     duration_s: float | None = None
     seconds: float = 0.0
+    gap_s: float | None = None
+    skipped_packets: int | None = None
 
 
 def _raise_if_disk_full(dst: Path, exc: BaseException) -> None:
@@ -164,11 +223,10 @@ def decode_media(job: DecodeJob) -> DecodeResult:
                 raise EmptyFile("file is empty (0 bytes)")
             if status.st_size > job.max_bytes:
                 raise TooLarge(f"file is {status.st_size} bytes, over the {job.max_bytes}-byte limit")
-        with open(job.src, "rb") as f:
-            detected = sniff_format(f.read(512))
+        detected = sniff_file(job.src)
         if detected == "unknown":
             raise UnsupportedFormat("content matches no supported audio or video format")
-        _decode_to_flac(job, info)
+        _decode_to_flac(job, detected, info)
     except MediaError as exc:
         job.dst.unlink(missing_ok=True)
         return DecodeResult(
@@ -187,12 +245,21 @@ def decode_media(job: DecodeJob) -> DecodeResult:
     )
 
 
-def _decode_to_flac(job: DecodeJob, info: dict[str, object]) -> None:
+def _decode_to_flac(job: DecodeJob, detected: str, info: dict[str, object]) -> None:
     """Decodes into ``job.dst``, filling ``info`` with what it learns as it goes (kept for failures too)."""
+    demuxer = DEMUXERS[detected]
     try:
-        container = av.open(str(job.src), mode="r", metadata_errors="ignore")
+        container = av.open(
+            str(job.src),
+            mode="r",
+            format=demuxer,
+            options={"protocol_whitelist": "file", "format_whitelist": demuxer},
+            metadata_errors="ignore",
+        )
+    except MemoryError:
+        raise  # av.MemoryError is an FFmpegError too: the cap's verdict, not the file's
     except av.FFmpegError as exc:
-        raise DecodeError(f"FFmpeg cannot open it: {exc}") from None
+        raise DecodeError(f"FFmpeg cannot open it as {demuxer}: {exc}") from None
     with container:
         audio_streams = container.streams.audio
         if not audio_streams:
@@ -208,32 +275,58 @@ def _decode_to_flac(job: DecodeJob, info: dict[str, object]) -> None:
                 "source_channels": stream.codec_context.channels or None,
             }
         )
+        _check_stream(stream.codec_context.sample_rate, stream.codec_context.channels)
         probed = _probed_duration(container, stream)
         if probed is not None and probed > job.max_duration_s:
             raise TooLong(f"duration {probed:.0f} s is over the {job.max_duration_s:.0f} s limit")
-        # FFmpeg's resampler (swresample) converts any layout/rate to mono 16 kHz float; audio streams to the FLAC
-        # writer so a long file is never held whole in memory. Decoded frames are small (1152 samples for mp3), and
-        # per-frame Python calls cost more than the decoding itself, so frames are grouped into ~1 s chunks first.
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
-        max_frames = int(job.max_duration_s * SAMPLE_RATE)
-        written = 0
-        try:
-            with sf.SoundFile(job.dst, "w", samplerate=SAMPLE_RATE, channels=1, format="FLAC", subtype="PCM_16") as out:
-                for chunk in _chunked(_audio_frames(container, stream)):
-                    for converted in resampler.resample(chunk):
-                        written += _write(out, converted)
-                    if written > max_frames:
-                        raise TooLong(f"decoded audio is over the {job.max_duration_s:.0f} s limit")
-                for converted in resampler.resample(None):
-                    written += _write(out, converted)
-        except MediaError:
-            raise
-        except (av.FFmpegError, ValueError, RuntimeError) as exc:
-            _raise_if_disk_full(job.dst, exc)
-            raise DecodeError(f"decoding failed after {written / SAMPLE_RATE:.2f} s: {exc}") from None
+        damage = _Damage()
+        written = _stream_to_flac(job, container, stream, damage)
         if written == 0:
             raise EmptyAudio("the audio stream decoded to no samples")
-        info["duration_s"] = written / SAMPLE_RATE
+        duration = written / SAMPLE_RATE
+        info.update(duration_s=duration, gap_s=damage.gap_s, skipped_packets=damage.skipped_packets)
+        damaged = damage.damaged_s()
+        timeline = duration + damage.unseen_s + damage.pending_s  # lost time that left no gap is missing from both
+        if damaged > job.max_damaged_fraction * timeline:
+            raise Damaged(
+                f"{damaged:.2f} s of its {timeline:.2f} s are missing ({damage.gap_s:.2f} s of timestamp gaps, "
+                f"{damage.skipped_packets} corrupt packets skipped): over the {job.max_damaged_fraction:.0%} limit"
+            )
+
+
+def _check_stream(sample_rate: int, channels: int) -> None:
+    if sample_rate > MAX_SOURCE_SAMPLE_RATE:
+        raise UnsupportedStream(f"sample rate {sample_rate} Hz is over the {MAX_SOURCE_SAMPLE_RATE} Hz limit")
+    if channels > MAX_SOURCE_CHANNELS:
+        raise UnsupportedStream(f"{channels} channels are over the {MAX_SOURCE_CHANNELS}-channel limit")
+
+
+def _stream_to_flac(
+    job: DecodeJob, container: av.container.InputContainer, stream: av.AudioStream, damage: _Damage
+) -> int:
+    """Decodes, resamples and writes the stream; returns the samples written at 16 kHz."""
+    # FFmpeg's resampler (swresample) converts any layout/rate to mono 16 kHz float; audio streams to the FLAC
+    # writer so a long file is never held whole in memory. Decoded frames are small (1152 samples for mp3), and
+    # per-frame Python calls cost more than the decoding itself, so frames are grouped into ~1 s chunks first.
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+    max_frames = int(job.max_duration_s * SAMPLE_RATE)
+    written = 0
+    frames = _on_timeline(_audio_frames(container, stream, damage), damage, job.max_duration_s)
+    try:
+        with sf.SoundFile(job.dst, "w", samplerate=SAMPLE_RATE, channels=1, format="FLAC", subtype="PCM_16") as out:
+            for chunk in _chunked(frames):
+                for converted in resampler.resample(_downmixed(chunk)):
+                    written += _write(out, converted)
+                if written > max_frames:
+                    raise TooLong(f"decoded audio is over the {job.max_duration_s:.0f} s limit")
+            for converted in resampler.resample(None):
+                written += _write(out, converted)
+    except (MediaError, MemoryError):
+        raise
+    except (av.FFmpegError, ValueError, RuntimeError) as exc:
+        _raise_if_disk_full(job.dst, exc)
+        raise DecodeError(f"decoding failed after {written / SAMPLE_RATE:.2f} s: {exc}") from None
+    return written
 
 
 def _probed_duration(container: av.container.InputContainer, stream: av.AudioStream) -> float | None:
@@ -244,18 +337,91 @@ def _probed_duration(container: av.container.InputContainer, stream: av.AudioStr
     return None
 
 
-def _audio_frames(container: av.container.InputContainer, stream: av.AudioStream):
+@dataclass
+class _Damage:
+    """What decoding one file could not recover, counted as it goes.
+
+    Attributes:
+        gap_s: silence filled in for timestamp gaps.
+        skipped_packets: corrupt packets dropped.
+        pending_s: duration of packets dropped since the last decoded frame (not yet seen as a gap).
+        unseen_s: duration of dropped packets that left no gap in the timestamps (no timestamps, or none after).
+    """
+
+    gap_s: float = 0.0
+    skipped_packets: int = 0
+    pending_s: float = 0.0
+    unseen_s: float = 0.0
+
+    def damaged_s(self) -> float:
+        return self.gap_s + self.unseen_s + self.pending_s
+
+    def account(self, filled_s: float) -> None:
+        """A frame arrived after ``filled_s`` of filled gap: dropped packets it does not explain are lost time too."""
+        self.unseen_s += max(0.0, self.pending_s - filled_s)
+        self.pending_s = 0.0
+
+
+def _audio_frames(container: av.container.InputContainer, stream: av.AudioStream, damage: _Damage):
     for packet in container.demux(stream):
         try:
             yield from packet.decode()
         except av.InvalidDataError:
-            # One corrupt packet (common in crawled mp3s) costs that packet, not the file; a file that yields no
-            # audio at all still fails as EmptyAudio.
-            continue
+            # One corrupt packet (common in crawled mp3s) costs that packet, not the file; it is counted, and its time
+            # becomes silence where the timestamps show it (a file that yields no audio at all fails as EmptyAudio).
+            damage.skipped_packets += 1
+            if packet.duration and packet.time_base is not None:
+                damage.pending_s += float(packet.duration * packet.time_base)
+
+
+def _on_timeline(frames, damage: _Damage, max_duration_s: float):
+    """Keeps decoded audio where the stream's timestamps put it: a jump ahead is filled with silence (so segment times
+    stay times in the source), a jump back re-anchors. The first frame's timestamp is the origin, so encoder
+    priming and a stream's start offset are not gaps."""
+    origin: float | None = None
+    emitted = 0.0  # seconds of audio (decoded and filled) so far
+    for frame in frames:
+        _check_stream(frame.sample_rate, frame.layout.nb_channels)
+        filled = 0.0
+        if frame.pts is not None and frame.time_base is not None:
+            at = float(frame.pts * frame.time_base)
+            if origin is None:
+                origin = at
+            lag = at - origin - emitted
+            if lag > GAP_TOLERANCE_S:
+                if emitted + lag > max_duration_s:
+                    raise TooLong(f"a timestamp {at - origin:.0f} s in is over the {max_duration_s:.0f} s limit")
+                samples = round(lag * frame.sample_rate)
+                yield from _silence(frame, samples)
+                filled = samples / frame.sample_rate
+                emitted += filled
+                damage.gap_s += filled
+            elif lag < -GAP_TOLERANCE_S:
+                origin = at - emitted  # timestamps went back (a discontinuity): follow them from here
+        damage.account(filled)
+        yield frame
+        emitted += frame.samples / frame.sample_rate
+
+
+def _silence(like: av.AudioFrame, samples: int):
+    """Silent frames of ``samples`` in ``like``'s format, at most one chunk each."""
+    fmt, channels = like.format, like.layout.nb_channels
+    step = max(1, MAX_CHUNK_VALUES // channels)
+    zero = 128 if fmt.name.startswith("u8") else 0  # unsigned 8-bit PCM is silent at mid-scale
+    while samples > 0:
+        n = min(samples, step)
+        shape = (channels, n) if fmt.is_planar else (1, n * channels)
+        frame = av.AudioFrame.from_ndarray(
+            np.full(shape, zero, av.audio.frame.format_dtypes[fmt.name]), format=fmt.name, layout=like.layout.name
+        )
+        frame.sample_rate = like.sample_rate
+        yield frame
+        samples -= n
 
 
 def _chunked(frames, seconds: float = 1.0):
-    """Regroups decoded frames into chunks of about ``seconds`` (a new group starts when the format changes)."""
+    """Regroups decoded frames into chunks of about ``seconds``, at most MAX_CHUNK_VALUES samples x channels (a new
+    group starts when the format changes)."""
     fifo, key = None, None
     for frame in frames:
         frame_key = (frame.format.name, frame.layout.name, frame.sample_rate)
@@ -263,13 +429,34 @@ def _chunked(frames, seconds: float = 1.0):
             if fifo is not None and fifo.samples:
                 yield fifo.read()
             fifo, key = av.AudioFifo(), frame_key
-        frame.pts = None  # the fifo checks timestamp continuity; gaps in crawled files are not our concern here
+        frame.pts = None  # the fifo checks timestamp continuity; _on_timeline has already made the audio continuous
         fifo.write(frame)
-        size = max(1, int(frame.sample_rate * seconds))
+        size = max(1, min(int(frame.sample_rate * seconds), MAX_CHUNK_VALUES // frame.layout.nb_channels))
         while fifo.samples >= size:
             yield fifo.read(size)
     if fifo is not None and fifo.samples:
         yield fifo.read()
+
+
+# Full scale of integer sample formats (planar or not), to bring them to float -1..1.
+_FULL_SCALE = {"u8": 128.0, "s16": 32768.0, "s32": 2.0**31, "s64": 2.0**63}
+
+
+def _downmixed(chunk: av.AudioFrame) -> av.AudioFrame:
+    """Averages the channels of a layout swresample refuses to remix (over 8 channels in no known order, as a
+    32-channel WAV without a channel mask has) into mono; other chunks pass through to the resampler unchanged."""
+    channels = chunk.layout.nb_channels
+    if channels <= 8 or chunk.layout.name != f"{channels} channels":
+        return chunk
+    data = chunk.to_ndarray()
+    data = data if chunk.format.is_planar else data.reshape(-1, channels).T
+    base = chunk.format.name.rstrip("p")
+    mono = data.astype(np.float32).mean(axis=0, keepdims=True)
+    if base in _FULL_SCALE:
+        mono = (mono - (128.0 if base == "u8" else 0.0)) / _FULL_SCALE[base]
+    frame = av.AudioFrame.from_ndarray(mono, format="flt", layout="mono")
+    frame.sample_rate = chunk.sample_rate
+    return frame
 
 
 def _write(out: sf.SoundFile, frame: av.AudioFrame) -> int:

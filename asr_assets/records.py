@@ -76,6 +76,9 @@ class AudioRow:
         error_class: short error kind when failed (``EmptyFile``, ``NoAudioStream``, ``DecodeError``, ...).
         error: readable message when failed.
         seconds: wall time spent on the item in the worker.
+        gap_s: seconds of silence filled in where the source's timestamps jump ahead of its audio (so times stay
+            times in the source). None when the file did not decode, and in tables written before it existed.
+        skipped_packets: corrupt packets the decoder dropped (None as for ``gap_s``).
     """
 
     media_id: str
@@ -91,6 +94,8 @@ class AudioRow:
     error_class: str | None
     error: str | None
     seconds: float
+    gap_s: float | None = None
+    skipped_packets: int | None = None
 
 
 AUDIO_SCHEMA = pa.schema(
@@ -108,6 +113,8 @@ AUDIO_SCHEMA = pa.schema(
         ("error_class", pa.string()),
         ("error", pa.string()),
         ("seconds", pa.float64()),
+        ("gap_s", pa.float64()),
+        ("skipped_packets", pa.int32()),
     ]
 )
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
+import av
+import numpy as np
 import pytest
 import soundfile as sf
 
-from asr_assets.media import DecodeJob, decode_media, sniff_format
+from asr_assets.media import DecodeJob, decode_media, sniff_file, sniff_format
 from asr_assets.sample_corpus import Corpus
 
 LIMITS = {"max_bytes": 1 << 30, "max_duration_s": 3600.0}
@@ -52,6 +55,7 @@ def test_each_container_decodes_to_16k_mono(corpus: Corpus, tmp_path: Path, fmt:
     expected_s = item.speech[-1][1] + 0.5  # the generator's 0.5 s tail
     assert abs(len(audio) / rate - expected_s) < 0.06  # AAC priming/padding adds up to ~46 ms
     assert result.duration_s == pytest.approx(len(audio) / rate)
+    assert (result.gap_s, result.skipped_packets) == (0.0, 0)  # priming and encoder delay are not gaps
     # Speech is where the references say: louder inside the first sentence than in the lead-in silence.
     start, end = item.speech[0]
     speech = audio[int(start * rate) : int(end * rate)]
@@ -115,3 +119,92 @@ def test_limits_refuse_before_decoding(corpus: Corpus, tmp_path: Path) -> None:
     assert too_big.error_class == "TooLarge"
     too_long, dst = _decode(src, tmp_path, max_duration_s=1.0)
     assert too_long.error_class == "TooLong" and not dst.exists()
+
+
+def _remux(src: Path, dst: Path, fmt: str, edit: Callable[[int, av.Packet], av.Packet]) -> None:
+    """Copies ``src``'s audio packets into a new ``fmt`` container, each passed through ``edit(index, packet)``."""
+    with av.open(str(src)) as inp, av.open(str(dst), "w", format=fmt) as out:
+        stream = out.add_stream_from_template(inp.streams.audio[0])
+        for i, packet in enumerate(inp.demux(inp.streams.audio[0])):
+            if packet.size:
+                packet = edit(i, packet)
+                packet.stream = stream
+                out.mux(packet)
+
+
+def _sine(tmp_path: Path, codec: str, seconds: float = 4.0) -> Path:
+    clean = tmp_path / f"clean-{codec}.mkv"
+    _ffmpeg("-f", "lavfi", "-i", f"sine=frequency=300:sample_rate=44100:duration={seconds}", "-c:a", codec, str(clean))
+    return clean
+
+
+def _rms(audio: np.ndarray, start_s: float, end_s: float) -> float:
+    return float(np.sqrt((audio[int(start_s * 16000) : int(end_s * 16000)] ** 2).mean()))
+
+
+@pytest.mark.parametrize("codec", ["libmp3lame", "mp2"])
+def test_a_timestamp_gap_becomes_silence_where_it_was(tmp_path: Path, codec: str) -> None:
+    """Packets from 1.0 s on are stamped 0.5 s later (a dropout in a recorded stream): the decoded audio keeps the
+    source's timeline, so a segment found at 3 s is at 3 s in the source."""
+
+    def shifted(_: int, packet: av.Packet) -> av.Packet:
+        if packet.pts * packet.time_base >= 1.0:
+            late = int(0.5 / packet.time_base)
+            packet.pts, packet.dts = packet.pts + late, packet.dts + late
+        return packet
+
+    clean = _sine(tmp_path, codec)
+    gapped = tmp_path / "gapped.ts"
+    _remux(clean, gapped, "mpegts", shifted)
+    clean_result, _ = _decode(clean, tmp_path)
+    result, dst = _decode(gapped, tmp_path)
+    assert result.error_class is None, result.error
+    assert clean_result.gap_s == 0.0 and result.skipped_packets == 0
+    assert result.gap_s == pytest.approx(0.5, abs=0.03)
+    assert result.duration_s == pytest.approx(clean_result.duration_s + 0.5, abs=0.03)
+    audio, _ = sf.read(dst, dtype="float32")
+    assert _rms(audio, 1.15, 1.45) < 1e-3  # the gap is silent...
+    assert (
+        _rms(audio, 0.2, 0.9) > 0.05 and _rms(audio, 1.7, 4.3) > 0.05
+    )  # ...and the tone (rms 0.088) is on both sides of it
+
+
+@pytest.mark.parametrize(("every", "error_class"), [(2, "Damaged"), (25, None)])
+def test_corrupt_packets_are_counted_and_a_mostly_broken_file_is_damaged(
+    tmp_path: Path, every: int, error_class: str | None
+) -> None:
+    rng = np.random.default_rng(every)
+
+    def garbled(i: int, packet: av.Packet) -> av.Packet:
+        if i < 3 or i % every:
+            return packet
+        bad = av.Packet(rng.bytes(packet.size))
+        bad.pts, bad.dts, bad.time_base, bad.duration = packet.pts, packet.dts, packet.time_base, packet.duration
+        return bad
+
+    clean = _sine(tmp_path, "aac")
+    broken = tmp_path / "broken.mkv"
+    _remux(clean, broken, "matroska", garbled)
+    clean_result, _ = _decode(clean, tmp_path)
+    result, dst = _decode(broken, tmp_path, max_damaged_fraction=0.2)
+    assert result.error_class == error_class, result.error
+    assert result.skipped_packets >= 172 // every // 2  # 4 s of 1024-sample AAC frames is ~172 packets
+    assert result.gap_s > 0
+    if error_class:
+        assert "corrupt packets skipped" in result.error and "over the 20% limit" in result.error
+        assert not dst.exists()
+    else:
+        assert result.duration_s == pytest.approx(clean_result.duration_s, abs=0.03)  # holes filled, not dropped
+
+
+def test_aac_and_flac_behind_an_id3_tag_keep_their_demuxer(tmp_path: Path) -> None:
+    tag = b"ID3\x04\x00\x00\x00\x00\x00\x05" + b"\x00" * 5  # an ID3v2.4 header and 5 bytes of padding
+    for codec, fmt, family in (("aac", "adts", "aac"), ("flac", "flac", "flac")):
+        plain = tmp_path / f"plain.{fmt}"
+        _ffmpeg("-f", "lavfi", "-i", "sine=frequency=300:duration=1", "-c:a", codec, "-f", fmt, str(plain))
+        tagged = tmp_path / f"tagged-{fmt}.mp3"
+        tagged.write_bytes(tag + plain.read_bytes())
+        assert sniff_file(tagged) == family
+        result, _ = _decode(tagged, tmp_path)
+        assert result.error_class is None, result.error
+        assert result.detected_format == family and result.duration_s == pytest.approx(1.0, abs=0.05)

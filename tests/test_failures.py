@@ -99,7 +99,7 @@ def test_past_the_deadline_the_step_fails_and_nothing_is_dead_lettered(
 class _Stalls(LocalStore):
     """A source whose objects are FIFOs nobody writes to: decoding one blocks until its worker is killed."""
 
-    def local_path(self, key: str, max_bytes: int | None = None) -> Path:
+    def local_path(self, key: str, max_bytes: int | None = None, version: str = "") -> Path:
         fifo = self.root / "stall.fifo"
         if not fifo.exists():
             os.mkfifo(fifo)

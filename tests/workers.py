@@ -14,3 +14,20 @@ def double_or_die(job: int) -> int:
     if job == -2:
         time.sleep(3600)
     return job * 2
+
+
+def allocate(megabytes: int) -> int:
+    """Fills ``megabytes`` of memory (an item that needs more than its worker may have) and returns its size."""
+    import numpy as np
+
+    return int(np.ones(megabytes << 20, np.uint8).sum()) >> 20
+
+
+def decode_and_peak_rss(job):
+    """Decodes one job in this worker and returns the result with the worker's peak resident memory in bytes."""
+    import resource
+
+    from asr_assets.media import decode_media
+
+    result = decode_media(job)
+    return result, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

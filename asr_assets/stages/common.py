@@ -57,11 +57,12 @@ class StageReport:
 
 @dataclass(frozen=True)
 class PoolSettings:
-    """Worker processes and per-item limits for a CPU stage."""
+    """Worker processes and per-item limits for a CPU stage (``memory_limit_bytes``: each worker's cap, 0 for none)."""
 
     workers: int
     timeout_s: float
     checkpoint_every: int = 200
+    memory_limit_bytes: int = 0
 
 
 def ids_of(table: pa.Table, column: str) -> set[str]:

@@ -37,6 +37,7 @@ class DecodeSettings:
 
     max_bytes: int
     max_duration_s: float
+    max_damaged_fraction: float = 0.2
 
 
 def decode_shard(
@@ -114,6 +115,7 @@ def decode_shard(
                     dst=scratch / f"{shard}-{row['media_id']}.flac",
                     max_bytes=settings.max_bytes,
                     max_duration_s=settings.max_duration_s,
+                    max_damaged_fraction=settings.max_damaged_fraction,
                 )
 
     def flush(final_flush: bool = False) -> None:
@@ -135,7 +137,13 @@ def decode_shard(
     try:
         while queue:
             again: list[dict] = []
-            for outcome in run_pool(decode_media, jobs(queue), workers=pool.workers, timeout_s=pool.timeout_s):
+            for outcome in run_pool(
+                decode_media,
+                jobs(queue),
+                workers=pool.workers,
+                timeout_s=pool.timeout_s,
+                memory_limit_bytes=pool.memory_limit_bytes,
+            ):
                 job: DecodeJob = outcome.job
                 result: DecodeResult | None = outcome.result
                 if result is not None and result.error_class is None:
@@ -189,7 +197,21 @@ def _retry_alone(outcome: PoolOutcome, result: DecodeResult | None, attempts: di
 
 def _audio_row_failed(row: dict, kind: str, message: str) -> AudioRow:
     return AudioRow(
-        row["media_id"], row["uri"], "failed", None, None, "unknown", None, None, None, None, kind, message, 0.0
+        row["media_id"],
+        row["uri"],
+        "failed",
+        None,
+        None,
+        "unknown",
+        None,
+        None,
+        None,
+        None,
+        kind,
+        message,
+        0.0,
+        None,
+        None,
     )
 
 
@@ -208,4 +230,6 @@ def _audio_row(job: DecodeJob, result: DecodeResult, status: str, key: str | Non
         error_class=result.error_class,
         error=result.error,
         seconds=result.seconds,
+        gap_s=result.gap_s,
+        skipped_packets=result.skipped_packets,
     )

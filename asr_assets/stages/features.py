@@ -202,7 +202,13 @@ def features_shard(
     try:
         while queue:
             again: list[str] = []
-            for outcome in run_pool(cut_and_measure, jobs(queue), workers=pool.workers, timeout_s=pool.timeout_s):
+            for outcome in run_pool(
+                cut_and_measure,
+                jobs(queue),
+                workers=pool.workers,
+                timeout_s=pool.timeout_s,
+                memory_limit_bytes=pool.memory_limit_bytes,
+            ):
                 job: CutJob = outcome.job
                 measured: list[Measured] | None = outcome.result
                 if measured is None:

@@ -155,7 +155,13 @@ def vad_shard(
     while True:
         retry: list[VadJob] = []
         unreadable: list[VadItem] = []
-        for outcome in run_pool(detect_speech, jobs, workers=pool.workers, timeout_s=pool.timeout_s):
+        for outcome in run_pool(
+            detect_speech,
+            jobs,
+            workers=pool.workers,
+            timeout_s=pool.timeout_s,
+            memory_limit_bytes=pool.memory_limit_bytes,
+        ):
             record(outcome, retry, unreadable)
             if len(media_rows) + len(dead) >= pool.checkpoint_every:
                 flush()
