@@ -3,7 +3,7 @@
 Runs inside pool workers (import-light, no Dagster). A worker reads each segment by seeking in the decoded FLAC and
 writes the segments' 16-bit samples (and their log-mel features) to scratch files of its own; the step copies them into
 one packed FLAC per run so the teacher reads a few large objects sequentially instead of millions of small ones.
-Neither the worker nor the step ever holds more than one segment's audio, however long the file.
+Neither the worker nor the step holds more than one segment (or a 1 M-sample chunk of a gap), however long the file.
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ def _noise_rms(f: sf.SoundFile, bounds: list[tuple[int, int]]) -> float | None:
 
 def cut_and_measure(job: CutJob) -> list[Measured]:
     """Worker entry point: measures every segment of the media, in segment order, writing their samples (and log-mel
-    rows) to the job's scratch files. Holds one segment (and a 4 MB read buffer) at a time.
+    rows) to the job's scratch files. Holds one segment (or a 1 M-sample chunk of a gap) at a time.
 
     Raises:
         OSError: ENOSPC when a write fails on a full disk (libsndfile says only "System error"): the pool then fails
