@@ -15,7 +15,7 @@ export ASR_OUTPUT_ROOT ?= $(CURDIR)/data/out
 SAMPLE_DIR := $(CURDIR)/data/sample
 
 .PHONY: install install-dev system-deps demo demo-oss demo-vllm test test-vllm lint ui screenshots clean bench-env \
-	bench-filters chaos outage
+	bench-filters bench-long-file chaos outage
 
 system-deps:
 	@missing=""; for tool in ffmpeg espeak-ng sox; do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
@@ -153,6 +153,11 @@ chaos: install-dev
 bench-filters: install
 	$(VPY) bench/filters.py --limit 150 | tail -1
 	$(VPY) bench/filters.py --limit 150 --holdout | tail -1
+
+# Peak memory of the CPU chain on one 10-minute file against one 10-hour file (built once with espeak-ng and ffmpeg,
+# cached under data/bench/long-file; the 10-hour run takes several minutes). LONG_FILE_ARGS="--hours 1" for a quick one.
+bench-long-file: install
+	$(VPY) bench/long_file.py $(LONG_FILE_ARGS) | tail -1
 
 # Benchmarks compare against reference implementations that need torch (silero-vad's own path); they get their own
 # venv so the product's stays torch-free. torch==2.13.0 is the CPU build pip finds on this machine's disk.

@@ -1,25 +1,33 @@
 """Cut VAD segments out of decoded audio and measure them (``segment_features``).
 
-Runs inside pool workers (import-light, no Dagster). A worker returns each segment's 16-bit samples; the step appends
-them to one packed FLAC per run so the teacher reads a few large objects sequentially instead of millions of small ones.
+Runs inside pool workers (import-light, no Dagster). A worker reads each segment by seeking in the decoded FLAC and
+writes the segments' 16-bit samples (and their log-mel features) to scratch files of its own; the step copies them into
+one packed FLAC per run so the teacher reads a few large objects sequentially instead of millions of small ones.
+Neither the worker nor the step holds more than one segment (or a 1 M-sample chunk of a gap), however long the file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import soundfile as sf
 
 from asr_assets import dnsmos
 from asr_assets.dnsmos import DnsmosScore
 from asr_assets.logmel import log_mel, num_frames
-from asr_assets.media import read_audio
-from asr_assets.records import SAMPLE_RATE
+from asr_assets.records import MEL_SCHEMA, SAMPLE_RATE
 
 SILENCE_DBFS = -120.0  # floor for digital silence, instead of -inf
 MIN_NOISE_S = 0.5  # the noise floor needs at least this much non-speech audio
 CLIP_LEVEL = 0.999
+LOW_SPACE_BYTES = 1 << 20  # a write error with less free space than this is a full disk
 
 
 @dataclass(frozen=True)
@@ -35,9 +43,12 @@ class SegmentSpan:
 
 @dataclass(frozen=True)
 class CutJob:
-    """All segments of one media object, cut in one read of its audio.
+    """All segments of one media object, cut in one pass over its audio.
 
     Attributes:
+        scratch: where the worker writes the segments' samples (``scratch`` + ``.flac``, 16-bit, in segment order) and,
+            with ``mel_bins``, their log-mel rows (``scratch`` + ``.mel.parquet``, one row group per segment); None:
+            measure only, write nothing.
         mel_bins: Whisper log-mel bins to compute (0: none).
         dnsmos_fraction: the fraction of segments (chosen by a hash of their id) to score with DNSMOS (0: none).
     """
@@ -47,11 +58,24 @@ class CutJob:
     spans: tuple[SegmentSpan, ...]
     mel_bins: int = 0
     dnsmos_fraction: float = 0.0
+    scratch: Path | None = None
+
+    @property
+    def audio_out(self) -> Path | None:
+        """The scratch FLAC of the segments' samples."""
+        return None if self.scratch is None else self.scratch.with_name(self.scratch.name + ".flac")
+
+    @property
+    def mel_out(self) -> Path | None:
+        """The scratch Parquet of the segments' log-mel rows."""
+        if self.scratch is None or not self.mel_bins:
+            return None
+        return self.scratch.with_name(self.scratch.name + ".mel.parquet")
 
 
 @dataclass(frozen=True)
 class Measured:
-    """One cut segment: its measurements and its samples.
+    """One cut segment: its measurements; its samples are in the job's scratch FLAC.
 
     Attributes:
         span: the segment.
@@ -59,8 +83,7 @@ class Measured:
         peak_dbfs: peak level in dBFS.
         clip_ratio: fraction of samples at or above 0.999 full scale.
         snr_db: RMS of the segment over RMS of the media's non-speech audio, in dB (None if too little non-speech).
-        pcm: the samples as int16.
-        mel: Whisper log-mel features, float16 (n_mels, frames), when asked for.
+        frames: its samples; in the scratch FLAC they follow the previous segment's.
         dnsmos: DNSMOS scores, when the segment is in the scored sample.
     """
 
@@ -69,8 +92,7 @@ class Measured:
     peak_dbfs: float
     clip_ratio: float
     snr_db: float | None
-    pcm: np.ndarray
-    mel: np.ndarray | None = None
+    frames: int
     dnsmos: DnsmosScore | None = None
 
 
@@ -84,48 +106,99 @@ def rms(x: np.ndarray) -> float:
     return float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))) if x.size else 0.0
 
 
-def _energy(x: np.ndarray, chunk: int = 1 << 20) -> float:
-    """Sum of squares in float64, a chunk at a time."""
+def to_pcm16(x: np.ndarray) -> np.ndarray:
+    """Float samples as 16-bit integers (clipped at full scale)."""
+    return np.round(np.clip(x, -1.0, 1.0) * 32767.0).astype(np.int16)
+
+
+def mel_row(segment_id: str, mel: np.ndarray) -> pa.Table:
+    """One row of a log-mel part: the features as little-endian float16 bytes."""
+    row = {
+        "segment_id": [segment_id],
+        "n_mels": [mel.shape[0]],
+        "frames": [mel.shape[1]],
+        "mel": [mel.astype("<f2").tobytes()],
+    }
+    return pa.table(row, schema=MEL_SCHEMA)
+
+
+def _energy(f: sf.SoundFile, start: int, end: int, chunk: int = 1 << 20) -> float:
+    """Sum of squares of samples ``start .. end``, in float64, read a chunk at a time."""
+    f.seek(start)
     total = 0.0
-    for i in range(0, x.shape[0], chunk):
-        part = x[i : i + chunk].astype(np.float64)
+    for i in range(start, end, chunk):
+        part = f.read(min(chunk, end - i), dtype="float32").astype(np.float64)
         total += float(np.dot(part, part))
     return total
 
 
-def cut_and_measure(job: CutJob) -> list[Measured]:
-    """Worker entry point: reads the media's audio once and returns every segment measured, in segment order."""
-    audio = read_audio(job.audio_path)
-    bounds = [
-        (max(0, round(s.start_s * SAMPLE_RATE)), min(audio.shape[0], round(s.end_s * SAMPLE_RATE))) for s in job.spans
-    ]
-    # Noise floor over the gaps between segments (which never overlap), summed in float64 chunks rather than through
-    # a mask and a copy of the non-speech samples: a long file stays in memory once.
+def _noise_rms(f: sf.SoundFile, bounds: list[tuple[int, int]]) -> float | None:
+    """RMS of the audio outside every segment (None when under MIN_NOISE_S of it), read gap by gap: segments never
+    overlap, so the gaps are what lies between them in time order."""
     gaps, cursor = [], 0
     for start, end in sorted(bounds):
         gaps.append((cursor, start))
         cursor = max(cursor, end)
-    gaps.append((cursor, audio.shape[0]))
+    gaps.append((cursor, f.frames))
     noise_samples = sum(max(0, b - a) for a, b in gaps)
-    noise_energy = sum(_energy(audio[a:b]) for a, b in gaps if b > a)
-    noise_rms = float(np.sqrt(noise_energy / noise_samples)) if noise_samples >= MIN_NOISE_S * SAMPLE_RATE else None
+    if noise_samples < MIN_NOISE_S * SAMPLE_RATE:
+        return None
+    return float(np.sqrt(sum(_energy(f, a, b) for a, b in gaps if b > a) / noise_samples))
 
-    measured = []
-    for span, (start, end) in zip(job.spans, bounds, strict=True):
-        x = audio[start:end]
-        if x.size == 0:
-            raise ValueError(f"segment_features: segment {span.segment_id} is empty ({start}..{end} samples)")
-        seg_rms = rms(x)
-        measured.append(
-            Measured(
-                span=span,
-                rms_dbfs=dbfs(seg_rms),
-                peak_dbfs=dbfs(float(np.max(np.abs(x)))),
-                clip_ratio=float(np.mean(np.abs(x) >= CLIP_LEVEL)),
-                snr_db=None if noise_rms is None else dbfs(seg_rms) - dbfs(noise_rms),
-                pcm=np.round(np.clip(x, -1.0, 1.0) * 32767.0).astype(np.int16),
-                mel=log_mel(x, job.mel_bins, num_frames(x.shape[0])).astype(np.float16) if job.mel_bins else None,
-                dnsmos=dnsmos.score(x) if dnsmos.selected(span.segment_id, job.dnsmos_fraction) else None,
+
+def cut_and_measure(job: CutJob) -> list[Measured]:
+    """Worker entry point: measures every segment of the media, in segment order, writing their samples (and log-mel
+    rows) to the job's scratch files. Holds one segment (or a 1 M-sample chunk of a gap) at a time.
+
+    Raises:
+        OSError: ENOSPC when a write fails on a full disk (libsndfile says only "System error"): the pool then fails
+            the step instead of dead-lettering the item.
+    """
+    try:
+        return _cut_and_measure(job)
+    except (sf.LibsndfileError, OSError) as exc:
+        if job.scratch is not None and shutil.disk_usage(job.scratch.parent).free < LOW_SPACE_BYTES:
+            raise OSError(errno.ENOSPC, f"no space left on the device of {job.scratch.parent} ({exc})") from exc
+        raise
+
+
+def _cut_and_measure(job: CutJob) -> list[Measured]:
+    with sf.SoundFile(job.audio_path) as f, contextlib.ExitStack() as outputs:
+        if f.samplerate != SAMPLE_RATE or f.channels != 1:
+            raise ValueError(f"{job.audio_path}: expected 16 kHz mono, got {f.samplerate} Hz x {f.channels}")
+        bounds = [
+            (max(0, round(s.start_s * SAMPLE_RATE)), min(f.frames, round(s.end_s * SAMPLE_RATE))) for s in job.spans
+        ]
+        noise_rms = _noise_rms(f, bounds)
+        pcm_out = mel_out = None
+        if job.audio_out is not None:
+            pcm_out = outputs.enter_context(
+                sf.SoundFile(job.audio_out, "w", samplerate=SAMPLE_RATE, channels=1, format="FLAC", subtype="PCM_16")
             )
-        )
+        if job.mel_out is not None:
+            mel_out = outputs.enter_context(pq.ParquetWriter(job.mel_out, MEL_SCHEMA, compression="zstd"))
+        measured = []
+        for span, (start, end) in zip(job.spans, bounds, strict=True):
+            if end <= start:
+                raise ValueError(f"segment_features: segment {span.segment_id} is empty ({start}..{end} samples)")
+            f.seek(start)
+            x = f.read(end - start, dtype="float32")
+            seg_rms = rms(x)
+            if pcm_out is not None:
+                pcm_out.write(to_pcm16(x))
+            if mel_out is not None:
+                mel_out.write_table(
+                    mel_row(span.segment_id, log_mel(x, job.mel_bins, num_frames(x.shape[0])).astype(np.float16))
+                )
+            measured.append(
+                Measured(
+                    span=span,
+                    rms_dbfs=dbfs(seg_rms),
+                    peak_dbfs=dbfs(float(np.max(np.abs(x)))),
+                    clip_ratio=float(np.mean(np.abs(x) >= CLIP_LEVEL)),
+                    snr_db=None if noise_rms is None else dbfs(seg_rms) - dbfs(noise_rms),
+                    frames=x.shape[0],
+                    dnsmos=dnsmos.score(x) if dnsmos.selected(span.segment_id, job.dnsmos_fraction) else None,
+                )
+            )
     return measured

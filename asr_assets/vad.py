@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -92,26 +93,45 @@ class SileroVad:
         self._session = ort.InferenceSession(str(model_path), sess_options=opts, providers=["CPUExecutionProvider"])
         self._block = block_windows
 
+    @property
+    def block_samples(self) -> int:
+        """Samples per model call: read a file in chunks of this size (the last may be shorter)."""
+        return self._block * WINDOW
+
     def speech_probs(self, audio: np.ndarray) -> np.ndarray:
         """Speech probability of each 512-sample window of 16 kHz mono float32 audio (the last window zero-padded)."""
-        num_windows = -(-audio.shape[0] // WINDOW)
-        probs = np.empty(num_windows, dtype=np.float32)
+        step = self.block_samples
+        return self.stream_probs(audio[i : i + step] for i in range(0, audio.shape[0], step))
+
+    def stream_probs(self, chunks: Iterable[np.ndarray]) -> np.ndarray:
+        """``speech_probs`` of the audio that ``chunks`` make up, holding one chunk at a time: every chunk but the
+        last must be ``block_samples`` long. The LSTM state and the 64 samples of context carry from chunk to chunk,
+        so the result is the one the whole audio gives in one array."""
+        probs: list[np.ndarray] = []
         h = np.zeros((1, 1, 128), dtype=np.float32)
         c = np.zeros((1, 1, 128), dtype=np.float32)
-        for first in range(0, num_windows, self._block):
-            count = min(self._block, num_windows - first)
-            block = _window_block(audio, first, count)
-            probs[first : first + count], h, c = self._session.run(None, {"input": block, "h": h, "c": c})
-        return probs
+        context = np.zeros(CONTEXT, dtype=np.float32)  # zeros before the start
+        short = False
+        for chunk in chunks:
+            if short:
+                raise ValueError(f"only the last chunk may be shorter than {self.block_samples} samples")
+            short = chunk.shape[0] < self.block_samples
+            if not chunk.shape[0]:
+                continue
+            block = _window_block(context, chunk)
+            out, h, c = self._session.run(None, {"input": block, "h": h, "c": c})
+            probs.append(out)
+            context = block[-1, -CONTEXT:].copy()
+        return np.concatenate(probs) if probs else np.empty(0, dtype=np.float32)
 
 
-def _window_block(audio: np.ndarray, first: int, count: int) -> np.ndarray:
-    """Model input for windows ``first .. first+count``: each row is the 64 samples before the window (zeros before the
-    start) and its 512 samples (zero-padded past the end). Only this block is copied, never the whole audio."""
-    start = first * WINDOW - CONTEXT
+def _window_block(context: np.ndarray, chunk: np.ndarray) -> np.ndarray:
+    """Model input for the windows of ``chunk``: each row is the 64 samples before the window (``context`` for the
+    first) and its 512 samples (the last window zero-padded). Only this chunk is copied."""
+    count = -(-chunk.shape[0] // WINDOW)
     buf = np.zeros(CONTEXT + count * WINDOW, dtype=np.float32)
-    lo, hi = max(start, 0), min(start + buf.shape[0], audio.shape[0])
-    buf[lo - start : hi - start] = audio[lo:hi]
+    buf[:CONTEXT] = context
+    buf[CONTEXT : CONTEXT + chunk.shape[0]] = chunk
     return np.ascontiguousarray(np.lib.stride_tricks.sliding_window_view(buf, CONTEXT + WINDOW)[::WINDOW])
 
 
@@ -264,28 +284,55 @@ def _session(model_path: Path) -> SileroVad:
     return SileroVad(model_path)  # one per worker process, reused for every job
 
 
+class _Unreadable(Exception):
+    """The decoded FLAC cannot be read (or is not 16 kHz mono)."""
+
+
+class _FileChunks:
+    """A FLAC's float32 samples in chunks of ``size`` (the last shorter), read as they are consumed; ``samples``
+    counts what was read. Read errors come out as _Unreadable."""
+
+    def __init__(self, path: Path, size: int) -> None:
+        self._path, self._size = path, size
+        self.samples = 0
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        import soundfile as sf
+
+        try:
+            with sf.SoundFile(self._path) as f:
+                if f.samplerate != SAMPLE_RATE or f.channels != 1:
+                    raise _Unreadable(f"expected 16 kHz mono audio, got {f.samplerate} Hz x {f.channels} channels")
+                while True:
+                    chunk = f.read(self._size, dtype="float32")
+                    self.samples += chunk.shape[0]
+                    if chunk.shape[0]:
+                        yield chunk
+                    if chunk.shape[0] < self._size:
+                        return
+        except (sf.LibsndfileError, ValueError, OSError) as exc:
+            raise _Unreadable(str(exc)) from None
+
+
 def detect_speech(job: VadJob) -> list[VadResult]:
-    """Worker entry point: reads each item's FLAC, runs the model and cuts segments (small files come in groups so the
-    per-job overhead is shared).
+    """Worker entry point: streams each item's FLAC through the model a block at a time (a 10-hour file needs no more
+    memory than a short one, bar its window probabilities: 4 bytes per 32 ms) and cuts segments. Small files come in
+    groups so the per-job overhead is shared.
 
     An unreadable item fails alone (its result carries the error); the others go on.
     """
-    import soundfile as sf
-
     session = _session(job.model_path)
     sha = model_sha256(job.model_path)
     results = []
     for item in job.items:
+        chunks = _FileChunks(item.audio_path, session.block_samples)
         try:
-            audio, rate = sf.read(item.audio_path, dtype="float32")
-            if rate != SAMPLE_RATE or audio.ndim != 1:
-                raise ValueError(f"expected 16 kHz mono audio, got {rate} Hz with shape {audio.shape}")
-        except (sf.LibsndfileError, ValueError, OSError) as exc:
+            probs = session.stream_probs(chunks)
+        except _Unreadable as exc:
             message = f"vad_segments: media {item.media_id}: {exc}"
             results.append(VadResult(item.media_id, 0.0, [], "UnreadableAudio", message))
             continue
-        probs = session.speech_probs(audio)
-        spans = merge_spans(speech_timestamps(probs, audio.shape[0], job.params), job.params)
+        spans = merge_spans(speech_timestamps(probs, chunks.samples, job.params), job.params)
         rows = segment_rows(item.media_id, probs, spans, sha, job.params)
-        results.append(VadResult(item.media_id, audio.shape[0] / SAMPLE_RATE, rows))
+        results.append(VadResult(item.media_id, chunks.samples / SAMPLE_RATE, rows))
     return results

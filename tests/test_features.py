@@ -12,12 +12,13 @@ import soundfile as sf
 from asr_assets import layout
 from asr_assets.logmel import log_mel, num_frames
 from asr_assets.media import read_audio
+from asr_assets.records import AUDIO_SCHEMA
 from asr_assets.sample_corpus import Corpus
-from asr_assets.segments import CutJob, SegmentSpan, cut_and_measure, dbfs
+from asr_assets.segments import CutJob, SegmentSpan, cut_and_measure, dbfs, to_pcm16
 from asr_assets.stages import DecodeSettings, PoolSettings, build_index, decode_shard, features_shard, vad_shard
 from asr_assets.stages import PackSettings as AudioPackSettings
 from asr_assets.vad import VadParams, silero_model_path
-from resources.storage import LocalStore
+from resources.storage import LocalStore, read_table
 
 
 @pytest.fixture(scope="module")
@@ -57,12 +58,17 @@ def test_levels_and_clipping(tmp_path: Path, amplitude: float, expected_rms: flo
     audio[16000 : 16000 * 5] = amplitude * np.sin(2 * np.pi * 250 * t)
     audio[:16000] = audio[16000 * 5 :] = 0.001  # a constant noise floor everywhere outside the segment
     sf.write(tmp_path / "a.flac", audio, 16000, subtype="PCM_16")
-    (m,) = cut_and_measure(CutJob("m", tmp_path / "a.flac", (SegmentSpan("m-00000", 1.0, 5.0, 0.9, 0.8),), 80))
+    job = CutJob("m", tmp_path / "a.flac", (SegmentSpan("m-00000", 1.0, 5.0, 0.9, 0.8),), 80, scratch=tmp_path / "cut")
+    (m,) = cut_and_measure(job)
     assert m.rms_dbfs == pytest.approx(expected_rms, abs=0.05)
     assert m.peak_dbfs == pytest.approx(expected_peak, abs=0.05)
     assert (m.clip_ratio > 0.01) is (amplitude == 1.0)
     assert m.snr_db == pytest.approx(expected_rms - dbfs(0.001), abs=0.5)
-    assert m.pcm.shape[0] == 16000 * 4 and m.mel.shape == (80, 400) and m.mel.dtype == np.float16
+    pcm = sf.read(job.audio_out, dtype="int16")[0]  # the worker wrote the segment's samples itself
+    assert m.frames == pcm.shape[0] == 16000 * 4
+    assert np.abs(pcm / 32767.0 - audio[16000 : 16000 * 5]).max() < 1e-4
+    (mel,) = pq.read_table(job.mel_out).to_pylist()
+    assert (mel["segment_id"], mel["n_mels"], mel["frames"]) == ("m-00000", 80, 400)
 
 
 def test_features_shard_packs_audio_and_log_mel(corpus: Corpus, tmp_path: Path) -> None:
@@ -80,8 +86,13 @@ def test_features_shard_packs_audio_and_log_mel(corpus: Corpus, tmp_path: Path) 
         for m in pq.read_table(out.local_path(key)).to_pylist():
             mels[m["segment_id"]] = np.frombuffer(m["mel"], "<f2").reshape(m["n_mels"], m["frames"])
     assert set(mels) == {r["segment_id"] for r in rows}
+    assert not list(out.scratch_dir().glob("*-cut-*"))  # the workers' scratch files, copied in and deleted
+    decoded = read_table(out, layout.audio_manifest_key(shard), AUDIO_SCHEMA).to_pylist()
+    decoded = {r["media_id"]: out.local_path(r["audio_key"]) for r in decoded if r["status"] == "decoded"}
     for row in rows[:5]:
         audio = read_audio(out.local_path(row["audio_key"]), row["audio_offset"], row["audio_frames"])
         assert audio.shape[0] == row["audio_frames"]
+        source = read_audio(decoded[row["media_id"]], round(row["start_s"] * 16000), row["audio_frames"])
+        assert np.array_equal(audio, to_pcm16(source) / np.float32(32768))  # the segment, packed as cut
         expected = log_mel(audio, 128, num_frames(audio.shape[0]))
         assert np.abs(mels[row["segment_id"]].astype(np.float32) - expected).max() < 1e-2  # float16 storage

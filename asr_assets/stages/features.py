@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,6 +42,9 @@ class PackSettings:
     part_max_s: float = 4 * 3600.0
 
 
+COPY_FRAMES = 1 << 16  # samples per read when copying a worker's segments into the packed part (128 KB)
+
+
 class _PackWriter:
     """Appends segments to packed FLAC parts (and their log-mel features to a Parquet part beside each) in scratch
     space, and moves each finished part into the store."""
@@ -61,8 +65,9 @@ class _PackWriter:
         """The audio part being written (not yet in the store), if any."""
         return layout.packed_audio_key(self._shard, self._part) if self._file is not None else None
 
-    def append(self, pcm, mel=None, segment_id: str = "") -> tuple[str, int, str | None]:
-        """Appends one segment; returns its audio part key, frame offset and log-mel part key."""
+    def append(self, pcm: sf.SoundFile, frames: int, mel: pa.Table | None = None) -> tuple[str, int, str | None]:
+        """Appends one segment: ``frames`` 16-bit samples copied from ``pcm``'s read position a block at a time, and
+        its log-mel row; returns its audio part key, frame offset and log-mel part key."""
         audio_key = layout.packed_audio_key(self._shard, self._part)
         mel_key = layout.mel_part_key(self._shard, self._part)
         if self._file is None:
@@ -71,18 +76,18 @@ class _PackWriter:
             )
             self._frames = 0
         offset = self._frames
-        self._file.write(pcm)
-        self._frames += pcm.shape[0]
+        left = frames
+        while left:
+            block = pcm.read(min(COPY_FRAMES, left), dtype="int16")
+            if not block.shape[0]:
+                raise RuntimeError(f"segment_features: {pcm.name} ends {left} samples before its segments do")
+            self._file.write(block)
+            left -= block.shape[0]
+        self._frames += frames
         if mel is not None:
             if self._mel is None:
                 self._mel = pq.ParquetWriter(self._scratch(mel_key), MEL_SCHEMA, compression="zstd")
-            row = {
-                "segment_id": [segment_id],
-                "n_mels": [mel.shape[0]],
-                "frames": [mel.shape[1]],
-                "mel": [mel.astype("<f2").tobytes()],
-            }
-            self._mel.write_table(pa.table(row, schema=MEL_SCHEMA))
+            self._mel.write_table(mel)
         if self._frames >= self._settings.part_max_s * SAMPLE_RATE:
             self.close()
         return audio_key, offset, mel_key if mel is not None else None
@@ -152,10 +157,20 @@ def features_shard(
             by_media.setdefault(row["media_id"], []).append(
                 SegmentSpan(row["segment_id"], row["start_s"], row["end_s"], row["prob_mean"], row["prob_min"])
             )
+    # Each worker writes its media's segments to scratch files named after the media (a re-run after a crash
+    # overwrites what the killed run left); the step copies them into the packed part and deletes them.
+    scratch = out.scratch_dir()
 
     def jobs(media_ids: list[str]) -> Iterator[CutJob]:
         for mid in media_ids:
-            yield CutJob(mid, out.local_path(audio_keys[mid]), tuple(by_media[mid]), mel_bins, dnsmos_fraction)
+            yield CutJob(
+                mid,
+                out.local_path(audio_keys[mid]),
+                tuple(by_media[mid]),
+                mel_bins,
+                dnsmos_fraction,
+                scratch / f"segment_features-{shard}-cut-{mid}",
+            )
 
     parts = set(features["audio_key"].to_pylist())
     writer = _PackWriter(out, shard, first_part=len(parts), settings=pack)
@@ -212,13 +227,13 @@ def features_shard(
                 job: CutJob = outcome.job
                 measured: list[Measured] | None = outcome.result
                 if measured is None:
+                    _remove_scratch(job)  # a failed or killed worker may have left them half written
                     failed(job, outcome, again)
                     continue
-                for m in measured:
-                    key, offset, mel_key = writer.append(m.pcm, m.mel, m.span.segment_id)
+                for m, (key, offset, mel_key) in zip(measured, _append_job(writer, job, measured), strict=True):
                     rows.append(_feature_row(job.media_id, m, key, offset, mel_key))
                     guard.ok()
-                    report.ok(m.pcm.shape[0] / SAMPLE_RATE)
+                    report.ok(m.frames / SAMPLE_RATE)
                 if len(writer.written) > closed_parts or len(dead) >= pool.checkpoint_every:
                     closed_parts = len(writer.written)
                     flush(final=False)
@@ -242,13 +257,34 @@ def features_shard(
     return report
 
 
+def _append_job(writer: _PackWriter, job: CutJob, measured: list[Measured]) -> list[tuple[str, int, str | None]]:
+    """Copies a worker's segments from its scratch files into the packed part, one segment at a time, then deletes
+    the scratch files; returns where each segment went (audio part key, frame offset, log-mel part key)."""
+    assert job.audio_out is not None
+    placed = []
+    try:
+        with sf.SoundFile(job.audio_out) as pcm, contextlib.ExitStack() as stack:
+            mels = None if job.mel_out is None else stack.enter_context(pq.ParquetFile(job.mel_out))
+            for i, m in enumerate(measured):
+                placed.append(writer.append(pcm, m.frames, None if mels is None else mels.read_row_group(i)))
+    finally:
+        _remove_scratch(job)
+    return placed
+
+
+def _remove_scratch(job: CutJob) -> None:
+    for path in (job.audio_out, job.mel_out):
+        if path is not None:
+            path.unlink(missing_ok=True)
+
+
 def _feature_row(media_id: str, m: Measured, key: str, offset: int, mel_key: str | None) -> FeatureRow:
     return FeatureRow(
         segment_id=m.span.segment_id,
         media_id=media_id,
         start_s=m.span.start_s,
         end_s=m.span.end_s,
-        duration_s=m.pcm.shape[0] / SAMPLE_RATE,
+        duration_s=m.frames / SAMPLE_RATE,
         rms_dbfs=m.rms_dbfs,
         peak_dbfs=m.peak_dbfs,
         clip_ratio=m.clip_ratio,
@@ -257,7 +293,7 @@ def _feature_row(media_id: str, m: Measured, key: str, offset: int, mel_key: str
         prob_min=m.span.prob_min,
         audio_key=key,
         audio_offset=offset,
-        audio_frames=m.pcm.shape[0],
+        audio_frames=m.frames,
         mel_key=mel_key,
         dnsmos_sig=None if m.dnsmos is None else m.dnsmos.sig,
         dnsmos_bak=None if m.dnsmos is None else m.dnsmos.bak,

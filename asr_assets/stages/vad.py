@@ -33,7 +33,7 @@ from resources.storage import (
 @dataclass(frozen=True)
 class GroupSettings:
     """Small files are grouped into one worker job (fewer round trips); a group holds at most ``max_items`` files and
-    ``max_audio_s`` seconds of audio (bounding a worker's memory); a longer file forms a group of its own."""
+    ``max_audio_s`` seconds of audio (bounding a job's time); a longer file forms a group of its own."""
 
     max_items: int = 8
     max_audio_s: float = 1800.0
