@@ -41,11 +41,11 @@ class PackSettings:
 
 class _PackWriter:
     """Appends segments to packed FLAC parts (and their log-mel features to a Parquet part beside each) in scratch
-    space, and moves each finished part into the store."""
+    space, and moves each finished part into the store. A part is named after its first segment."""
 
-    def __init__(self, out: ObjectStore, shard: str, first_part: int, settings: PackSettings) -> None:
+    def __init__(self, out: ObjectStore, shard: str, settings: PackSettings) -> None:
         self._out, self._shard, self._settings = out, shard, settings
-        self._part = first_part
+        self._first = ""  # the open part's first segment id
         self._file: sf.SoundFile | None = None
         self._mel: pq.ParquetWriter | None = None
         self._frames = 0
@@ -57,12 +57,14 @@ class _PackWriter:
     @property
     def open_part_key(self) -> str | None:
         """The audio part being written (not yet in the store), if any."""
-        return layout.packed_audio_key(self._shard, self._part) if self._file is not None else None
+        return layout.packed_audio_key(self._shard, self._first) if self._file is not None else None
 
     def append(self, pcm, mel=None, segment_id: str = "") -> tuple[str, int, str | None]:
         """Appends one segment; returns its audio part key, frame offset and log-mel part key."""
-        audio_key = layout.packed_audio_key(self._shard, self._part)
-        mel_key = layout.mel_part_key(self._shard, self._part)
+        if self._file is None:
+            self._first = segment_id
+        audio_key = layout.packed_audio_key(self._shard, self._first)
+        mel_key = layout.mel_part_key(self._shard, self._first)
         if self._file is None:
             self._file = sf.SoundFile(
                 self._scratch(audio_key), "w", samplerate=SAMPLE_RATE, channels=1, format="FLAC", subtype="PCM_16"
@@ -90,22 +92,21 @@ class _PackWriter:
         if self._file is None:
             return
         self._file.close()
-        audio_key = layout.packed_audio_key(self._shard, self._part)
+        audio_key = layout.packed_audio_key(self._shard, self._first)
         self._out.put_file(audio_key, self._scratch(audio_key))
         self.written.append(audio_key)
         if self._mel is not None:
             self._mel.close()
-            mel_key = layout.mel_part_key(self._shard, self._part)
+            mel_key = layout.mel_part_key(self._shard, self._first)
             self._out.put_file(mel_key, self._scratch(mel_key))
             self.written.append(mel_key)
         self._file, self._mel = None, None
-        self._part += 1
 
     def abort(self) -> None:
         for handle in (self._file, self._mel):
             if handle is not None:
                 handle.close()
-        for key in (layout.packed_audio_key(self._shard, self._part), layout.mel_part_key(self._shard, self._part)):
+        for key in (layout.packed_audio_key(self._shard, self._first), layout.mel_part_key(self._shard, self._first)):
             self._scratch(key).unlink(missing_ok=True)
         self._file, self._mel = None, None
 
@@ -123,7 +124,7 @@ def features_shard(
     of the segments, chosen by a hash of their id, is scored with DNSMOS; rows already written keep their scores.
 
     Checkpoints as each part is finished: feature rows are written only after the part they point into is in the
-    store, so a crash loses at most the open part's work and leaves an unreferenced part that the re-run overwrites.
+    store, so a crash loses at most the open part's work and leaves an unreferenced part that the re-run removes.
     """
     started = time.perf_counter()
     report = StageReport()
@@ -147,8 +148,8 @@ def features_shard(
         CutJob(mid, out.local_path(audio_keys[mid]), tuple(spans), mel_bins, dnsmos_fraction)
         for mid, spans in by_media.items()
     )
-    parts = set(features["audio_key"].to_pylist())
-    writer = _PackWriter(out, shard, first_part=len(parts), settings=pack)
+    _remove_unreferenced_parts(out, shard, features)
+    writer = _PackWriter(out, shard, settings=pack)
     rows: list[FeatureRow] = []
     dead: list[DeadLetterRow] = []
 
@@ -203,6 +204,16 @@ def features_shard(
         report.totals["dnsmos_model_sha256"] = dnsmos_sha
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _remove_unreferenced_parts(out: ObjectStore, shard: str, features: pa.Table) -> None:
+    """Deletes parts no feature row points into: published by a step killed before its rows were (its segments are
+    cut again, perhaps into parts named differently). Only this step writes here, under its lease."""
+    referenced = set(features["audio_key"].to_pylist()) | set(features["mel_key"].drop_null().to_pylist())
+    for info in out.list(f"{layout.FOLDERS['segment_features']}/{shard}/"):
+        name = info.key.rsplit("/", 1)[-1]
+        if name.startswith(("part-", "mel-part-")) and info.key not in referenced:
+            out.delete(info.key)
 
 
 def _feature_row(media_id: str, m: Measured, key: str, offset: int, mel_key: str | None) -> FeatureRow:
