@@ -439,8 +439,9 @@ def test_two_cli_runs_of_one_shard_at_once_end_identical_to_a_single_run(
     corpus: Corpus, busiest_shard: str, tmp_path: Path
 ) -> None:
     shard = busiest_shard
-    # One worker for segment_features: packed parts (and so every audio offset) in one order in every run.
-    config = {"ops": {"segment_features": {"config": {"workers": 1}}}}
+    # One worker per CPU stage: rows in one order in every run, so segments are packed (and their audio offsets
+    # known) alike. The pool yields outcomes as they complete.
+    config = {"ops": {op: {"config": {"workers": 1}} for op in ("audio_wav", "vad_segments", "segment_features")}}
     single = tmp_path / "single"
     assert materialize_shard(corpus, single, shard, config).success
 
@@ -461,10 +462,14 @@ def test_two_cli_runs_of_one_shard_at_once_end_identical_to_a_single_run(
     for name, column in (("index", "media_id"), ("features", "segment_id"), ("transcripts", "segment_id")):
         ids = [r[column] for r in ours[name]]
         assert len(ids) == len(set(ids)), f"duplicate ids in {name}"
-    # Every step's lease was taken in turn and released; no scratch folder is left behind.
+    # Each run took every step's lease in turn (the one before the highest is kept) and released it; no scratch
+    # folder is left behind.
     for asset in layout.FOLDERS:
-        records = {int(p.stem): json.loads(p.read_text()) for p in (both / "leases" / shard / asset).glob("*.json")}
-        assert records[max(records)]["released"], asset
+        records = {
+            int(p.stem): json.loads(p.read_text()) for p in sorted((both / "leases" / shard / asset).glob("*.json"))
+        }
+        assert list(records) == [1, 2] and all(r["released"] for r in records.values()), asset
+        assert records[1]["run_id"] != records[2]["run_id"] and all(r["run_id"] for r in records.values())
     assert not list((both / ".scratch").glob("*"))
 
     # A third run while this process holds audio_wav's lease, failing fast: it names the holder, writes nothing.
