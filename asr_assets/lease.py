@@ -137,10 +137,11 @@ class Holder:
         return (now - datetime.fromisoformat(self.heartbeat_at)).total_seconds()
 
     def free(self, now: datetime) -> bool:
-        """Whether another writer may take over: released, expired, or its process on this machine is gone."""
+        """Whether another writer may take over: released, expired, or its process on this machine is gone (or is this
+        process, which holds no such lease: ``take`` found none, so an earlier release of it failed)."""
         if self.released or self.silent_s(now) > self.ttl_s:
             return True
-        return self.node == _NODE and not _pid_alive(self.pid)
+        return self.node == _NODE and (self.pid == os.getpid() or not _pid_alive(self.pid))
 
     def describe(self, now: datetime) -> str:
         run = f"run {self.run_id}" if self.run_id else "a sensor or schedule tick (no run)"
@@ -195,10 +196,16 @@ class Lease:
             generations = self._generations()
             if not generations:
                 return 0, None
+            key = self.key(generations[-1])
             try:
-                return generations[-1], Holder.from_bytes(self.store.read_bytes(self.key(generations[-1])))
+                return generations[-1], Holder.from_bytes(self.store.read_bytes(key))
             except FileNotFoundError:
                 continue  # pruned between the listing and the read: list again
+            except (ValueError, TypeError, KeyError) as exc:
+                raise ValueError(
+                    f"lease record {self.store.uri_of(key)} is unreadable ({exc}); delete it once no run writes "
+                    f"{self.asset} on {self.shard}"
+                ) from None
 
     def _new_record(self) -> Holder:
         now = _now().isoformat()

@@ -210,6 +210,10 @@ def test_a_dead_holder_on_this_machine_is_taken_over_at_once(tmp_path: Path) -> 
     assert not _records(tmp_path, "audio_wav")[1]["released"]
     with lease.hold(LocalStore(tmp_path), SHARD, "audio_wav", "run-next") as mine:
         assert mine.generation == 2
+    # A record of this very process that it no longer holds (its release failed to reach the store) frees at once too.
+    _write_record(LocalStore(tmp_path), "audio_wav", 3, node=lease._NODE, pid=os.getpid())
+    with lease.hold(LocalStore(tmp_path), SHARD, "audio_wav", "run-next") as mine:
+        assert mine.generation == 4
 
 
 def test_another_machines_holder_blocks_until_its_heartbeat_expires(tmp_path: Path) -> None:
