@@ -247,7 +247,7 @@ def media_index(
 ) -> dg.MaterializeResult:
     """The shard's media objects (one row per object version: media_id, uri, size, mtime, extension, version),
     appended as new ones appear; a replaced object's older row is retired."""
-    with layout.step_output(storage, "media_index", context.partition_key) as out:
+    with layout.step_output(storage, "media_index", context.partition_key, context.run.run_id) as out:
         report = build_index(storage.source(), out, context.partition_key, NUM_SHARDS, config.manifest or None)
         context.log.info(
             f"{context.partition_key}: {report.processed} new media, {report.totals['media']} in the shard"
@@ -266,7 +266,7 @@ def audio_wav(
     context: dg.AssetExecutionContext, config: AudioWavConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
     """Every indexed media object probed and decoded to 16 kHz mono FLAC, or dead-lettered with the reason."""
-    with layout.step_output(storage, "audio_wav", context.partition_key) as out:
+    with layout.step_output(storage, "audio_wav", context.partition_key, context.run.run_id) as out:
         settings = DecodeSettings(
             int(config.max_file_mb * 1024 * 1024), config.max_duration_h * 3600, config.max_damaged_fraction
         )
@@ -283,7 +283,7 @@ def vad_segments(
     context: dg.AssetExecutionContext, config: VadConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
     """Speech segments (at most 30 s) found by Silero VAD, with the model hash and parameters."""
-    with layout.step_output(storage, "vad_segments", context.partition_key) as out:
+    with layout.step_output(storage, "vad_segments", context.partition_key, context.run.run_id) as out:
         report = vad_shard(out, context.partition_key, config.params(), silero_model_path(), config.pool())
         metrics.record_stage("vad_segments", context.partition_key, report)
         return dg.MaterializeResult(metadata=_metadata(report, "media") | {"vad_params": config.params().to_json()})
@@ -297,7 +297,7 @@ def segment_features(
 ) -> dg.MaterializeResult:
     """Each segment cut, measured (levels, clipping, SNR, VAD stats, DNSMOS on a sample) and packed into the shard's
     FLAC parts."""
-    with layout.step_output(storage, "segment_features", context.partition_key) as out:
+    with layout.step_output(storage, "segment_features", context.partition_key, context.run.run_id) as out:
         pack = AudioPackSettings(config.part_max_hours * 3600)
         report = features_shard(
             out, context.partition_key, pack, config.pool(), config.log_mel_bins, config.dnsmos_fraction
@@ -348,7 +348,7 @@ def transcripts(
             metrics.set_queue_depth("transcripts", int(report.totals.get("pending", 0)))
 
         try:
-            with layout.step_output(storage, "transcripts", shard) as out:
+            with layout.step_output(storage, "transcripts", shard, context.run.run_id) as out:
                 report = transcribe_shard(out, shard, teacher.load, settings, on_wave=progress, second=second)
         finally:
             metrics.set_queue_depth("transcripts", 0)  # a failed step leaves nothing waiting either
@@ -379,7 +379,7 @@ def distilled_dataset(
     context: dg.AssetExecutionContext, config: DistilledConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
     """Filtered labels packed as WebDataset tars, a Parquet manifest, and per-file transcripts (JSONL)."""
-    with layout.step_output(storage, "distilled_dataset", context.partition_key) as out:
+    with layout.step_output(storage, "distilled_dataset", context.partition_key, context.run.run_id) as out:
         pack = PackSettings(int(config.target_tar_mb * 1024 * 1024))
         card = _read_card(out, config.threshold_card) if config.threshold_card else None
         report = distill_shard(out, context.partition_key, config.rules(card), pack)

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from asr_assets import lease
 from asr_assets.records import DEAD_LETTER_SCHEMA, MEDIA_SCHEMA, DeadLetterRow, to_table
 from partitions import MEDIA_ID_SCHEME, NUM_SHARDS
 from resources.storage import (
@@ -32,8 +33,11 @@ def index_prefix(shard: str) -> str:
     return f"index/{shard}/"
 
 
-def index_part_key(shard: str, part: int) -> str:
-    return f"index/{shard}/part-{part:05d}.parquet"
+# Part names come from their content, the first item id in the part (no numbering by counting existing files): an item
+# enters a shard's parts once, so a name is never reused for other content, and re-runs over the same input name their
+# parts alike.
+def index_part_key(shard: str, first_media_id: str) -> str:
+    return f"index/{shard}/part-{first_media_id}.parquet"
 
 
 def read_index(store: ObjectStore, shard: str) -> pa.Table:
@@ -78,20 +82,20 @@ def features_key(shard: str) -> str:
     return f"segment_features/{shard}.parquet"
 
 
-def packed_audio_key(shard: str, part: int) -> str:
-    return f"segment_features/{shard}/part-{part:05d}.flac"
+def packed_audio_key(shard: str, first_segment_id: str) -> str:
+    return f"segment_features/{shard}/part-{first_segment_id}.flac"
 
 
-def mel_part_key(shard: str, part: int) -> str:
-    return f"segment_features/{shard}/mel-part-{part:05d}.parquet"
+def mel_part_key(shard: str, first_segment_id: str) -> str:
+    return f"segment_features/{shard}/mel-part-{first_segment_id}.parquet"
 
 
 def transcripts_prefix(shard: str) -> str:
     return f"transcripts/{shard}/"
 
 
-def transcript_part_key(shard: str, part: int) -> str:
-    return f"transcripts/{shard}/part-{part:05d}.parquet"
+def transcript_part_key(shard: str, first_segment_id: str) -> str:
+    return f"transcripts/{shard}/part-{first_segment_id}.parquet"
 
 
 def distilled_tar_key(shard: str, n: int) -> str:
@@ -164,19 +168,30 @@ FOLDERS = {
 
 
 @contextlib.contextmanager
-def step_output(storage: StorageResource, asset: str, shard: str) -> Iterator[ObjectStore]:
-    """The output store for one asset's step on one shard.
+def step_output(storage: StorageResource, asset: str, shard: str, run_id: str = "") -> Iterator[ObjectStore]:
+    """The output store for one asset's step on one shard, written by this step alone.
 
-    Before the step: unfinished writes a killed earlier step left in this asset's folders are removed (they were never
+    The step holds the lease of (shard, asset) while it runs (``asr_assets.lease``; a second writer fails fast or
+    waits, per ``ASR_LEASE_WAIT_S``), and every write through the store it gets first checks that it still does.
+    Before the step: unfinished writes and scratch folders a killed earlier step left are removed (they were never
     visible to readers: hidden names). During the step: a write that fails because the disk is full fails the step
     with a message that says so (libsndfile, for one, reports only "System error"), instead of dead-lettering items.
+    After it: its scratch folder is removed.
+
+    Args:
+        storage: the storage resource.
+        asset: the asset's name.
+        shard: the partition key.
+        run_id: the Dagster run, named to a second writer that finds the lease held.
     """
     out = dataset_output(storage)
     top = FOLDERS[asset]
     for folder in (top, f"{top}/{shard}", "dead_letter/" + asset):
         out.sweep_stale_temp(folder)
+    out.sweep_stale_scratch()
+    held = lease.take(out, shard, asset, run_id)
     try:
-        yield out
+        yield lease.GuardedStore(out, held.check)
     except StorageFull as exc:
         raise StorageFull(errno.ENOSPC, f"{asset} on {shard}: {exc.strerror or exc}") from exc
     except Exception as exc:
@@ -188,6 +203,9 @@ def step_output(storage: StorageResource, asset: str, shard: str) -> Iterator[Ob
                 "partition",
             ) from exc
         raise
+    finally:
+        out.discard_scratch()
+        held.release()
 
 
 def dataset_output(storage: StorageResource) -> ObjectStore:

@@ -146,6 +146,11 @@ class ObjectStore(ABC):
         """Moves (or uploads) a finished local file into the store atomically; ``src`` is consumed."""
 
     @abstractmethod
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """Creates the object only if no object has that key: of two racing writers exactly one gets True (a lease's
+        commit point). Readers see nothing or the whole object."""
+
+    @abstractmethod
     def local_path(self, key: str, max_bytes: int | None = None, version: str = "") -> Path:
         """A local file holding the object's bytes, for libraries that need a path (FFmpeg, soundfile). ``version``
         (from the listing) keys a download cache, so a replaced object is never served from the old one's bytes.
@@ -169,6 +174,14 @@ class ObjectStore(ABC):
         completed never became an object."""
         return 0
 
+    def sweep_stale_scratch(self) -> int:
+        """Removes scratch folders of writer processes that are gone; returns how many (none outside a local root)."""
+        return 0
+
+    @abstractmethod
+    def discard_scratch(self) -> None:
+        """Removes this store's scratch folder and whatever is left in it (the step that used it is done)."""
+
     def uri_of(self, key: str) -> str:
         """The full uri of an object."""
         check_key(key)
@@ -184,6 +197,7 @@ class LocalStore(ObjectStore):
 
     def __init__(self, root: Path) -> None:
         self._root = root.resolve()
+        self._scratch: Path | None = None
 
     @property
     def root(self) -> Path:
@@ -265,6 +279,7 @@ class LocalStore(ObjectStore):
         try:
             yield tmp
             os.replace(tmp, path)
+            _fsync_dir(path.parent)  # the rename itself survives a power loss only once its folder is synced
         except OSError as exc:
             if is_out_of_space(exc):
                 raise self._full(key) from exc
@@ -284,10 +299,32 @@ class LocalStore(ObjectStore):
                 # A rename when src is on the same file system, a copy otherwise; the publish is a rename either way.
                 if _same_device(src, tmp.parent):
                     os.replace(src, tmp)
+                    _fsync_file(tmp)  # its writer may not have synced it: the data must be on disk before the rename
                 else:
                     _copy(src, tmp)
         finally:
             src.unlink(missing_ok=True)
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        path = self._path(key)
+        tmp = self._temp_beside(path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            # link() fails when the name exists, where rename() would replace it: the atomic create-if-absent.
+            os.link(tmp, path)
+            _fsync_dir(path.parent)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if is_out_of_space(exc):
+                raise self._full(key) from exc
+            raise
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def local_path(self, key: str, max_bytes: int | None = None, version: str = "") -> Path:
         # The file itself: it always holds the current version's bytes, there is no copy to go stale.
@@ -320,10 +357,26 @@ class LocalStore(ObjectStore):
         self._path(key).unlink(missing_ok=True)
 
     def scratch_dir(self) -> Path:
-        # Inside the root so put_file is a rename; hidden, so listings never show it.
-        path = self._root / ".scratch"
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+        # Inside the root so put_file is a rename; hidden, so listings never show it. Private to this store object
+        # (named after its host and process, like temporaries): two runs on one shard never share a scratch file.
+        if self._scratch is None:
+            self._scratch = self._root / ".scratch" / f"{_HOST}-{os.getpid()}-{secrets.token_hex(4)}"
+        self._scratch.mkdir(parents=True, exist_ok=True)
+        return self._scratch
+
+    def sweep_stale_scratch(self) -> int:
+        removed = 0
+        for folder in (self._root / ".scratch").glob(f"{_HOST}-*-*"):
+            pid = folder.name.split("-")[1]
+            if folder.is_dir() and pid.isdigit() and not _pid_alive(int(pid)):
+                shutil.rmtree(folder, ignore_errors=True)
+                removed += 1
+        return removed
+
+    def discard_scratch(self) -> None:
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
 
 
 OUT_OF_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -547,6 +600,21 @@ class OssStore(ObjectStore):
     def put_bytes(self, key: str, data: bytes) -> None:
         self._call(f"writing {self.uri_of(key)}", lambda: self._bucket.put_object(self._prefix + key, data))
 
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        def put() -> bool:
+            try:
+                self._bucket.put_object(self._prefix + key, data, headers={"x-oss-forbid-overwrite": "true"})
+            except self._oss2.exceptions.OssError as exc:
+                if exc.status != 409 or exc.code != "FileAlreadyExists":
+                    raise
+                return False
+            return True
+
+        if self._call(f"creating {self.uri_of(key)}", put):
+            return True
+        # Refused: someone else's object, or ours from an attempt whose answer was lost and then retried.
+        return self.read_bytes(key) == data
+
     def put_file(self, key: str, src: Path) -> None:
         try:
             if src.stat().st_size <= self.MULTIPART_THRESHOLD:
@@ -638,6 +706,11 @@ class OssStore(ObjectStore):
             self._scratch = Path(tempfile.mkdtemp(prefix="asr-scratch-"))
         return self._scratch
 
+    def discard_scratch(self) -> None:
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
+
 
 def _crc64_of(oss2, path: Path) -> int:
     crc = oss2.utils.Crc64(0)
@@ -649,6 +722,24 @@ def _crc64_of(oss2, path: Path) -> int:
 
 def _same_device(a: Path, b: Path) -> bool:
     return a.stat().st_dev == b.stat().st_dev
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Makes a rename or link in ``path`` durable (some file systems refuse to sync a folder: nothing more to do)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _copy(src: Path, dst: Path) -> None:

@@ -3,7 +3,9 @@
 As strict as OSS where it matters here: every request must carry a valid V1 signature (HMAC-SHA1 over the verb,
 Content-MD5, Content-Type, Date, the canonical x-oss-* headers and the resource with its sub-resources) from the
 configured key pair and a Date within 15 minutes; failures answer with OSS's error XML (InvalidAccessKeyId,
-SignatureDoesNotMatch, RequestTimeTooSkewed, NoSuchBucket, NoSuchKey, InvalidPart, NoSuchUpload, InvalidDigest).
+SignatureDoesNotMatch, RequestTimeTooSkewed, NoSuchBucket, NoSuchKey, InvalidPart, NoSuchUpload, InvalidDigest,
+FileAlreadyExists). ``x-oss-forbid-overwrite: true`` on a put or a multipart completion refuses an existing key with 409
+FileAlreadyExists, atomically (the check and the write under one lock); a value other than true/false is a 400.
 Implements put/get (with Range)/head/delete object, list objects v2 (prefix, max-keys, continuation-token,
 start-after, url encoding) and multipart upload (initiate, upload part, complete, abort); GET and HEAD answer the
 object's CRC-64 (x-oss-hash-crc64ecma) as OSS does. Faults can be injected: a fraction of requests answered 503, a
@@ -315,9 +317,23 @@ class _Handler(BaseHTTPRequestHandler):
         if claimed and claimed != base64.b64encode(md5).decode():
             raise OssError(400, "InvalidDigest", "The Content-MD5 you specified was invalid.")
         etag = md5.hex().upper()
+        forbid = self._forbid_overwrite()
         with self.oss.lock:
+            self._refuse_existing(key, forbid)
             self.oss.objects[key] = Stored(body, etag, datetime.now(UTC))
         self._send(200, headers={"ETag": f'"{etag}"'})
+
+    def _forbid_overwrite(self) -> bool:
+        value = self.headers.get("x-oss-forbid-overwrite")
+        if value not in (None, "true", "false"):
+            raise OssError(400, "InvalidArgument", "x-oss-forbid-overwrite must be true or false.")
+        return value == "true"
+
+    def _refuse_existing(self, key: str, forbid: bool) -> None:
+        """Called with the lock held, so no other write can slip in between the check and the write."""
+        if forbid and key in self.oss.objects:
+            message = "The object you specified already exists and can not be overwritten."
+            raise OssError(409, "FileAlreadyExists", message)
 
     def _get(self, key: str) -> None:
         with self.oss.lock:
@@ -442,7 +458,9 @@ class _Handler(BaseHTTPRequestHandler):
             data.append(parts[number])
         blob = b"".join(data)
         etag = f"{hashlib.md5(b''.join(hashlib.md5(d).digest() for d in data)).hexdigest().upper()}-{len(data)}"
+        forbid = self._forbid_overwrite()
         with self.oss.lock:
+            self._refuse_existing(key, forbid)
             self.oss.objects[key] = Stored(blob, etag, datetime.now(UTC))
             del self.oss.uploads[params["uploadId"]]
         root = ElementTree.Element("CompleteMultipartUploadResult")

@@ -41,7 +41,11 @@ def test_chunks_append_parts_and_never_duplicate(tmp_path: Path) -> None:
     assert sum(added.values()) == 50
     rows = _all_rows(out)
     assert sorted(r["key"] for r in rows) == sorted(o.key for o in source.list())
-    assert max(int(p.stem.split("-")[1]) for p in out.root.glob("index/*/*.parquet")) >= 1  # appended in parts
+    # Appended in parts, each named after its first media id (nothing counts existing files).
+    parts = sorted(out.root.glob("index/*/*.parquet"))
+    assert len(parts) > len({p.parent for p in parts})
+    for part in parts:
+        assert part.stem == f"part-{pq.read_table(part)['media_id'][0].as_py()}"
     assert index_objects(source, out, source.list(), 4, chunk_rows=7) == {}
     # A listing that repeats objects (or overlaps what is indexed) adds each object once.
     repeated = list(source.list())[:10] * 3

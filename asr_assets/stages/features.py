@@ -47,11 +47,11 @@ COPY_FRAMES = 1 << 16  # samples per read when copying a worker's segments into 
 
 class _PackWriter:
     """Appends segments to packed FLAC parts (and their log-mel features to a Parquet part beside each) in scratch
-    space, and moves each finished part into the store."""
+    space, and moves each finished part into the store. A part is named after its first segment."""
 
-    def __init__(self, out: ObjectStore, shard: str, first_part: int, settings: PackSettings) -> None:
+    def __init__(self, out: ObjectStore, shard: str, settings: PackSettings) -> None:
         self._out, self._shard, self._settings = out, shard, settings
-        self._part = first_part
+        self._first = ""  # the open part's first segment id
         self._file: sf.SoundFile | None = None
         self._mel: pq.ParquetWriter | None = None
         self._frames = 0
@@ -63,13 +63,18 @@ class _PackWriter:
     @property
     def open_part_key(self) -> str | None:
         """The audio part being written (not yet in the store), if any."""
-        return layout.packed_audio_key(self._shard, self._part) if self._file is not None else None
+        return layout.packed_audio_key(self._shard, self._first) if self._file is not None else None
 
-    def append(self, pcm: sf.SoundFile, frames: int, mel: pa.Table | None = None) -> tuple[str, int, str | None]:
+    def append(
+        self, pcm: sf.SoundFile, frames: int, mel: pa.Table | None = None, segment_id: str = ""
+    ) -> tuple[str, int, str | None]:
         """Appends one segment: ``frames`` 16-bit samples copied from ``pcm``'s read position a block at a time, and
-        its log-mel row; returns its audio part key, frame offset and log-mel part key."""
-        audio_key = layout.packed_audio_key(self._shard, self._part)
-        mel_key = layout.mel_part_key(self._shard, self._part)
+        its log-mel row; returns its audio part key, frame offset and log-mel part key. A new part is named after
+        ``segment_id``, its first segment."""
+        if self._file is None:
+            self._first = segment_id
+        audio_key = layout.packed_audio_key(self._shard, self._first)
+        mel_key = layout.mel_part_key(self._shard, self._first)
         if self._file is None:
             self._file = sf.SoundFile(
                 self._scratch(audio_key), "w", samplerate=SAMPLE_RATE, channels=1, format="FLAC", subtype="PCM_16"
@@ -97,22 +102,21 @@ class _PackWriter:
         if self._file is None:
             return
         self._file.close()
-        audio_key = layout.packed_audio_key(self._shard, self._part)
+        audio_key = layout.packed_audio_key(self._shard, self._first)
         self._out.put_file(audio_key, self._scratch(audio_key))
         self.written.append(audio_key)
         if self._mel is not None:
             self._mel.close()
-            mel_key = layout.mel_part_key(self._shard, self._part)
+            mel_key = layout.mel_part_key(self._shard, self._first)
             self._out.put_file(mel_key, self._scratch(mel_key))
             self.written.append(mel_key)
         self._file, self._mel = None, None
-        self._part += 1
 
     def abort(self) -> None:
         for handle in (self._file, self._mel):
             if handle is not None:
                 handle.close()
-        for key in (layout.packed_audio_key(self._shard, self._part), layout.mel_part_key(self._shard, self._part)):
+        for key in (layout.packed_audio_key(self._shard, self._first), layout.mel_part_key(self._shard, self._first)):
             self._scratch(key).unlink(missing_ok=True)
         self._file, self._mel = None, None
 
@@ -130,7 +134,7 @@ def features_shard(
     of the segments, chosen by a hash of their id, is scored with DNSMOS; rows already written keep their scores.
 
     Checkpoints as each part is finished: feature rows are written only after the part they point into is in the
-    store, so a crash loses at most the open part's work and leaves an unreferenced part that the re-run overwrites.
+    store, so a crash loses at most the open part's work and leaves an unreferenced part that the re-run removes.
     """
     started = time.perf_counter()
     report = StageReport()
@@ -157,8 +161,8 @@ def features_shard(
             by_media.setdefault(row["media_id"], []).append(
                 SegmentSpan(row["segment_id"], row["start_s"], row["end_s"], row["prob_mean"], row["prob_min"])
             )
-    # Each worker writes its media's segments to scratch files named after the media (a re-run after a crash
-    # overwrites what the killed run left); the step copies them into the packed part and deletes them.
+    # Each worker writes its media's segments to scratch files named after the media, in this run's private scratch
+    # folder; the step copies them into the packed part and deletes them.
     scratch = out.scratch_dir()
 
     def jobs(media_ids: list[str]) -> Iterator[CutJob]:
@@ -172,8 +176,8 @@ def features_shard(
                 scratch / f"segment_features-{shard}-cut-{mid}",
             )
 
-    parts = set(features["audio_key"].to_pylist())
-    writer = _PackWriter(out, shard, first_part=len(parts), settings=pack)
+    _remove_unreferenced_parts(out, shard, features)
+    writer = _PackWriter(out, shard, settings=pack)
     rows: list[FeatureRow] = []
     dead: list[DeadLetterRow] = []
 
@@ -266,7 +270,9 @@ def _append_job(writer: _PackWriter, job: CutJob, measured: list[Measured]) -> l
         with sf.SoundFile(job.audio_out) as pcm, contextlib.ExitStack() as stack:
             mels = None if job.mel_out is None else stack.enter_context(pq.ParquetFile(job.mel_out))
             for i, m in enumerate(measured):
-                placed.append(writer.append(pcm, m.frames, None if mels is None else mels.read_row_group(i)))
+                placed.append(
+                    writer.append(pcm, m.frames, None if mels is None else mels.read_row_group(i), m.span.segment_id)
+                )
     finally:
         _remove_scratch(job)
     return placed
@@ -276,6 +282,16 @@ def _remove_scratch(job: CutJob) -> None:
     for path in (job.audio_out, job.mel_out):
         if path is not None:
             path.unlink(missing_ok=True)
+
+
+def _remove_unreferenced_parts(out: ObjectStore, shard: str, features: pa.Table) -> None:
+    """Deletes parts no feature row points into: published by a step killed before its rows were (its segments are
+    cut again, perhaps into parts named differently). Only this step writes here, under its lease."""
+    referenced = set(features["audio_key"].to_pylist()) | set(features["mel_key"].drop_null().to_pylist())
+    for info in out.list(f"{layout.FOLDERS['segment_features']}/{shard}/"):
+        name = info.key.rsplit("/", 1)[-1]
+        if name.startswith(("part-", "mel-part-")) and info.key not in referenced:
+            out.delete(info.key)
 
 
 def _feature_row(media_id: str, m: Measured, key: str, offset: int, mel_key: str | None) -> FeatureRow:

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from asr_assets import layout
+from asr_assets import layout, lease
 from asr_assets.records import (
     MEDIA_SCHEMA,
     DeadLetterRow,
@@ -41,6 +41,8 @@ def index_objects(
     num_shards: int,
     only_shard: str | None = None,
     chunk_rows: int = INDEX_CHUNK_ROWS,
+    run_id: str = "",
+    lease_wait_s: float | None = None,
 ) -> dict[str, int]:
     """Appends listed objects that are not indexed yet to their shards' index; returns new rows per shard.
 
@@ -57,6 +59,10 @@ def index_objects(
     Parquet part per shard it touches (nothing is rewritten), and deduplication against what a shard already holds
     is vectorized over its media ids, so memory stays flat whatever the listing's size.
 
+    Each shard's index is written under its ``media_index`` lease, taken when the shard is first touched and held to
+    the end (re-entered inside the media_index step; outside a step, e.g. a sensor tick, waited for up to
+    ``lease_wait_s`` in all).
+
     Args:
         source: the store the objects were listed from.
         out: the output store.
@@ -64,16 +70,31 @@ def index_objects(
         num_shards: the dataset's shard count.
         only_shard: index only this shard's objects (the asset works shard by shard).
         chunk_rows: objects per chunk.
+        run_id: the Dagster run indexing (named to a writer that finds a lease held).
+        lease_wait_s: how long to wait for leases held by others, in all (default ``ASR_INDEX_LEASE_WAIT_S``).
     """
     now = datetime.now(UTC)
     known: dict[str, pa.Table] = {}  # per shard touched, loaded once: the ids it holds (KNOWN_SCHEMA)
-    parts: dict[str, int] = {}  # next part number per shard
     added: Counter = Counter()
     iterator = iter(objects)
+    leases: dict[str, lease.Lease] = {}
+    released = contextlib.ExitStack()
+    deadline = time.monotonic() + (lease.index_wait_s() if lease_wait_s is None else lease_wait_s)
+
+    def check_leases() -> None:
+        # A copy: the writer threads check while this thread takes more leases.
+        for held in tuple(leases.values()):
+            held.check()
+
+    # Every write checks that each lease taken is still held (a stalled tick must not write after a takeover); the
+    # leases themselves are kept through the plain store.
+    store, out = out, lease.GuardedStore(out, check_leases)
     writer = _BackgroundWriter(out)
 
     def load(shard: str) -> pa.Table:
         if shard not in known:
+            leases[shard] = lease.take(store, shard, "media_index", run_id, max(0.0, deadline - time.monotonic()))
+            released.callback(leases[shard].release)
             index = layout.read_index(out, shard)
             dead = layout.read_dead_letters(out, "media_index", shard)
             known[shard] = pa.concat_tables(
@@ -85,7 +106,6 @@ def index_objects(
                     pa.table([dead["item_id"], dead["uri"], pa.nulls(dead.num_rows, pa.string())], schema=KNOWN_SCHEMA),
                 ]
             ).combine_chunks()
-            parts[shard] = sum(1 for _ in out.list(layout.index_prefix(shard)))
         return known[shard]
 
     def remember(shard: str, ids: pa.Array, uris: pa.Array, versions: pa.Array) -> None:
@@ -102,6 +122,12 @@ def index_objects(
                 if not chunk:
                     break
                 table, shard_ids, dead = _chunk_table(source, chunk, now, num_shards)
+            # Every lease of the chunk before any write (in shard order, as every indexer takes them): a shard held
+            # elsewhere fails the chunk (a sensor's tick) before it has written anything.
+            touched = set(dead) | ({shard_key(int(i)) for i in np.unique(shard_ids)} if table is not None else set())
+            for shard in sorted(touched):
+                if only_shard is None or shard == only_shard:
+                    load(shard)
             if table is not None:
                 order = np.argsort(shard_ids, kind="stable")
                 sorted_ids = shard_ids[order]
@@ -114,15 +140,17 @@ def index_objects(
                     rows, collisions = _new_rows(table.slice(start, end - start), load(shard))
                     dead.setdefault(shard, []).extend(collisions)
                     if rows.num_rows:
-                        writer.write(layout.index_part_key(shard, parts[shard]), rows)
-                        parts[shard] += 1
+                        writer.write(layout.index_part_key(shard, rows["media_id"][0].as_py()), rows)
                         remember(shard, rows["media_id"], rows["uri"], rows["version"])
                         added[shard] += rows.num_rows
             for shard, letters in sorted(dead.items()):
                 if only_shard is None or shard == only_shard:
                     _dead_letter(out, shard, letters, load(shard), remember)
     finally:
-        writer.wait()
+        try:
+            writer.wait()
+        finally:
+            released.close()
     return dict(added)
 
 

@@ -104,7 +104,6 @@ def transcribe_shard(
     todo = todo.sort_by([("audio_key", "ascending"), ("audio_offset", "ascending")]).to_pylist()
     index = layout.read_index(out, shard)
     uris = dict(zip(index["media_id"].to_pylist(), index["uri"].to_pylist(), strict=True))
-    next_part = sum(1 for _ in out.list(layout.transcripts_prefix(shard)))
     teacher = engine() if todo else None
     second_engine: TeacherEngine | None = None
     stats = SecondOpinionStats()
@@ -167,10 +166,9 @@ def transcribe_shard(
         # Dead letters first: a crash between the two writes re-labels nothing twice (the part is the commit).
         layout.append_dead_letters(out, "transcripts", shard, dead)
         if rows:
-            key = layout.transcript_part_key(shard, next_part)
+            key = layout.transcript_part_key(shard, rows[0].segment_id)
             write_table(out, key, to_table(rows, TRANSCRIPT_SCHEMA))
             report.outputs.append(key)
-            next_part += 1
             # After the part that holds their labels: a crash in between leaves a stale row the next run removes.
             layout.remove_dead_letters(out, "transcripts", shard, {r.segment_id for r in rows} & retried)
         if on_wave is not None:
