@@ -41,9 +41,12 @@ def index_part_key(shard: str, first_media_id: str) -> str:
 
 
 def read_index(store: ObjectStore, shard: str) -> pa.Table:
-    """The shard's index: every part, in the order they were appended."""
+    """The shard's index: every part, in the order they were appended (parts are named by content, so by the time
+    each row was discovered; a stable sort keeps a part's own order)."""
     parts = [read_table(store, info.key, MEDIA_SCHEMA) for info in store.list(index_prefix(shard))]
-    return pa.concat_tables(parts) if parts else MEDIA_SCHEMA.empty_table()
+    if not parts:
+        return MEDIA_SCHEMA.empty_table()
+    return pa.concat_tables(parts).sort_by([("discovered_at", "ascending")])
 
 
 def retired_media(index: pa.Table) -> set[str]:
