@@ -183,6 +183,7 @@ class DistilledConfig(dg.Config):
     target_tar_mb: float = Field(default=256.0, description="WebDataset tar shards roll over at this size.")
     keep_builds_hours: float = Field(
         default=24.0,
+        ge=0,
         description="A dataset build that is no longer current is removed once it has not been for this long (readers "
         "of the previous manifest finish reading its tars first); the current build is never removed.",
     )

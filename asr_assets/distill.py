@@ -747,7 +747,14 @@ def commit_build(out: ObjectStore, build: Build, keep_builds_hours: float) -> Di
         return DistillResult(build.report, build_id, build_id, current.get("previous"), False, _none())
     if current is not None and current["inputs_read_at"] > build.inputs.read_at:
         # Lost a race: the current build saw newer inputs. Ours stays uncommitted (removed after the grace period).
+        build.report.totals = current["counts"]
         return DistillResult(build.report, build_id, current["build_id"], None, False, _none())
+    missing = [key for key in build.report.outputs if not out.exists(key)]
+    if missing:
+        raise RuntimeError(
+            f"{shard}: build {build_id} lost {len(missing)} of its files before its commit, e.g. {missing[:3]} "
+            "(removed by another run of the shard?); nothing was committed: re-run the partition"
+        )
     changes = _record_changes(out, build, current)
     manifest = out.read_bytes(layout.build_manifest_key(shard, build_id))
     previous = current["build_id"] if current else None

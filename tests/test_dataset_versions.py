@@ -355,3 +355,16 @@ def test_the_asset_reports_the_build_and_its_changes(store: LocalStore, tmp_path
         hashlib.sha256(store.read_bytes(layout.distilled_manifest_key(SHARD))).hexdigest()
         == (layout.read_current(store, SHARD)["manifest_sha256"])
     )
+
+
+def test_a_build_that_lost_files_before_its_commit_is_not_committed(store: LocalStore) -> None:
+    first = distill_shard(store, SHARD, RULES, PACK)
+    pointer = store.read_bytes(layout.distilled_current_key(SHARD))
+    _add_media(store, [-0.05], first=8)
+    inputs = read_inputs(store, SHARD)
+    build = write_build(store, SHARD, inputs, RULES, PACK, distill._fingerprint(inputs, RULES, PACK))
+    store.delete(layout.distilled_tar_key(SHARD, build.build_id, 0))  # e.g. another run's clean-up
+    with pytest.raises(RuntimeError, match=f"build {build.build_id} lost 1 of its files.*nothing was committed"):
+        commit_build(store, build, keep_builds_hours=24)
+    assert store.read_bytes(layout.distilled_current_key(SHARD)) == pointer
+    assert layout.current_build(store, SHARD) == first.build_id
