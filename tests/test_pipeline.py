@@ -216,4 +216,4 @@ def test_tars_roll_over_and_rebuild_byte_identically(pipeline_run, tmp_path: Pat
     back = distill_shard(store, shard, default_rules(), PackSettings(), keep_builds_hours=0)
     assert back.build_id == first_build
     assert {p.name for p in (copy / "distilled" / shard / back.build_id).glob("*.tar")} == {"000000.tar"}
-    assert not (copy / "distilled" / shard / result.build_id).exists()
+    assert not list(store.list(f"{layout.distilled_builds_prefix(shard)}{result.build_id}/"))
