@@ -642,7 +642,8 @@ def distill_shard(
         _publish_manifest(out, shard, current)
         remove_old_builds(out, shard, current["build_id"], keep_builds_hours)
         report = StageReport(totals=current["counts"], seconds=time.perf_counter() - started)
-        return DistillResult(report, current["build_id"], current["build_id"], current.get("previous"), False, _none())
+        build_id = current["build_id"]
+        return DistillResult(report, build_id, build_id, current.get("previous"), False, _no_changes())
     build = write_build(out, shard, inputs, rules, pack, fingerprint)
     result = commit_build(out, build, keep_builds_hours)
     result.report.seconds = time.perf_counter() - started
@@ -744,11 +745,11 @@ def commit_build(out: ObjectStore, build: Build, keep_builds_hours: float) -> Di
     current = layout.read_current(out, shard)
     if current is not None and current["build_id"] == build_id:  # another run committed the same build
         _publish_manifest(out, shard, current)
-        return DistillResult(build.report, build_id, build_id, current.get("previous"), False, _none())
+        return DistillResult(build.report, build_id, build_id, current.get("previous"), False, _no_changes())
     if current is not None and current["inputs_read_at"] > build.inputs.read_at:
         # Lost a race: the current build saw newer inputs. Ours stays uncommitted (removed after the grace period).
         build.report.totals = current["counts"]
-        return DistillResult(build.report, build_id, current["build_id"], None, False, _none())
+        return DistillResult(build.report, build_id, current["build_id"], None, False, _no_changes())
     missing = [key for key in build.report.outputs if not out.exists(key)]
     if missing:
         raise RuntimeError(
@@ -774,7 +775,7 @@ def commit_build(out: ObjectStore, build: Build, keep_builds_hours: float) -> Di
     return DistillResult(build.report, build_id, build_id, previous, True, changes)
 
 
-def _none() -> dict:
+def _no_changes() -> dict:
     """The changes of a run that committed nothing."""
     return {
         "samples_added": 0,
