@@ -15,6 +15,7 @@ from asr_assets.deployment import GPU_POOL, step_tags
 from asr_assets.distill import (
     Clipped,
     Disagreement,
+    DistillResult,
     LowAcousticQuality,
     LowConfidence,
     NearSilent,
@@ -143,6 +144,10 @@ class TranscriptsConfig(dg.Config):
     batch_size: int = Field(default=0, description="Segments per teacher call; 0: the engine's default.")
 
 
+# DistilledConfig fields that are not rule parameters.
+NOT_RULE_FIELDS = frozenset({"target_tar_mb", "threshold_card", "keep_builds_hours"})
+
+
 class DistilledConfig(dg.Config):
     min_duration_s: float = Field(default=TooShort.min_s, description="too_short below this.")
     max_duration_s: float = Field(default=TooLong.max_s, description="too_long above this.")
@@ -196,6 +201,12 @@ class DistilledConfig(dg.Config):
         default=LowAcousticQuality.min_dnsmos_ovrl, description="low_dnsmos below this DNSMOS OVRL (0: off)."
     )
     target_tar_mb: float = Field(default=256.0, description="WebDataset tar shards roll over at this size.")
+    keep_builds_hours: float = Field(
+        default=24.0,
+        ge=0,
+        description="A dataset build that is no longer current is removed once it has not been for this long (readers "
+        "of the previous manifest finish reading its tars first); the current build is never removed.",
+    )
     threshold_card: str = Field(
         default="",
         description="A threshold card written by the threshold_card asset (a key under the output root, e.g. "
@@ -205,7 +216,7 @@ class DistilledConfig(dg.Config):
 
     def rules(self, card: dict | None = None) -> list:
         """The rule set; a threshold card's thresholds take the place of the configured ones."""
-        params = self.model_dump(exclude={"target_tar_mb", "threshold_card"})
+        params = self.model_dump(exclude=NOT_RULE_FIELDS)
         return build_rules(**(params | (card_overrides(card) if card else {})))
 
 
@@ -382,16 +393,43 @@ def distilled_dataset(
     with layout.step_output(storage, "distilled_dataset", context.partition_key, context.run.run_id) as out:
         pack = PackSettings(int(config.target_tar_mb * 1024 * 1024))
         card = _read_card(out, config.threshold_card) if config.threshold_card else None
-        report = distill_shard(out, context.partition_key, config.rules(card), pack)
-        meta = _metadata(report, "segments")
+        shard = context.partition_key
+        result = distill_shard(out, shard, config.rules(card), pack, config.keep_builds_hours)
+        meta = _metadata(result.report, "segments")
         # A filter drop is a decision, not an error: name the counts for what they are.
         meta["segments_kept"] = meta.pop("segments_succeeded")
         meta["segments_dropped"] = meta.pop("segments_failed")
         meta["dropped_by_reason"] = dict(meta.pop("errors_by_kind"))
-        meta["files_jsonl"] = out.uri_of(layout.files_key(context.partition_key))
+        meta |= _build_metadata(context, out, shard, result)
         if card:
             meta["threshold_card"] = dg.MetadataValue.json({k: card[k] for k in ("thresholds", "inputs_sha")})
         return dg.MaterializeResult(metadata=meta)
+
+
+def _build_metadata(context: dg.AssetExecutionContext, out, shard: str, result: DistillResult) -> dict:
+    """The build this run made current (or found current) and what changed from the one before; logs a warning when
+    samples kept earlier are dropped because a shard-fitted rule moved, or when a newer build won a race."""
+    changes = result.changes
+    if result.current != result.build_id:
+        context.log.warning(
+            f"{shard}: build {result.build_id} was not committed: build {result.current}, made from newer inputs, is "
+            "current already"
+        )
+    for rule, count in changes["removed_by_refit"].items():
+        context.log.warning(
+            f"{shard}: {count} samples kept by build {result.previous} are dropped by {rule}: its shard-fitted "
+            f"thresholds moved with the shard's new segments (see {layout.changes_key(shard, result.build_id)})"
+        )
+    return {
+        "build_id": result.current,
+        "previous_build": result.previous or "",
+        "committed": result.committed,
+        "samples_added": changes["samples_added"],
+        "samples_removed": changes["samples_removed"],
+        "added_by_reason": dg.MetadataValue.json(changes["added_by_reason"]),
+        "removed_by_reason": dg.MetadataValue.json(changes["removed_by_reason"]),
+        "files_jsonl": out.uri_of(layout.files_key(shard, result.current)),
+    }
 
 
 def _read_card(out, where: str) -> dict:
@@ -422,7 +460,7 @@ def threshold_card(config: ThresholdCardConfig, storage: StorageResource) -> dg.
     out = storage.output()
     candidates, files, _ = collect(out, shard_partitions.get_partition_keys())
     audited = audit_segments(files, load_references(config.audit, storage.source()))
-    base = DistilledConfig().model_dump(exclude={"target_tar_mb", "threshold_card", *CARD_FIELDS})
+    base = DistilledConfig().model_dump(exclude={*NOT_RULE_FIELDS, *CARD_FIELDS})
     card = fit_card(candidates, audited, base, config.target_wer)
     out.put_bytes(CARD_KEY, json.dumps(card, indent=2, sort_keys=True).encode())
     effect = card["effect"]

@@ -3,6 +3,7 @@
 The reconciliation is plain functions over the stored tables (tests call them directly); the checks wrap them.
 """
 
+import hashlib
 import json
 import tarfile
 import warnings
@@ -159,7 +160,13 @@ def reconcile_transcripts(out: ObjectStore, shard: str) -> Reconciliation:
 def reconcile_distilled(out: ObjectStore, shard: str) -> Reconciliation:
     r = Reconciliation()
     labelled = set(read_transcripts(out, shard)["segment_id"].to_pylist())
-    decisions = read_table(out, layout.decisions_key(shard), DECISION_SCHEMA)
+    # The current build is checked: its decisions, tars and per-file transcripts, and the manifest users read.
+    current = layout.read_current(out, shard)
+    if current is None:
+        r.problems.append(f"{layout.distilled_current_key(shard)} is missing: no dataset build was committed")
+        return r
+    build = current["build_id"]
+    decisions = read_table(out, layout.decisions_key(shard, build), DECISION_SCHEMA)
     r.expect_unique("decisions", decisions["segment_id"].to_pylist())
     kept = decisions.filter(decisions["kept"])
     dropped = decisions.filter(pc.invert(decisions["kept"]))
@@ -170,15 +177,20 @@ def reconcile_distilled(out: ObjectStore, shard: str) -> Reconciliation:
         labelled,
         {"kept": set(kept["segment_id"].to_pylist()), "dropped": set(dropped["segment_id"].to_pylist())},
     )
-    manifest = read_table(out, layout.distilled_manifest_key(shard), MANIFEST_SCHEMA)
+    manifest_key = layout.distilled_manifest_key(shard)
+    if not out.exists(manifest_key) or hashlib.sha256(out.read_bytes(manifest_key)).hexdigest() != current.get(
+        "manifest_sha256"
+    ):
+        r.problems.append(f"{manifest_key} is not the manifest of the current build {build}")
+    manifest = read_table(out, manifest_key, MANIFEST_SCHEMA)
     keys = manifest["key"].to_pylist()
     r.expect_unique("dataset keys", keys)
     r.counts["manifest_rows"] = manifest.num_rows
     kept_ids = set(kept["segment_id"].to_pylist())
     r.expect_none("kept segments missing from the manifest", kept_ids - set(keys))
     r.expect_none("manifest rows for segments that are not kept", set(keys) - kept_ids)
-    _reconcile_tars(r, out, shard, manifest)
-    _reconcile_files(r, out, shard, set(keys), dropped)
+    _reconcile_tars(r, out, shard, build, manifest)
+    _reconcile_files(r, out, shard, build, set(keys), dropped)
     return r
 
 
@@ -186,10 +198,11 @@ def reconcile_distilled(out: ObjectStore, shard: str) -> Reconciliation:
 _SAMPLE_FIELDS = ("key", "text", "media_id")
 
 
-def _reconcile_tars(r: Reconciliation, out: ObjectStore, shard: str, manifest: pa.Table) -> None:
-    """Every manifest row is a ``.flac`` + ``.json`` pair in its tar, the .json agrees with the row, and the tars hold
-    nothing else. Reads tar headers and the small .json members only, never the audio."""
-    sizes = {i.key: i.size for i in out.list(f"distilled/{shard}/") if i.key.endswith(".tar")}
+def _reconcile_tars(r: Reconciliation, out: ObjectStore, shard: str, build: str, manifest: pa.Table) -> None:
+    """Every manifest row is a ``.flac`` + ``.json`` pair in a tar of the build, the .json agrees with the row, and
+    the build's tars hold nothing else. Reads tar headers and the small .json members only, never the audio."""
+    folder = f"{layout.distilled_builds_prefix(shard)}{build}/"
+    sizes = {i.key: i.size for i in out.list(folder) if i.key.endswith(".tar")}
     rows_by_tar: dict[str, list[dict]] = {}
     for row in manifest.select(["tar_key", *_SAMPLE_FIELDS]).to_pylist():
         rows_by_tar.setdefault(row["tar_key"], []).append(row)
@@ -290,14 +303,15 @@ def _tar_members(reader: _ChunkedReader, size: int) -> list[tuple[str, int, int]
 
 
 def _reconcile_files(
-    r: Reconciliation, out: ObjectStore, shard: str, dataset_keys: set[str], dropped: pa.Table
+    r: Reconciliation, out: ObjectStore, shard: str, build: str, dataset_keys: set[str], dropped: pa.Table
 ) -> None:
     """files.jsonl gives every indexed file exactly one outcome, the one the stage tables and dead letters imply, and
     every segment the status the manifest, the decisions and the dead letters imply (see ``_file_records``)."""
-    if not out.exists(layout.files_key(shard)):
-        r.problems.append(f"{layout.files_key(shard)} is missing")
+    files_key = layout.files_key(shard, build)
+    if not out.exists(files_key):
+        r.problems.append(f"{files_key} is missing")
         return
-    records = [json.loads(line) for line in out.read_bytes(layout.files_key(shard)).decode().splitlines()]
+    records = [json.loads(line) for line in out.read_bytes(files_key).decode().splitlines()]
     index = layout.read_index(out, shard)
     by_outcome: dict[str, set[str]] = {}
     for rec in records:
@@ -406,7 +420,7 @@ distilled_counts_reconcile = _check(
     distilled_dataset,
     "counts_reconcile",
     reconcile_distilled,
-    "Every transcript is kept or dropped with a reason; every kept segment is in the manifest once and in its tar as "
-    "a .flac + .json that agrees with it, and nothing else is; files.jsonl gives every file and segment the outcome "
-    "the stage tables and dead letters imply.",
+    "In the current build: every transcript is kept or dropped with a reason; every kept segment is in the manifest "
+    "(the current build's) once and in its tar as a .flac + .json that agrees with it, and nothing else is; "
+    "files.jsonl gives every file and segment the outcome the stage tables and dead letters imply.",
 )

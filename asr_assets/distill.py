@@ -3,6 +3,11 @@
 Each filter is a small named rule with its parameters; rules run in a fixed order, a segment is dropped by the first
 rule that fires, and every rule that would have fired is recorded too. Kept segments are packed as WebDataset tar
 shards (``{key}.flac`` + ``{key}.json``) with deterministic bytes, plus a Parquet manifest and per-file transcripts.
+
+Each build of a shard's dataset is written under its own folder, ``distilled/{shard}/{build_id}/`` (the id is a hash
+of the inputs and settings), and committed by writing the ``distilled/{shard}.current.json`` pointer and then the
+manifest users read, ``distilled/{shard}.parquet``; readers never see a half-written build, and a build that stopped
+being current is kept for a grace period before it is removed.
 """
 
 from __future__ import annotations
@@ -11,12 +16,17 @@ import functools
 import hashlib
 import io
 import json
+import os
 import re
 import tarfile
+import tempfile
 import time
 import unicodedata
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, replace
+from collections import Counter
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -38,7 +48,7 @@ from asr_assets.records import (
 )
 from asr_assets.second_opinion import row_disagreement
 from asr_assets.stages import StageReport, read_transcripts
-from resources.storage import ObjectStore, read_table, write_table
+from resources.storage import ObjectInfo, ObjectStore, read_table, write_table
 
 FILTER_VERSION = "filters-v3"
 
@@ -82,7 +92,7 @@ _SEGMENT_STRUCT = pa.struct(
         ("status", pa.string()),
     ]
 )
-# Per-file transcripts (distilled/{shard}.files.parquet): the same records as files.jsonl.
+# Per-file transcripts (files.parquet in a build's folder): the same records as files.jsonl.
 FILES_SCHEMA = pa.schema(
     [
         ("media_id", pa.string()),
@@ -526,42 +536,143 @@ def flac_bytes(pcm_float) -> bytes:
     return buf.getvalue()
 
 
-def distill_shard(out: ObjectStore, shard: str, rules: list[Rule], pack: PackSettings) -> StageReport:
-    """Applies the rules to every transcript of the shard and rebuilds its dataset files when the inputs changed.
+@dataclass(frozen=True)
+class ShardInputs:
+    """Every upstream table a build reads, and when it read them (a build that read later saw newer inputs)."""
 
-    The outputs depend on the whole shard (tar boundaries, per-file texts), so they are rebuilt as a unit; a
-    fingerprint of the inputs and settings makes an unchanged re-run a no-op.
+    index: pa.Table
+    audio: pa.Table
+    vad_media: pa.Table
+    segments: pa.Table
+    features: pa.Table
+    transcripts: pa.Table
+    dead: dict[str, pa.Table]
+    read_at: float
+
+
+def read_inputs(out: ObjectStore, shard: str) -> ShardInputs:
+    """The shard's upstream tables as they are now."""
+    read_at = time.time()
+    return ShardInputs(
+        index=layout.read_index(out, shard),
+        audio=read_table(out, layout.audio_manifest_key(shard), AUDIO_SCHEMA),
+        vad_media=read_table(out, layout.vad_media_key(shard), VAD_MEDIA_SCHEMA),
+        segments=read_table(out, layout.segments_key(shard), SEGMENT_SCHEMA),
+        features=read_table(out, layout.features_key(shard), FEATURE_SCHEMA),
+        transcripts=read_transcripts(out, shard).sort_by("segment_id"),
+        dead={stage: layout.read_dead_letters(out, stage, shard) for stage in layout.STAGES},
+        read_at=read_at,
+    )
+
+
+@dataclass
+class Build:
+    """A dataset build written under its own folder, not yet committed.
+
+    Attributes:
+        shard: the partition.
+        build_id: the first 16 hex digits of the fingerprint (same inputs and settings: same id, same bytes).
+        fingerprint: hash of the inputs and settings.
+        inputs: what it was built from.
+        decisions: one row per transcribed segment.
+        report: the stage report (totals included).
+    """
+
+    shard: str
+    build_id: str
+    fingerprint: str
+    inputs: ShardInputs
+    decisions: list[DecisionRow]
+    report: StageReport
+
+
+@dataclass
+class DistillResult:
+    """What ``distill_shard`` did.
+
+    Attributes:
+        report: the stage report; ``totals`` are the current build's counts.
+        build_id: the build this run produced or found current.
+        current: the shard's current build after the run (another, newer one when this run lost a race).
+        previous: the build this one replaced (None for the first build, or when nothing was committed).
+        committed: True when this run made its build current; False for a no-op or a lost race.
+        changes: ``samples_added``, ``samples_removed``, ``added_by_reason``, ``removed_by_reason`` and
+            ``removed_by_refit`` (kept samples now dropped by a shard-fitted rule whose thresholds moved, by rule).
+    """
+
+    report: StageReport
+    build_id: str
+    current: str
+    previous: str | None = None
+    committed: bool = False
+    changes: dict = field(default_factory=dict)
+
+
+# A committed build's change record (distilled/{shard}/{build_id}/changes.parquet): one row per sample added to or
+# removed from the dataset, relative to the build it replaced.
+CHANGES_SCHEMA = pa.schema(
+    [
+        ("segment_id", pa.string()),
+        ("media_id", pa.string()),
+        ("change", pa.string()),
+        ("reason", pa.string()),
+        ("refit", pa.bool_()),
+    ]
+)
+# Names of the single-build layout (before build folders), removed with its tars once the grace period has passed.
+_LEGACY = "legacy"
+_LEGACY_SUFFIXES = (".decisions.parquet", ".files.jsonl", ".files.parquet", ".state.json")
+
+
+def distill_shard(
+    out: ObjectStore, shard: str, rules: list[Rule], pack: PackSettings, keep_builds_hours: float = 24.0
+) -> DistillResult:
+    """Applies the rules to every transcript of the shard and, when the inputs or settings changed, writes a new
+    build of its dataset and commits it.
+
+    The outputs depend on the whole shard (tar boundaries, per-file texts), so they are built as a unit, under a
+    folder of their own: readers of the current build never see a half-written one. The current pointer and the
+    manifest are written last (the commit); earlier builds are removed once they have not been current for
+    ``keep_builds_hours``. An unchanged re-run is a no-op.
     """
     started = time.perf_counter()
+    inputs = read_inputs(out, shard)
+    fingerprint = _fingerprint(inputs, rules, pack)
+    current = layout.read_current(out, shard)
+    if current is not None and current["fingerprint"] == fingerprint:
+        _publish_manifest(out, shard, current)
+        remove_old_builds(out, shard, current["build_id"], keep_builds_hours)
+        report = StageReport(totals=current["counts"], seconds=time.perf_counter() - started)
+        build_id = current["build_id"]
+        return DistillResult(report, build_id, build_id, current.get("previous"), False, _no_changes())
+    build = write_build(out, shard, inputs, rules, pack, fingerprint)
+    result = commit_build(out, build, keep_builds_hours)
+    result.report.seconds = time.perf_counter() - started
+    return result
+
+
+def write_build(
+    out: ObjectStore, shard: str, inputs: ShardInputs, rules: list[Rule], pack: PackSettings, fingerprint: str
+) -> Build:
+    """Filters the shard's transcripts and writes the build's tars, decisions, per-file transcripts and manifest
+    under ``distilled/{shard}/{build_id}/``; the current build is not touched."""
+    build_id = fingerprint[:16]
+    out.sweep_stale_temp(f"{layout.distilled_builds_prefix(shard)}{build_id}")
     report = StageReport()
-    index = layout.read_index(out, shard)
-    audio = read_table(out, layout.audio_manifest_key(shard), AUDIO_SCHEMA)
-    vad_media = read_table(out, layout.vad_media_key(shard), VAD_MEDIA_SCHEMA)
-    segments = read_table(out, layout.segments_key(shard), SEGMENT_SCHEMA)
-    features = read_table(out, layout.features_key(shard), FEATURE_SCHEMA)
-    transcripts = read_transcripts(out, shard).sort_by("segment_id")
-    dead = {stage: layout.read_dead_letters(out, stage, shard) for stage in layout.STAGES}
-
-    fingerprint = _fingerprint(index, audio, vad_media, segments, features, transcripts, dead, rules, pack)
-    state_key = layout.distilled_state_key(shard)
-    if out.exists(state_key) and json.loads(out.read_bytes(state_key))["fingerprint"] == fingerprint:
-        report.totals = json.loads(out.read_bytes(state_key))["totals"]
-        report.seconds = time.perf_counter() - started
-        return report
-
     # A replaced object's older version leaves the dataset (its newest version has its own samples) and the fitting.
-    retired = layout.retired_media(index)
-    is_retired = pc.is_in(transcripts["media_id"], value_set=pa.array(sorted(retired), pa.string()))
-    labelled, feats, segs, candidates = shard_candidates(transcripts.filter(pc.invert(is_retired)), features, segments)
-    uris = dict(zip(index["media_id"].to_pylist(), index["uri"].to_pylist(), strict=True))
+    retired = layout.retired_media(inputs.index)
+    is_retired = pc.is_in(inputs.transcripts["media_id"], value_set=pa.array(sorted(retired), pa.string()))
+    labelled, feats, segs, candidates = shard_candidates(
+        inputs.transcripts.filter(pc.invert(is_retired)), inputs.features, inputs.segments
+    )
+    uris = dict(zip(inputs.index["media_id"].to_pylist(), inputs.index["uri"].to_pylist(), strict=True))
     decisions = [
         DecisionRow(t["segment_id"], t["media_id"], False, "superseded", ["superseded"], None)
-        for t in transcripts.filter(is_retired).select(["segment_id", "media_id"]).to_pylist()
+        for t in inputs.transcripts.filter(is_retired).select(["segment_id", "media_id"]).to_pylist()
     ]
     for _ in decisions:
         report.fail("superseded")
     kept_rows: list[dict] = []
-    scratch = out.scratch_dir()
     tar_keys: list[str] = []
     tar = None
     tar_path = None
@@ -584,8 +695,11 @@ def distill_shard(out: ObjectStore, shard: str, rules: list[Rule], pack: PackSet
                 report.fail(would[0])
                 continue
             if tar is None:
-                tar_keys.append(layout.distilled_tar_key(shard, len(tar_keys)))
-                tar_path = scratch / f"{shard}-{len(tar_keys) - 1:06d}.tar"
+                tar_keys.append(layout.distilled_tar_key(shard, build_id, len(tar_keys)))
+                # A name of its own: another run of the shard may be packing at the same time.
+                fd, name = tempfile.mkstemp(prefix=f"distill-{shard}-{build_id}-", suffix=".tar", dir=out.scratch_dir())
+                os.close(fd)
+                tar_path = Path(name)
                 # Open across loop iterations (a tar spans many samples); closed by close_tar or the except below.
                 tar = tarfile.open(tar_path, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
             seg = segs[t["segment_id"]]
@@ -608,32 +722,227 @@ def distill_shard(out: ObjectStore, shard: str, rules: list[Rule], pack: PackSet
             tar_path.unlink(missing_ok=True)
         raise
 
-    # Tars from an earlier, larger build of this shard are no longer part of it.
-    for info in list(out.list(f"distilled/{shard}/")):
-        if info.key not in tar_keys:
-            out.delete(info.key)
-    write_table(out, layout.decisions_key(shard), to_table(decisions, DECISION_SCHEMA))
-    write_table(out, layout.distilled_manifest_key(shard), _manifest_table(kept_rows))
-    files = _file_records(index, audio, vad_media, segments, transcripts, decisions, dead, retired)
+    write_table(out, layout.decisions_key(shard, build_id), to_table(decisions, DECISION_SCHEMA))
+    files = _file_records(inputs, decisions, retired)
     jsonl = "".join(json.dumps(f, ensure_ascii=False, sort_keys=True) + "\n" for f in files)
-    out.put_bytes(layout.files_key(shard), jsonl.encode())
-    write_table(out, layout.files_parquet_key(shard), pa.Table.from_pylist(files, schema=FILES_SCHEMA))
+    out.put_bytes(layout.files_key(shard, build_id), jsonl.encode())
+    write_table(out, layout.files_parquet_key(shard, build_id), pa.Table.from_pylist(files, schema=FILES_SCHEMA))
+    info = {"build_id": build_id, "fingerprint": fingerprint, "rules": _params(rules), "fitted": _params(fitted)}
+    out.put_bytes(layout.build_info_key(shard, build_id), json.dumps(info, sort_keys=True).encode())
+    write_table(out, layout.build_manifest_key(shard, build_id), _manifest_table(kept_rows))
     report.totals = {
-        "transcribed": transcripts.num_rows,
+        "transcribed": inputs.transcripts.num_rows,
         "kept": len(kept_rows),
-        "dropped": transcripts.num_rows - len(kept_rows),
+        "dropped": inputs.transcripts.num_rows - len(kept_rows),
         "kept_hours": sum(r["duration"] for r in kept_rows) / 3600,
         "tars": len(tar_keys),
     }
     report.outputs = [
         *tar_keys,
-        layout.distilled_manifest_key(shard),
-        layout.decisions_key(shard),
-        layout.files_key(shard),
+        layout.build_manifest_key(shard, build_id),
+        layout.decisions_key(shard, build_id),
+        layout.files_key(shard, build_id),
     ]
-    out.put_bytes(state_key, json.dumps({"fingerprint": fingerprint, "totals": report.totals}).encode())
-    report.seconds = time.perf_counter() - started
-    return report
+    return Build(shard, build_id, fingerprint, inputs, decisions, report)
+
+
+def commit_build(out: ObjectStore, build: Build, keep_builds_hours: float) -> DistillResult:
+    """Makes a written build the shard's current one, unless a build made from newer inputs is current already.
+
+    Records the changes from the build it replaces, then writes the current pointer and, last, the manifest users
+    read; then removes builds that have not been current for ``keep_builds_hours``.
+    """
+    shard, build_id = build.shard, build.build_id
+    current = layout.read_current(out, shard)
+    if current is not None and current["build_id"] == build_id:  # another run committed the same build
+        _publish_manifest(out, shard, current)
+        return DistillResult(build.report, build_id, build_id, current.get("previous"), False, _no_changes())
+    if current is not None and current["inputs_read_at"] > build.inputs.read_at:
+        # Lost a race: the current build saw newer inputs. Ours stays uncommitted (removed after the grace period).
+        build.report.totals = current["counts"]
+        return DistillResult(build.report, build_id, current["build_id"], None, False, _no_changes())
+    missing = [key for key in build.report.outputs if not out.exists(key)]
+    if missing:
+        raise RuntimeError(
+            f"{shard}: build {build_id} lost {len(missing)} of its files before its commit, e.g. {missing[:3]} "
+            "(removed by another run of the shard?); nothing was committed: re-run the partition"
+        )
+    changes = _record_changes(out, build, current)
+    manifest = out.read_bytes(layout.build_manifest_key(shard, build_id))
+    previous = current["build_id"] if current else None
+    pointer = {
+        "build_id": build_id,
+        "fingerprint": build.fingerprint,
+        "created_at": datetime.now(UTC).isoformat(),
+        "inputs_read_at": build.inputs.read_at,
+        "previous": previous,
+        "counts": build.report.totals,
+        "manifest_sha256": hashlib.sha256(manifest).hexdigest(),
+        "retired": _retired(out, shard, build_id, current),
+    }
+    out.put_bytes(layout.distilled_current_key(shard), json.dumps(pointer, sort_keys=True).encode())
+    out.put_bytes(layout.distilled_manifest_key(shard), manifest)
+    remove_old_builds(out, shard, build_id, keep_builds_hours)
+    return DistillResult(build.report, build_id, build_id, previous, True, changes)
+
+
+def _no_changes() -> dict:
+    """The changes of a run that committed nothing."""
+    return {
+        "samples_added": 0,
+        "samples_removed": 0,
+        "added_by_reason": {},
+        "removed_by_reason": {},
+        "removed_by_refit": {},
+    }
+
+
+def _publish_manifest(out: ObjectStore, shard: str, current: dict) -> None:
+    """Rewrites the users' manifest from the current build's copy when it is not that build's (a run killed between
+    the pointer and the manifest)."""
+    key = layout.distilled_manifest_key(shard)
+    if out.exists(key) and hashlib.sha256(out.read_bytes(key)).hexdigest() == current["manifest_sha256"]:
+        return
+    out.put_bytes(key, out.read_bytes(layout.build_manifest_key(shard, current["build_id"])))
+
+
+def _build_folders(out: ObjectStore, shard: str) -> dict[str, list[ObjectInfo]]:
+    """The shard's build folders and their objects (``_LEGACY``: the single-build layout's files, if any)."""
+    prefix = layout.distilled_builds_prefix(shard)
+    folders: dict[str, list[ObjectInfo]] = {}
+    for info in out.list(prefix):
+        name, slash, _ = info.key[len(prefix) :].partition("/")
+        folders.setdefault(name if slash else _LEGACY, []).append(info)
+    for info in out.list(f"distilled/{shard}."):
+        if info.key.endswith(_LEGACY_SUFFIXES):
+            folders.setdefault(_LEGACY, []).append(info)
+    return folders
+
+
+def _retired(out: ObjectStore, shard: str, build_id: str, current: dict | None) -> dict[str, float]:
+    """When each build folder still on the store stopped being current, for the pointer that makes ``build_id``
+    current. The build being replaced (and, at the first commit, every folder found) retires now; folders never
+    committed are not listed (their age is their newest object's)."""
+    now = time.time()
+    known = current.get("retired", {}) if current else {}
+    retired = {}
+    for name in _build_folders(out, shard):
+        if name == build_id:
+            continue
+        if name in known:
+            retired[name] = known[name]
+        elif current is None or name == current["build_id"]:
+            retired[name] = now
+    return retired
+
+
+def remove_old_builds(out: ObjectStore, shard: str, build_id: str, keep_builds_hours: float) -> list[str]:
+    """Deletes the shard's builds that have not been current for ``keep_builds_hours`` (a folder never committed:
+    since its last write), never the current one. Nothing is deleted unless ``build_id`` is still current (a run that
+    lost a race leaves the folders to the winner).
+
+    Returns:
+        The build folders removed.
+    """
+    current = layout.read_current(out, shard)
+    if current is None or current["build_id"] != build_id:
+        return []
+    now = time.time()
+    removed = []
+    for name, infos in sorted(_build_folders(out, shard).items()):
+        since = current["retired"].get(name, max(info.mtime for info in infos))
+        if name == build_id or now - since < keep_builds_hours * 3600:
+            continue
+        for info in infos:
+            out.delete(info.key)
+        removed.append(name)
+    return removed
+
+
+def _params(rules: list[Rule]) -> list:
+    """The rules' names and parameters as JSON values (tuples become lists), for comparing builds."""
+    return json.loads(json.dumps([(r.name, asdict(r)) for r in rules], default=str))
+
+
+def _refitted(out: ObjectStore, shard: str, build_id: str, previous: str | None) -> set[str]:
+    """Rules configured as in the previous build whose shard-fitted thresholds moved (new arrivals changed them)."""
+    if previous is None or not out.exists(layout.build_info_key(shard, previous)):
+        return set()
+    before = json.loads(out.read_bytes(layout.build_info_key(shard, previous)))
+    now = json.loads(out.read_bytes(layout.build_info_key(shard, build_id)))
+    cfg, cfg_before = dict(map(tuple, now["rules"])), dict(map(tuple, before["rules"]))
+    fit, fit_before = dict(map(tuple, now["fitted"])), dict(map(tuple, before["fitted"]))
+    return {name for name in fit if cfg[name] == cfg_before.get(name) and fit[name] != fit_before.get(name)}
+
+
+def _record_changes(out: ObjectStore, build: Build, current: dict | None) -> dict:
+    """Writes the samples the build adds and removes relative to ``current`` (and why) into its folder.
+
+    Added: ``new`` (not decided before) or ``was_dropped:{rule}``. Removed: ``dropped:{rule}`` (still transcribed,
+    now dropped; ``refit`` when the rule's shard-fitted thresholds moved), ``media_retired`` (the media left the index),
+    ``dead_lettered:{stage}``, ``media_superseded`` (the media's segments were replaced) or ``transcript_gone``.
+
+    Returns:
+        The summary written to ``changes.json`` (see ``DistillResult.changes``).
+    """
+    shard, inputs = build.shard, build.inputs
+    previous = current["build_id"] if current else None
+    before = read_table(out, layout.decisions_key(shard, previous), DECISION_SCHEMA) if previous else None
+    before = before.to_pylist() if before is not None else []
+    was_kept = {d["segment_id"]: d["media_id"] for d in before if d["kept"]}
+    was_dropped = {d["segment_id"]: d["drop_reason"] for d in before if not d["kept"]}
+    now = {d.segment_id: d for d in build.decisions}
+    refit = _refitted(out, shard, build.build_id, previous)
+    rows = [
+        (d.segment_id, d.media_id, "added", f"was_dropped:{was_dropped[d.segment_id]}", False)
+        if d.segment_id in was_dropped
+        else (d.segment_id, d.media_id, "added", "new", False)
+        for d in build.decisions
+        if d.kept and d.segment_id not in was_kept
+    ]
+    gone = _Gone(inputs)
+    for segment_id, media_id in sorted(was_kept.items()):
+        d = now.get(segment_id)
+        if d is not None and d.kept:
+            continue
+        reason = f"dropped:{d.drop_reason}" if d is not None else gone.reason(segment_id, media_id)
+        rows.append((segment_id, media_id, "removed", reason, d is not None and d.drop_reason in refit))
+    rows.sort(key=lambda r: (r[2], r[0]))
+    table = pa.Table.from_pylist([dict(zip(CHANGES_SCHEMA.names, r, strict=True)) for r in rows], CHANGES_SCHEMA)
+    write_table(out, layout.changes_key(shard, build.build_id), table)
+    summary = {
+        "build_id": build.build_id,
+        "previous": previous,
+        "samples_added": sum(r[2] == "added" for r in rows),
+        "samples_removed": sum(r[2] == "removed" for r in rows),
+        "added_by_reason": dict(sorted(Counter(r[3] for r in rows if r[2] == "added").items())),
+        "removed_by_reason": dict(sorted(Counter(r[3] for r in rows if r[2] == "removed").items())),
+        "removed_by_refit": dict(sorted(Counter(r[3].split(":", 1)[1] for r in rows if r[4]).items())),
+    }
+    out.put_bytes(layout.changes_summary_key(shard, build.build_id), json.dumps(summary, sort_keys=True).encode())
+    return summary
+
+
+class _Gone:
+    """Why a sample kept earlier has no decision now: its media or segment left the upstream tables."""
+
+    def __init__(self, inputs: ShardInputs) -> None:
+        self.indexed = set(inputs.index["media_id"].to_pylist())
+        self.segments = set(inputs.segments["segment_id"].to_pylist())
+        self.dead = {stage: set(table["item_id"].to_pylist()) for stage, table in inputs.dead.items()}
+
+    def reason(self, segment_id: str, media_id: str) -> str:
+        if media_id not in self.indexed:
+            return "media_retired"
+        for stage, item in (
+            ("audio_wav", media_id),
+            ("vad_segments", media_id),
+            ("segment_features", segment_id),
+            ("transcripts", segment_id),
+        ):
+            if item in self.dead.get(stage, ()):
+                return f"dead_lettered:{stage}"
+        return "transcript_gone" if segment_id in self.segments else "media_superseded"
 
 
 def shard_candidates(
@@ -703,7 +1012,9 @@ def _manifest_table(rows: list[dict]) -> pa.Table:
     )
 
 
-def _fingerprint(index, audio, vad_media, segments, features, transcripts, dead, rules, pack) -> str:
+def _fingerprint(inputs: ShardInputs, rules: list[Rule], pack: PackSettings) -> str:
+    index, audio, vad_media, segments = inputs.index, inputs.audio, inputs.vad_media, inputs.segments
+    features, transcripts, dead = inputs.features, inputs.transcripts, inputs.dead
     h = hashlib.sha256()
     for table, column in (
         (index, "media_id"),
@@ -727,7 +1038,7 @@ def _fingerprint(index, audio, vad_media, segments, features, transcripts, dead,
     return h.hexdigest()
 
 
-def _file_records(index, audio, vad_media, segments, transcripts, decisions, dead, retired=frozenset()) -> list[dict]:
+def _file_records(inputs: ShardInputs, decisions: list[DecisionRow], retired=frozenset()) -> list[dict]:
     """One record per indexed media object: its outcome, its segments in time order and the kept full text.
 
     A file's ``outcome`` is one of:
@@ -746,6 +1057,8 @@ def _file_records(index, audio, vad_media, segments, transcripts, decisions, dea
     dropped it), ``failed:{stage}`` (dead-lettered by ``segment_features`` or ``transcripts``) or ``pending``.
     ``failure`` is null for every outcome but ``failed``.
     """
+    index, audio, vad_media, segments = inputs.index, inputs.audio, inputs.vad_media, inputs.segments
+    transcripts, dead = inputs.transcripts, inputs.dead
     failed = _failures(dead, ("audio_wav", "vad_segments"))
     seg_failed = _failures(dead, ("segment_features", "transcripts"))
     durations = dict(zip(audio["media_id"].to_pylist(), audio["duration_s"].to_pylist(), strict=True))

@@ -101,28 +101,65 @@ def transcript_part_key(shard: str, first_segment_id: str) -> str:
     return f"transcripts/{shard}/part-{first_segment_id}.parquet"
 
 
-def distilled_tar_key(shard: str, n: int) -> str:
-    return f"distilled/{shard}/{n:06d}.tar"
+def distilled_builds_prefix(shard: str) -> str:
+    """Where every build of the shard's dataset has its own folder (``{prefix}{build_id}/``)."""
+    return f"distilled/{shard}/"
+
+
+def distilled_tar_key(shard: str, build_id: str, n: int) -> str:
+    return f"distilled/{shard}/{build_id}/{n:06d}.tar"
 
 
 def distilled_manifest_key(shard: str) -> str:
+    """The manifest users read: a copy of the current build's, written last when a build is committed."""
     return f"distilled/{shard}.parquet"
 
 
-def decisions_key(shard: str) -> str:
-    return f"distilled/{shard}.decisions.parquet"
+def distilled_current_key(shard: str) -> str:
+    """The pointer to the shard's current build (written with the manifest: together they commit a build)."""
+    return f"distilled/{shard}.current.json"
 
 
-def files_key(shard: str) -> str:
-    return f"distilled/{shard}.files.jsonl"
+def build_manifest_key(shard: str, build_id: str) -> str:
+    return f"distilled/{shard}/{build_id}/manifest.parquet"
 
 
-def files_parquet_key(shard: str) -> str:
-    return f"distilled/{shard}.files.parquet"
+def decisions_key(shard: str, build_id: str) -> str:
+    return f"distilled/{shard}/{build_id}/decisions.parquet"
 
 
-def distilled_state_key(shard: str) -> str:
-    return f"distilled/{shard}.state.json"
+def files_key(shard: str, build_id: str) -> str:
+    return f"distilled/{shard}/{build_id}/files.jsonl"
+
+
+def files_parquet_key(shard: str, build_id: str) -> str:
+    return f"distilled/{shard}/{build_id}/files.parquet"
+
+
+def build_info_key(shard: str, build_id: str) -> str:
+    return f"distilled/{shard}/{build_id}/build.json"
+
+
+def changes_key(shard: str, build_id: str) -> str:
+    """Samples added and removed (with why) from the build this one replaced."""
+    return f"distilled/{shard}/{build_id}/changes.parquet"
+
+
+def changes_summary_key(shard: str, build_id: str) -> str:
+    return f"distilled/{shard}/{build_id}/changes.json"
+
+
+def read_current(store: ObjectStore, shard: str) -> dict | None:
+    """The shard's current-build pointer (``build_id``, ``created_at``, ``previous``, ``counts``...); None before the
+    first build is committed."""
+    key = distilled_current_key(shard)
+    return json.loads(store.read_bytes(key)) if store.exists(key) else None
+
+
+def current_build(store: ObjectStore, shard: str) -> str | None:
+    """The id of the shard's current dataset build (None before the first one is committed)."""
+    current = read_current(store, shard)
+    return current["build_id"] if current else None
 
 
 def dead_letter_key(stage: str, shard: str) -> str:

@@ -148,7 +148,13 @@ def build_report(
             continue
         report.shards += 1
         audio = read_table(out, layout.audio_manifest_key(shard), AUDIO_SCHEMA)
-        decisions = read_table(out, layout.decisions_key(shard), DECISION_SCHEMA)
+        # The current dataset build's decisions and per-file transcripts (none before the first build).
+        build = layout.current_build(out, shard)
+        decisions = (
+            read_table(out, layout.decisions_key(shard, build), DECISION_SCHEMA)
+            if build
+            else DECISION_SCHEMA.empty_table()
+        )
         features = read_table(out, layout.features_key(shard), FEATURE_SCHEMA).select(
             ["segment_id", "duration_s", "dnsmos_ovrl"]
         )
@@ -198,8 +204,8 @@ def build_report(
                 "kept_ci95": est["kept"]["ci95"],
                 "sampled": est["all"]["n"],
             }
-        if out.exists(layout.files_parquet_key(shard)):
-            for f in read_table(out, layout.files_parquet_key(shard), FILES_SCHEMA).to_pylist():
+        if build:
+            for f in read_table(out, layout.files_parquet_key(shard, build), FILES_SCHEMA).to_pylist():
                 labelled = [s for s in f["segments"] if s["text"] is not None]
                 all_text[f["uri"]] = " ".join(s["text"] for s in labelled)
                 kept_text[f["uri"]] = f["text"]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from asr_assets.assets import DistilledConfig  # noqa: E402
+from asr_assets.assets import NOT_RULE_FIELDS, DistilledConfig  # noqa: E402
 from asr_assets.calibrate import CARD_FIELDS, fit_card  # noqa: E402
 from asr_assets.filter_eval import (  # noqa: E402
     evaluate,
@@ -74,7 +74,7 @@ def main() -> None:
                            engine)  # fmt: skip
     labelled = natural + planted + junk
     if args.fit_card:
-        base = DistilledConfig().model_dump(exclude={"target_tar_mb", "threshold_card", *CARD_FIELDS})
+        base = DistilledConfig().model_dump(exclude={*NOT_RULE_FIELDS, *CARD_FIELDS})
         audited = {item.candidate.segment_id: item.audit for item in natural}
         fitted = fit_card([item.candidate for item in natural], audited, base, args.target_wer)
         args.fit_card.write_text(json.dumps(fitted, indent=2, sort_keys=True))

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from asr_assets.assets import DistilledConfig
+from asr_assets.assets import NOT_RULE_FIELDS, DistilledConfig
 from asr_assets.calibrate import (
     CARD_FIELDS,
     audit_segments,
@@ -72,7 +72,7 @@ def _audit_set():
 
 def test_card_meets_the_target_and_keeps_the_most_hours() -> None:
     candidates, audited = _audit_set()
-    base = DistilledConfig().model_dump(exclude={"target_tar_mb", "threshold_card", *CARD_FIELDS})
+    base = DistilledConfig().model_dump(exclude={*NOT_RULE_FIELDS, *CARD_FIELDS})
     card = fit_card(candidates, audited, base, target_wer=0.05)
     effect = card["effect"]
     assert card["target_met"] is True
@@ -93,7 +93,7 @@ def test_an_unreachable_target_is_reported_not_hidden() -> None:
         Candidate(c.segment_id, c.text, 3.0, -20.0, -0.2, 0.01, c.compression_ratio, "stop", "en", 0.0, 2.5, None)
         for c in candidates
     ]
-    base = DistilledConfig().model_dump(exclude={"target_tar_mb", "threshold_card", *CARD_FIELDS})
+    base = DistilledConfig().model_dump(exclude={*NOT_RULE_FIELDS, *CARD_FIELDS})
     card = fit_card(blind, audited, base, target_wer=0.01)
     assert card["target_met"] is False
     assert card["effect"]["wer_kept"] == pytest.approx(card["effect"]["wer_all"])
@@ -101,7 +101,7 @@ def test_an_unreachable_target_is_reported_not_hidden() -> None:
 
 def test_a_card_replaces_the_configured_thresholds() -> None:
     candidates, audited = _audit_set()
-    base = DistilledConfig().model_dump(exclude={"target_tar_mb", "threshold_card", *CARD_FIELDS})
+    base = DistilledConfig().model_dump(exclude={*NOT_RULE_FIELDS, *CARD_FIELDS})
     card = fit_card(candidates, audited, base, target_wer=0.05)
     rules = DistilledConfig().rules(card)
     by_name = {r.name: r for r in rules}

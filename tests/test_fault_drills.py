@@ -169,9 +169,11 @@ def test_sigkill_in_the_middle_of_transcripts_then_rerun_matches_an_uninterrupte
     assert _table(drill / layout.distilled_manifest_key(shard), "key") == _table(
         clean / layout.distilled_manifest_key(shard), "key"
     )
-    tars = sorted((drill / "distilled" / shard).glob("*.tar"))
+    build = layout.current_build(store, shard)
+    assert build == layout.current_build(reference, shard)  # same inputs and settings: the same build
+    tars = sorted((drill / "distilled" / shard / build).glob("*.tar"))
     assert tars and [t.read_bytes() for t in tars] == [
-        t.read_bytes() for t in sorted((clean / "distilled" / shard).glob("*.tar"))
+        t.read_bytes() for t in sorted((clean / "distilled" / shard / build).glob("*.tar"))
     ]
     assert not _leftover_temp(drill)
 

@@ -150,7 +150,8 @@ def _outputs(server: OssServer, prefix: str) -> dict[str, bytes]:
     return {
         k[len(prefix) + 1 :]: server.objects[k].data
         for k in sorted(server.objects)
-        if k.startswith(f"{prefix}/distilled/") and not k.endswith(".state.json")
+        # The current pointer aside: it says when its build was committed.
+        if k.startswith(f"{prefix}/distilled/") and not k.endswith(".current.json")
     }
 
 

@@ -94,9 +94,8 @@ def test_broken_files_are_dead_lettered_with_their_reason(pipeline_run, corpus: 
 
 def test_kept_transcripts_match_the_references(pipeline_run, corpus: Corpus) -> None:
     _, out, shard = pipeline_run
-    files = {
-        json.loads(line)["uri"]: json.loads(line) for line in (out / layout.files_key(shard)).read_text().splitlines()
-    }
+    files_jsonl = out / layout.files_key(shard, layout.current_build(LocalStore(out), shard))
+    files = {json.loads(line)["uri"]: json.loads(line) for line in files_jsonl.read_text().splitlines()}
     refs, hyps = [], []
     for item in _shard_items(corpus, shard):
         row = files[uri_of(corpus, item.path)]
@@ -184,7 +183,7 @@ def test_dagster_cli_materializes_a_partition(corpus: Corpus, busiest_shard: str
     assert "RUN_SUCCESS" in log
     store = LocalStore(tmp_path / "out")
     assert reconcile_distilled(store, busiest_shard).passed
-    assert store.exists(layout.files_key(busiest_shard))
+    assert store.exists(layout.files_key(busiest_shard, layout.current_build(store, busiest_shard)))
 
 
 def test_tars_roll_over_and_rebuild_byte_identically(pipeline_run, tmp_path: Path) -> None:
@@ -196,17 +195,26 @@ def test_tars_roll_over_and_rebuild_byte_identically(pipeline_run, tmp_path: Pat
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
     store = LocalStore(copy)
-    store.delete(layout.distilled_state_key(shard))
-    report = distill_shard(store, shard, default_rules(), PackSettings(target_tar_bytes=100_000))
-    tars = sorted((copy / "distilled" / shard).glob("*.tar"))
-    assert report.totals["tars"] == len(tars) > 1
+    first_build = layout.current_build(store, shard)
+    result = distill_shard(store, shard, default_rules(), PackSettings(target_tar_bytes=100_000))
+    # Other packing: another build, in a folder of its own; the first stays (grace period) and is no longer named.
+    assert result.committed and result.previous == first_build != result.build_id
+    tars = sorted((copy / "distilled" / shard / result.build_id).glob("*.tar"))
+    assert result.report.totals["tars"] == len(tars) > 1
     keys = pq.read_table(copy / layout.distilled_manifest_key(shard))["key"].to_pylist()
-    assert len(keys) == report.totals["kept"]
+    assert len(keys) == result.report.totals["kept"]
+    assert (copy / "distilled" / shard / first_build / "000000.tar").exists()
     first = {p.name: p.read_bytes() for p in tars}
-    store.delete(layout.distilled_state_key(shard))
-    distill_shard(store, shard, default_rules(), PackSettings(target_tar_bytes=100_000))
-    assert {p.name: p.read_bytes() for p in sorted((copy / "distilled" / shard).glob("*.tar"))} == first
-    # Back to one big tar: the extra tars of the smaller target are removed.
-    store.delete(layout.distilled_state_key(shard))
-    distill_shard(store, shard, default_rules(), PackSettings())
-    assert [p.name for p in (copy / "distilled" / shard).glob("*.tar")] == ["000000.tar"]
+    # The same build again, from scratch (no pointer: nothing to compare with): the same bytes.
+    shutil.rmtree(copy / "distilled" / shard / result.build_id)
+    store.delete(layout.distilled_current_key(shard))
+    again = distill_shard(store, shard, default_rules(), PackSettings(target_tar_bytes=100_000))
+    assert again.build_id == result.build_id
+    assert {
+        p.name: p.read_bytes() for p in sorted((copy / "distilled" / shard / again.build_id).glob("*.tar"))
+    } == first
+    # Back to one big tar: the first build's id and bytes again; the smaller target's build goes after the grace.
+    back = distill_shard(store, shard, default_rules(), PackSettings(), keep_builds_hours=0)
+    assert back.build_id == first_build
+    assert {p.name for p in (copy / "distilled" / shard / back.build_id).glob("*.tar")} == {"000000.tar"}
+    assert not list(store.list(f"{layout.distilled_builds_prefix(shard)}{result.build_id}/"))

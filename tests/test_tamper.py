@@ -57,12 +57,17 @@ def _drop_rows(path: Path, column: str, ids: list[str]) -> None:
     _rewrite(path, lambda t: pc.invert(pc.is_in(t[column], value_set=pa.array(ids, pa.string()))))
 
 
+def _files_path(root: Path, shard: str) -> Path:
+    """files.jsonl of the shard's current build."""
+    return root / layout.files_key(shard, layout.current_build(LocalStore(root), shard))
+
+
 def _files(root: Path, shard: str) -> list[dict]:
-    return [json.loads(line) for line in (root / layout.files_key(shard)).read_text().splitlines()]
+    return [json.loads(line) for line in _files_path(root, shard).read_text().splitlines()]
 
 
 def _write_files(root: Path, shard: str, records: list[dict]) -> None:
-    (root / layout.files_key(shard)).write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    _files_path(root, shard).write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
 
 
 def _failing(root: Path, shard: str, reconcile) -> Reconciliation:
@@ -106,7 +111,7 @@ def _corrupt_tar_header(root: Path, shard: str) -> list[str]:
 
 def _extra_tar(root: Path, shard: str) -> list[str]:
     tar_key = _manifest(root, shard)[0]["tar_key"]
-    stray = layout.distilled_tar_key(shard, 999)
+    stray = layout.distilled_tar_key(shard, layout.current_build(LocalStore(root), shard), 999)
     shutil.copyfile(root / tar_key, root / stray)
     return [stray]
 
@@ -149,6 +154,18 @@ def _edit_json_member(root: Path, shard: str) -> list[str]:
     data[start : start + size] = edited
     path.write_bytes(bytes(data))
     return [row["tar_key"], f"{row['key']}.json: text"]
+
+
+def _pointer_deleted(root: Path, shard: str) -> list[str]:
+    (root / layout.distilled_current_key(shard)).unlink()
+    return [layout.distilled_current_key(shard)]
+
+
+def _manifest_replaced(root: Path, shard: str) -> list[str]:
+    """The users' manifest swapped for a copy written differently (same rows): no longer the current build's."""
+    path = root / layout.distilled_manifest_key(shard)
+    pq.write_table(pq.read_table(path), path, compression="gzip")
+    return [layout.distilled_manifest_key(shard), layout.current_build(LocalStore(root), shard)]
 
 
 def _delete_audio_dead_letter(root: Path, shard: str) -> list[str]:
@@ -198,6 +215,8 @@ TAMPERS = [
     (_remove_manifest_row, reconcile_distilled, "not in the manifest"),
     (_remove_flac_member, reconcile_distilled, "manifest rows without a .flac member"),
     (_edit_json_member, reconcile_distilled, "whose .json disagrees with the manifest"),
+    (_pointer_deleted, reconcile_distilled, "is missing: no dataset build was committed"),
+    (_manifest_replaced, reconcile_distilled, "is not the manifest of the current build"),
     (_delete_audio_dead_letter, reconcile_audio, "media without an outcome"),
     (
         _delete_audio_dead_letter,
@@ -267,7 +286,6 @@ def segment_failures(pipeline_run, tmp_path_factory: pytest.TempPathFactory):
             for s in failed
         ]
         layout.append_dead_letters(store, stage, shard, rows)
-    store.delete(layout.distilled_state_key(shard))
     distill_shard(store, shard, default_rules(), PackSettings())
     return root, shard, all_failed, some_failed
 
@@ -292,7 +310,9 @@ def test_a_file_whose_every_segment_failed_is_failed_with_the_first_failure(segm
     assert partly["outcome"] == "transcribed" and partly["failure"] is None
     assert partly["segments"][-1]["status"] == "failed:transcripts"
     assert partly["text"] and all(s["status"] == "kept" for s in partly["segments"][:-1])
-    parquet = pq.read_table(root / layout.files_parquet_key(shard)).to_pylist()
+    parquet = pq.read_table(
+        root / layout.files_parquet_key(shard, layout.current_build(LocalStore(root), shard))
+    ).to_pylist()
     assert {r["media_id"]: r["outcome"] for r in parquet} == {m: r["outcome"] for m, r in files.items()}
 
 
