@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARD = "shard-00000"
@@ -184,17 +185,29 @@ def _tables(out: Path) -> dict[str, pa.Table]:
     }
     for stage in layout.STAGES:
         tables[f"dead_letter/{stage}"] = layout.read_dead_letters(store, stage, SHARD)
-    for name, key in (("manifest", layout.distilled_manifest_key(SHARD)), ("decisions", layout.decisions_key(SHARD))):
-        import pyarrow.parquet as pq
-
+    build = layout.current_build(store, SHARD)
+    for name, key in (
+        ("manifest", layout.distilled_manifest_key(SHARD)),
+        ("decisions", layout.decisions_key(SHARD, build) if build else None),
+    ):
         path = _committed(out, key)
         tables[name] = pq.read_table(path) if path is not None else pa.table({})
     return tables
 
 
-def _committed(out: Path, key: str) -> Path | None:
+def _committed(out: Path, key: str | None) -> Path | None:
+    """The file of a committed dataset output (None before the first build)."""
+    if key is None:
+        return None
     path = out / key
     return path if path.is_file() else None
+
+
+def _build(out: Path) -> str | None:
+    from asr_assets import layout
+    from resources.storage import LocalStore
+
+    return layout.current_build(LocalStore(out), SHARD)
 
 
 def _rows(table: pa.Table) -> list[dict]:
@@ -229,7 +242,11 @@ def compare(reference: Path, drill: Path, label: str, report: Drill) -> None:
         report.mismatches.append(f"{label}: tars differ")
     from asr_assets import layout
 
-    a, b = _committed(drill, layout.files_key(SHARD)), _committed(reference, layout.files_key(SHARD))
+    files = [
+        _committed(root, layout.files_key(SHARD, build) if build else None)
+        for root, build in ((drill, _build(drill)), (reference, _build(reference)))
+    ]
+    a, b = files
     if (a.read_bytes() if a else b"") != (b.read_bytes() if b else b""):
         report.mismatches.append(f"{label}: per-file transcripts differ")
 

@@ -420,6 +420,7 @@ def _rows(root: Path, key: str, sort_by: str) -> list[dict]:
 def _outputs(root: Path, shard: str) -> dict:
     store = LocalStore(root)
     transcripts = read_transcripts(store, shard)
+    build = layout.current_build(store, shard)
     index = layout.read_index(store, shard).drop_columns(["discovered_at"])
     outputs = {
         "index": sorted(index.to_pylist(), key=lambda r: r["media_id"]),
@@ -429,10 +430,10 @@ def _outputs(root: Path, shard: str) -> dict:
         "features": _rows(root, layout.features_key(shard), "segment_id"),
         "transcripts": sorted(transcripts.to_pylist(), key=lambda r: r["segment_id"]),
         "distilled": _rows(root, layout.distilled_manifest_key(shard), "key"),
-        "decisions": _rows(root, layout.decisions_key(shard), "segment_id"),
-        "files": (root / layout.files_key(shard)).read_bytes(),
+        "decisions": _rows(root, layout.decisions_key(shard, build), "segment_id"),
+        "files": (root / layout.files_key(shard, build)).read_bytes(),
         "flacs": {p.name: p.read_bytes() for p in sorted((root / "audio_wav" / shard).glob("*.flac"))},
-        "tars": [p.read_bytes() for p in sorted((root / "distilled" / shard).glob("*.tar"))],
+        "tars": [p.read_bytes() for p in sorted((root / "distilled" / shard / build).glob("*.tar"))],
     }
     for stage in layout.STAGES:
         outputs[f"dead_letter/{stage}"] = _rows(root, layout.dead_letter_key(stage, shard), "item_id")

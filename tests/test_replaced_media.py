@@ -44,9 +44,16 @@ def test_a_replaced_object_is_processed_again_and_its_old_samples_retired(corpus
     }
     samples = pq.read_table(out / layout.distilled_manifest_key(shard)).to_pylist()
     assert samples and {s["media_id"] for s in samples} == {new["media_id"]}
-    files = {r["media_id"]: r for r in map(json.loads, (out / layout.files_key(shard)).read_text().splitlines())}
+    build = layout.current_build(store, shard)
+    files = {
+        r["media_id"]: r
+        for r in map(
+            json.loads,
+            (out / layout.files_key(shard, build)).read_text().splitlines(),
+        )
+    }
     assert files[old["media_id"]]["outcome"] == "superseded" and files[old["media_id"]]["failure"] is None
     assert files[new["media_id"]]["outcome"] == "transcribed"
-    decisions = pq.read_table(out / layout.decisions_key(shard)).to_pylist()
+    decisions = pq.read_table(out / layout.decisions_key(shard, build)).to_pylist()
     assert {d["drop_reason"] for d in decisions if d["media_id"] == old["media_id"]} == {"superseded"}
     assert {s["status"] for s in files[old["media_id"]]["segments"]} == {"dropped:superseded"}
