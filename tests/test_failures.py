@@ -185,3 +185,18 @@ def test_a_segment_the_engine_fails_on_is_retried_across_runs_until_its_third_at
             assert report.failed == 1
     assert attempts == [[("EngineCallFailed", n)] for n in (1, 2, 3, 3)]
     assert report.processed == 0  # the third failure was final
+
+
+def test_a_damaged_local_part_fails_transcripts_at_once_naming_it(pipeline_run, tmp_path: Path) -> None:
+    # Not a storage outage: a packed part on a local disk that no longer decodes cannot get better by waiting, and the
+    # segments are fine (only our copy is not), so the step fails at once and nothing is dead-lettered.
+    _, out, shard = pipeline_run
+    shutil.copytree(out, tmp_path / "out")
+    store = LocalStore(tmp_path / "out")
+    shutil.rmtree(tmp_path / "out" / "transcripts" / shard)
+    part = read_table(store, layout.features_key(shard), FEATURE_SCHEMA)["audio_key"][0].as_py()
+    (tmp_path / "out" / part).write_bytes(b"fLaC" + os.urandom(4096))
+    patient = RetryBudget(deadline_s=3600.0, base_delay_s=60.0, max_delay_s=60.0)  # would wait, were it retried
+    with pytest.raises(RuntimeError, match=rf"the packed part .*{part}.* is damaged"):
+        transcribe_shard(store, shard, lambda: None, TranscribeSettings(), budget=patient)
+    assert _dead(store, "transcripts", shard) == []

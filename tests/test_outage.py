@@ -25,10 +25,13 @@ from tests.oss_server import OssServer
 from tests.test_oss import BUCKET, KEY_ID, SECRET, _outputs, _upload_corpus
 
 OUTAGE_S = float(os.environ.get("ASR_OUTAGE_S", "6"))
+WAVES = {"ops": {"transcripts": {"config": {"wave_size": 2}}}}  # a checkpoint part every two labels
 ORDER = ["media_index", "audio_wav", "vad_segments", "segment_features", "transcripts", "distilled_dataset"]
 
 
-def _materialize(server: OssServer, shard: str, prefix: str, tmp_path: Path, names: list[str]) -> bool:
+def _materialize(
+    server: OssServer, shard: str, prefix: str, tmp_path: Path, names: list[str], config: dict | None = None
+) -> bool:
     storage = StorageResource(
         source_uri=f"oss://{BUCKET}/in",
         output_root=f"oss://{BUCKET}/{prefix}",
@@ -42,6 +45,7 @@ def _materialize(server: OssServer, shard: str, prefix: str, tmp_path: Path, nam
         assets,
         resources={"storage": storage, "teacher": TeacherResource()},
         partition_key=shard,
+        run_config=config or {},
         raise_on_error=False,
     )
     return result.success
@@ -65,16 +69,29 @@ def test_an_oss_outage_mid_stage_loses_nothing(stage: str, corpus: Corpus, tmp_p
         _upload_corpus(server, corpus, tmp_path)
         shards = Counter(shard_of(f"oss://{BUCKET}/in/{item.path}", NUM_SHARDS) for item in corpus.items)
         shard = shards.most_common(1)[0][0]
-        assert _materialize(server, shard, "clean", tmp_path, ORDER)
+        assert _materialize(server, shard, "clean", tmp_path, ORDER, WAVES)
         upstream, rest = ORDER[: ORDER.index(stage)], ORDER[ORDER.index(stage) :]
         assert _materialize(server, shard, "drill", tmp_path, upstream)
-        outage = server.outage(OUTAGE_S, after_requests=3)  # a few requests into the stage
+        # Mid-stage: once the stage has published its first output (a decoded file; a labelled wave of two segments),
+        # with items still to do.
+        first_output = f"drill/{stage}/{shard}/"
+        at_start: list[int] = []
+
+        def started() -> bool:
+            done = sum(key.startswith(first_output) for key in list(server.objects))
+            if done:
+                at_start.append(done)
+            return bool(done)
+
+        outage = server.outage(OUTAGE_S, when=started)
         runs = 1
-        while not _materialize(server, shard, "drill", tmp_path, rest):
+        while not _materialize(server, shard, "drill", tmp_path, rest, WAVES):
             outage.join()  # the next run, once the store is back
             runs += 1
             assert runs <= 2, "the run after the outage did not complete"
         outage.join()
+        # The outage landed mid-stage: the stage published more outputs after it began.
+        assert at_start and sum(key.startswith(first_output) for key in server.objects) > at_start[-1]
         identical = _outputs(server, "drill") == _outputs(server, "clean")
         transient = _transient_dead_letters(server, "drill")
         assert transient == 0 and identical

@@ -24,10 +24,13 @@ def allocate(megabytes: int) -> int:
 
 
 def decode_and_peak_rss(job):
-    """Decodes one job in this worker and returns the result with the worker's peak resident memory in bytes."""
-    import resource
+    """Decodes one job in this worker and returns the result with the worker's peak resident memory in bytes.
 
+    VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a worker spawned from a big parent (a long pytest
+    session) would report the parent's resident size from the moment it forked."""
     from asr_assets.media import decode_media
 
     result = decode_media(job)
-    return result, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with open("/proc/self/status") as f:
+        hwm_kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    return result, hwm_kb * 1024

@@ -191,18 +191,32 @@ def transcribe_shard(
 
 def _read_segment(out: ObjectStore, row: dict, budget: RetryBudget, shard: str, pending: int):
     """A segment's samples from its packed part. A failed read (UnreadableAudio) is transient: the store or the cache
-    may be failing, the segment is not bad. Retried within ``budget``, then the step fails, nothing dead-lettered."""
+    may be failing, the segment is not bad. Retried within ``budget``, then the step fails, nothing dead-lettered.
+
+    A part on a local output root that reads but does not decode (not an I/O error) cannot get better by waiting: the
+    step fails at once, naming the damaged file (nothing is dead-lettered either: the segment is fine, our copy is not).
+    """
+    local = out.root_uri.startswith("file://")
 
     def retryable(exc: BaseException) -> bool:
-        return not (is_out_of_space(exc) or isinstance(exc, StorageAuthError))
+        if is_out_of_space(exc) or isinstance(exc, StorageAuthError):
+            return False
+        return isinstance(exc, OSError) or not local
 
     try:
         return budget.call(
             lambda: read_audio(out.local_path(row["audio_key"]), row["audio_offset"], row["audio_frames"]), retryable
         )
     except Exception as exc:
-        if not retryable(exc):
+        if is_out_of_space(exc) or isinstance(exc, StorageAuthError):
             raise  # the machine's or the credentials' failure, not the segment's
+        if not retryable(exc):
+            raise RuntimeError(
+                f"transcripts on {shard}: the packed part {out.uri_of(row['audio_key'])} is damaged (segment "
+                f"{row['segment_id']}: {type(exc).__name__}: {exc}); nothing was dead-lettered. Restore it, or delete "
+                f"{layout.features_key(shard)} and segment_features/{shard}/ and re-run from segment_features (the "
+                "labels already made are kept: they are keyed by segment id)"
+            ) from exc
         raise TransientFailure(
             "transcripts", shard, pending, f"UnreadableAudio: segment {row['segment_id']}: cannot read its audio: {exc}"
         ) from exc
