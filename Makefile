@@ -149,7 +149,7 @@ screenshots: install-dev $(DAGSTER_HOME)/dagster.yaml
 CHAOS_SEEDS ?= 4
 CHAOS_KILLS ?= 3
 chaos: install-dev
-	$(VPY) -m tests.chaos --seeds $(CHAOS_SEEDS) --kills $(CHAOS_KILLS) | tail -1
+	set -o pipefail; $(VPY) -m tests.chaos --seeds $(CHAOS_SEEDS) --kills $(CHAOS_KILLS) | tail -1
 
 # The filters on real human speech (Debian's Asterisk prompts and LibriVox sentences, fetched with apt-get download):
 # good labels dropped and bad labels caught, per rule; then the same on the prompts the first run did not use.

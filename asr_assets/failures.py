@@ -28,7 +28,26 @@ import pyarrow as pa
 PERMANENT, TRANSIENT, SUSPECT = "permanent", "transient", "suspect"
 MAX_ATTEMPTS = 3
 TRANSIENT_KINDS = frozenset({"FetchError", "UnreadableAudio", "StorageError"})
-SUSPECT_KINDS = frozenset({"Timeout", "WorkerCrashed", "MemoryLimit", "EngineCallFailed"})
+SUSPECT_KINDS = frozenset(
+    {
+        "Timeout",
+        "WorkerCrashed",
+        "MemoryLimit",
+        "EngineCallFailed",
+        # An I/O error inside a worker (EIO on a network mount, a local copy another process evicted): the file may
+        # well read next time.
+        "WorkerIOError",
+        "OSError",
+        "TimeoutError",
+        "ConnectionError",
+        "ConnectionResetError",
+        "BrokenPipeError",
+        "InterruptedError",
+    }
+)
+# A stage whose every item failed with one suspect kind (say MemoryLimit under a cap set too low) is the machine's or
+# the configuration's failure once it has hit this many items; fewer may be a few genuinely hostile files.
+SUSPECT_BROKEN_AT = 5
 DEFAULT_DEADLINE_S = 900.0
 
 T = TypeVar("T")
@@ -151,7 +170,8 @@ class BugGuard:
 
     A stage calls :meth:`ok` for each success and :meth:`failed` for each failure, and asks :meth:`may_flush` before
     writing dead letters; at the end of the run, ``may_flush(final=True)`` raises :class:`StageBroken` when at least
-    two items failed, all with the same unexpected error, and none succeeded.
+    two items failed, all with the same unexpected error (or :data:`SUSPECT_BROKEN_AT` with the same suspect kind, such
+    as ``MemoryLimit`` under a cap set too low), and none succeeded.
     """
 
     def __init__(self, stage: str, shard: str) -> None:
@@ -166,7 +186,7 @@ class BugGuard:
 
     def failed(self, kind: str, message: str, unexpected: bool) -> None:
         self.failures += 1
-        if unexpected:
+        if unexpected or classify(kind) == SUSPECT:
             self.unexpected.setdefault(kind, message)
         else:
             self.expected_failures += 1
@@ -180,11 +200,12 @@ class BugGuard:
             return True
         if not final:
             return False
-        if self.failures >= 2:
-            kind, message = next(iter(self.unexpected.items()))
+        kind, message = next(iter(self.unexpected.items()))
+        if self.failures >= (SUSPECT_BROKEN_AT if classify(kind) == SUSPECT else 2):
             raise StageBroken(
                 f"{self.stage} on {self.shard}: every one of {self.failures} items failed with the same unexpected "
-                f"error {kind} ({message}) and none succeeded: a bug or a broken install, not bad input. Nothing was "
+                f"error {kind} ({message}) and none succeeded: a bug, a broken install or a limit set too low, not bad "
+                "input. Nothing was "
                 "dead-lettered; fix it and re-run the partition"
             )
         return True

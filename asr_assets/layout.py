@@ -225,11 +225,16 @@ def step_output(storage: StorageResource, asset: str, shard: str, run_id: str = 
         run_id: the Dagster run, named to a second writer that finds the lease held.
     """
     out = dataset_output(storage)
-    top = FOLDERS[asset]
-    for folder in (top, f"{top}/{shard}", "dead_letter/" + asset):
-        out.sweep_stale_temp(folder)
-    out.sweep_stale_scratch()
     held = lease.take(out, shard, asset, run_id)
+    try:
+        # Under the lease: a run that is about to be refused must not touch what the holder is writing.
+        top = FOLDERS[asset]
+        for folder in (top, f"{top}/{shard}", "dead_letter/" + asset):
+            out.sweep_stale_temp(folder)
+        out.sweep_stale_scratch()
+    except BaseException:
+        held.release()
+        raise
     try:
         yield lease.GuardedStore(out, held.check)
     except StorageFull as exc:

@@ -48,6 +48,12 @@ POLL_S = 1.0
 RENEW_LIMIT = 0.8
 
 
+def _clock() -> float:
+    """Seconds on a clock that keeps counting while the machine is suspended (CLOCK_BOOTTIME): after a VM or laptop
+    resumes, a holder must see that its heartbeat is as old as the takers see it, not the monotonic clock's pause."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME) if hasattr(time, "CLOCK_BOOTTIME") else time.monotonic()
+
+
 class LeaseHeld(Exception):
     """Another live writer holds the lease (after waiting, if waiting was configured)."""
 
@@ -138,10 +144,15 @@ class Holder:
 
     def free(self, now: datetime) -> bool:
         """Whether another writer may take over: released, expired, or its process on this machine is gone (or is this
-        process, which holds no such lease: ``take`` found none, so an earlier release of it failed)."""
+        process, and no thread of it holds this record: an earlier release of it failed)."""
         if self.released or self.silent_s(now) > self.ttl_s:
             return True
-        return self.node == _NODE and (self.pid == os.getpid() or not _pid_alive(self.pid))
+        if self.node != _NODE:
+            return False
+        if self.pid == os.getpid():
+            with _registry:
+                return all(held._record is None or held._record.token != self.token for held in _held.values())
+        return not _pid_alive(self.pid)
 
     def describe(self, now: datetime) -> str:
         run = f"run {self.run_id}" if self.run_id else "a sensor or schedule tick (no run)"
@@ -169,9 +180,9 @@ class Lease:
 
     def check(self) -> None:
         """Raises LeaseLost when this process may no longer write the lease's output (call it before each write)."""
-        if self._lost is None and time.monotonic() - self._renewed > RENEW_LIMIT * self.ttl_s:
+        if self._lost is None and _clock() - self._renewed > RENEW_LIMIT * self.ttl_s:
             self._lost = (
-                f"its heartbeat could not be renewed for {time.monotonic() - self._renewed:.0f} s "
+                f"its heartbeat could not be renewed for {_clock() - self._renewed:.0f} s "
                 f"(ttl {self.ttl_s:g} s), so another run may have taken over"
             )
         if self._lost is not None:
@@ -229,12 +240,12 @@ class Lease:
     # ---------------------------------------------------------------------------------------------- life cycle
 
     def _acquire(self, wait: float) -> None:
-        deadline = time.monotonic() + wait
+        deadline = _clock() + wait
         while True:
             top, holder = self._current()
             if holder is None or holder.free(_now()):
                 record = self._new_record()
-                self._renewed = time.monotonic()
+                self._renewed = _clock()
                 if self.store.put_if_absent(self.key(top + 1), record.to_bytes()):
                     self.generation, self._record = top + 1, record
                     self._next_renewal = self._renewed + self.ttl_s / 3
@@ -244,7 +255,7 @@ class Lease:
                     self._prune()
                     return
                 continue  # another taker created this generation first: look at it
-            remaining = deadline - time.monotonic()
+            remaining = deadline - _clock()
             if remaining <= 0:
                 raise LeaseHeld(self._held_message(holder, wait))
             time.sleep(min(POLL_S, remaining))
@@ -262,7 +273,7 @@ class Lease:
     def _renew(self) -> None:
         """One heartbeat: rewrites this holder's record, unless a higher generation shows another writer took over."""
         assert self._record is not None
-        started = time.monotonic()
+        started = _clock()
         top, holder = self._current()
         if top != self.generation:
             who = holder.describe(_now()) if holder is not None else "nobody (its record was removed)"
@@ -293,7 +304,7 @@ class Lease:
             self._depth -= 1
             if self._depth > 0:
                 return
-            _held.pop(_registry_key(self.store, self.shard, self.asset), None)
+            _held.pop(self._key, None)
         _keeper.remove(self)
         self._let_go()
 
@@ -324,33 +335,36 @@ class _Keeper:
             self._wake.clear()  # before looking: a lease added from here on sets it again and ends the wait below
             with self._lock:
                 leases = list(self._leases)
-            now = time.monotonic()
+            now = _clock()
             for lease in leases:
                 if lease._lost is None and now >= lease._next_renewal:
                     try:
                         lease._renew()
                     except Exception as exc:  # a storage hiccup: try again soon; check() fails the step if it lasts
-                        lease._next_renewal = time.monotonic() + min(lease.ttl_s / 10, 10.0)
+                        lease._next_renewal = _clock() + min(lease.ttl_s / 10, 10.0)
                         log.warning("%s on %s: lease heartbeat failed: %s", lease.asset, lease.shard, exc)
             with self._lock:
                 due = [lease._next_renewal for lease in self._leases if lease._lost is None]
-            self._wake.wait(max(0.05, min(due) - time.monotonic()) if due else None)
+            self._wake.wait(max(0.05, min(due) - _clock()) if due else None)
 
 
 _keeper = _Keeper()
 _registry = threading.Lock()
-_held: dict[tuple[str, str, str], Lease] = {}
-_taking: dict[tuple[str, str, str], threading.Lock] = {}
+_held: dict[tuple[str, str, str, int], Lease] = {}
+_taking: dict[tuple[str, str, str, int], threading.Lock] = {}
 
 
-def _registry_key(store: ObjectStore, shard: str, asset: str) -> tuple[str, str, str]:
-    return store.root_uri, shard, asset
+def _registry_key(store: ObjectStore, shard: str, asset: str) -> tuple[str, str, str, int]:
+    # Per thread: Dagster evaluates sensor and schedule ticks on a thread pool, so two indexers in one process (an
+    # arrivals tick and a rescan) are two writers and must not share a lease; a step re-enters on its own thread.
+    return store.root_uri, shard, asset, threading.get_ident()
 
 
 def take(store: ObjectStore, shard: str, asset: str, run_id: str = "", wait: float | None = None) -> Lease:
     """Takes the lease of (shard, asset) in ``store``, waiting up to ``wait`` seconds (default ``ASR_LEASE_WAIT_S``)
-    for a live holder to finish. Re-entrant within a process: taking a lease this process holds returns it (code that
-    takes the lease called inside a step that holds it must not wait for itself).
+    for a live holder to finish. Re-entrant within a thread: taking a lease this thread holds returns it (code that
+    takes the lease called inside a step that holds it must not wait for itself); another thread of the same process
+    is another writer and waits like any other.
 
     Raises:
         LeaseHeld: another live writer still holds it; the message names the holder and how to wait.
@@ -369,7 +383,7 @@ def take(store: ObjectStore, shard: str, asset: str, run_id: str = "", wait: flo
         lease = Lease(store, shard, asset, run_id, ttl_s())
         lease._acquire(wait_s() if wait is None else wait)
         with _registry:
-            lease._depth = 1
+            lease._depth, lease._key = 1, key
             _held[key] = lease
         _keeper.add(lease)
         return lease

@@ -19,7 +19,7 @@ import dagster as dg
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from asr_assets import layout
+from asr_assets import failures, layout
 from asr_assets.records import AUDIO_SCHEMA, FEATURE_SCHEMA, SEGMENT_SCHEMA, VAD_MEDIA_SCHEMA
 from asr_assets.stages import index_objects, read_transcripts
 from partitions import NUM_SHARDS, media_id, shard_key, shard_of
@@ -68,14 +68,20 @@ def _listed_shards(source: ObjectStore, batch: list[ObjectInfo]) -> dict[str, se
     return by_shard
 
 
+def _final_dead(out: ObjectStore, stage: str, shard: str) -> pa.Array:
+    """The ids of a stage's dead letters that are final: a transient one, or a suspect one with attempts left, is
+    still work to do (its item is retried by the next run), not an outcome."""
+    return pa.array(sorted(failures.final_ids(layout.read_dead_letters(out, stage, shard))), pa.string())
+
+
 def _without_outcome(out: ObjectStore, shard: str, ids: set[str]) -> int:
     """How many of ``ids`` have no outcome yet: neither an ``audio_wav`` row or dead letter, nor a ``media_index``
     dead letter (an entry that could not be indexed)."""
     done = pa.concat_arrays(
         [
             read_table(out, layout.audio_manifest_key(shard), AUDIO_SCHEMA)["media_id"].combine_chunks(),
-            layout.read_dead_letters(out, "audio_wav", shard)["item_id"].combine_chunks(),
-            layout.read_dead_letters(out, "media_index", shard)["item_id"].combine_chunks(),
+            _final_dead(out, "audio_wav", shard),
+            _final_dead(out, "media_index", shard),
         ]
     )
     given = pa.array(sorted(ids), pa.string())
@@ -146,9 +152,12 @@ def pending_work(out: ObjectStore, shard: str) -> Counter:
     - ``audio_wav``: index rows without an audio row or dead letter;
     - ``vad_segments``: decoded media without a VAD row or dead letter;
     - ``segment_features``: segments without features or dead letter;
-    - ``transcripts``: featured segments without a transcript or dead letter.
+    - ``transcripts``: featured segments without a transcript or dead letter;
+    - ``distilled_dataset``: 1 when transcripts exist but no dataset build, or the current build was made from another
+      number of transcripts (a step that died after the labels and before the dataset).
 
-    Reads only id columns of the stage tables (``distilled_dataset`` is rebuilt by any run that has work).
+    A dead letter is an outcome only when it is final (``failures.is_final``): a transient one, or a suspect one with
+    attempts left, counts as work to do. Reads only id columns of the stage tables.
     """
 
     def ids(table: pa.Table, column: str) -> pa.Array:
@@ -161,7 +170,7 @@ def pending_work(out: ObjectStore, shard: str) -> Counter:
         return len(items) - pc.sum(pc.is_in(items, value_set=done)).as_py()
 
     def dead(stage: str) -> pa.Array:
-        return ids(layout.read_dead_letters(out, stage, shard), "item_id")
+        return _final_dead(out, stage, shard)
 
     counts: Counter = Counter()
     index = ids(layout.read_index(out, shard), "media_id")
@@ -175,16 +184,27 @@ def pending_work(out: ObjectStore, shard: str) -> Counter:
     segments = ids(read_table(out, layout.segments_key(shard), SEGMENT_SCHEMA), "segment_id")
     featured = ids(read_table(out, layout.features_key(shard), FEATURE_SCHEMA), "segment_id")
     counts["segment_features"] = missing(segments, featured, dead("segment_features"))
-    counts["transcripts"] = missing(featured, ids(read_transcripts(out, shard), "segment_id"), dead("transcripts"))
+    labelled = ids(read_transcripts(out, shard), "segment_id")
+    counts["transcripts"] = missing(featured, labelled, dead("transcripts"))
+    current = layout.read_current(out, shard)
+    built = current["counts"].get("transcribed") if current else None
+    counts["distilled_dataset"] = int(len(labelled) > 0 and built != len(labelled))
     return +counts
 
 
 def _active(instance: dg.DagsterInstance, shard: str) -> bool:
-    """Whether a run on ``shard`` is queued or running (any job: a backfill of the assets counts too)."""
-    records = instance.get_run_records(
+    """Whether a run on ``shard`` is queued or running (any job: a backfill of the assets counts too, also a run over
+    a range of shards, which carries range tags instead of ``dagster/partition``)."""
+    if instance.get_run_records(
         filters=dg.RunsFilter(statuses=ACTIVE_RUN_STATUSES, tags={"dagster/partition": shard}), limit=1
-    )
-    return bool(records)
+    ):
+        return True
+    for record in instance.get_run_records(filters=dg.RunsFilter(statuses=ACTIVE_RUN_STATUSES), limit=1000):
+        tags = record.dagster_run.tags
+        first, last = tags.get("dagster/asset_partition_range_start"), tags.get("dagster/asset_partition_range_end")
+        if first and last and first <= shard <= last:  # shard keys are zero-padded: string order is shard order
+            return True
+    return False
 
 
 def pending_work_sensor(job: dg.UnresolvedAssetJobDefinition) -> dg.SensorDefinition:

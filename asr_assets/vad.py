@@ -285,7 +285,13 @@ def _session(model_path: Path) -> SileroVad:
 
 
 class _Unreadable(Exception):
-    """The decoded FLAC cannot be read (or is not 16 kHz mono)."""
+    """The decoded FLAC cannot be read (or is not 16 kHz mono). ``kind``: ``UnreadableAudio`` for an I/O error (the
+    disk, the network mount or the cache may be failing: transient) or ``CorruptAudio`` for a file that reads but does
+    not decode as what ``audio_wav`` writes (waiting cannot fix it: dead-lettered, naming the file)."""
+
+    def __init__(self, message: str, kind: str = "CorruptAudio") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class _FileChunks:
@@ -310,8 +316,12 @@ class _FileChunks:
                         yield chunk
                     if chunk.shape[0] < self._size:
                         return
-        except (sf.LibsndfileError, ValueError, OSError) as exc:
-            raise _Unreadable(str(exc)) from None
+        except OSError as exc:
+            raise _Unreadable(str(exc), "UnreadableAudio") from None
+        except (sf.LibsndfileError, ValueError) as exc:
+            # libsndfile reports a missing or unreadable file as "System error": an I/O failure, not bad content.
+            io_error = not self._path.is_file() or "System error" in str(exc)
+            raise _Unreadable(f"{self._path.name}: {exc}", "UnreadableAudio" if io_error else "CorruptAudio") from None
 
 
 def detect_speech(job: VadJob) -> list[VadResult]:
@@ -330,7 +340,7 @@ def detect_speech(job: VadJob) -> list[VadResult]:
             probs = session.stream_probs(chunks)
         except _Unreadable as exc:
             message = f"vad_segments: media {item.media_id}: {exc}"
-            results.append(VadResult(item.media_id, 0.0, [], "UnreadableAudio", message))
+            results.append(VadResult(item.media_id, 0.0, [], exc.kind, message))
             continue
         spans = merge_spans(speech_timestamps(probs, chunks.samples, job.params), job.params)
         rows = segment_rows(item.media_id, probs, spans, sha, job.params)

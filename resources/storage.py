@@ -401,7 +401,18 @@ def is_out_of_space(exc: BaseException, folder: Path | None = None) -> bool:
 
 # Names a temporary file's writer: this host (hashed: a hostname may hold dots) and process. A sweep removes only
 # temporaries of this host whose process is gone; another host's (an output root on shared storage) are left alone.
-_HOST = hashlib.blake2b(socket.gethostname().encode(), digest_size=4).hexdigest()
+def _host_id() -> str:
+    """This machine and pid namespace: two containers may share a host name (hostNetwork pods, a fixed --hostname)
+    but not a pid namespace, and a pid is only meaningful within one."""
+    parts = [socket.gethostname()]
+    with contextlib.suppress(OSError):
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+    with contextlib.suppress(OSError):
+        parts.append(os.readlink("/proc/self/ns/pid"))
+    return hashlib.blake2b("|".join(parts).encode(), digest_size=4).hexdigest()
+
+
+_HOST = _host_id()
 
 
 def _pid_alive(pid: int) -> bool:

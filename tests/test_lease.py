@@ -296,12 +296,25 @@ def test_a_lease_that_cannot_be_renewed_stops_writes(tmp_path: Path, monkeypatch
         broken.clear()
 
 
-def test_the_lease_is_reentrant_within_a_process(tmp_path: Path) -> None:
+def test_the_lease_is_reentrant_within_a_thread_but_another_thread_is_another_writer(tmp_path: Path) -> None:
     store = LocalStore(tmp_path)
     with lease.hold(store, SHARD, "media_index", "run-1") as outer:
         # A step calling code that takes the same lease (media_index -> index_objects) gets the same one back.
         with lease.hold(LocalStore(tmp_path), SHARD, "media_index", "run-1", wait=0) as inner:
             assert inner is outer
+        # A sensor tick and a rescan on two threads of one code server are two writers: the second waits or fails.
+        errors: list[BaseException] = []
+
+        def other_thread() -> None:
+            try:
+                lease.take(LocalStore(tmp_path), SHARD, "media_index", "tick-2", wait=0.3).release()
+            except BaseException as exc:
+                errors.append(exc)
+
+        worker = threading.Thread(target=other_thread)
+        worker.start()
+        worker.join()
+        assert len(errors) == 1 and isinstance(errors[0], lease.LeaseHeld), errors
         assert not _records(tmp_path, "media_index")[1]["released"]
     assert _records(tmp_path, "media_index")[1]["released"]
 

@@ -176,6 +176,17 @@ def test_pending_work_counts_items_without_an_outcome_at_each_stage(tmp_path: Pa
     )
     write_table(out, layout.transcript_part_key(shard, 0), pa.table({"segment_id": segments[:1]}))
     layout.append_dead_letters(out, "audio_wav", shard, [layout.dead_letter("m4", "u", "audio_wav", "X", "x")])
+    # Every stage has its outcomes; the labels have no dataset build yet.
+    assert sensors.pending_work(out, shard) == {"distilled_dataset": 1}
+    current = {"build_id": "b1", "fingerprint": "f", "counts": {"transcribed": 1}}
+    out.put_bytes(layout.distilled_current_key(shard), json.dumps(current).encode())
+    assert sensors.pending_work(out, shard) == {}
+    # A retryable dead letter is work to do, not an outcome: a transient kind, or a suspect one with attempts left.
+    layout.append_dead_letters(out, "audio_wav", shard, [layout.dead_letter("m4", "u", "audio_wav", "FetchError", "x")])
+    assert sensors.pending_work(out, shard) == {"audio_wav": 1}
+    layout.append_dead_letters(out, "audio_wav", shard, [layout.dead_letter("m4", "u", "audio_wav", "Timeout", "x", 2)])
+    assert sensors.pending_work(out, shard) == {"audio_wav": 1}
+    layout.append_dead_letters(out, "audio_wav", shard, [layout.dead_letter("m4", "u", "audio_wav", "Timeout", "x", 3)])
     assert sensors.pending_work(out, shard) == {}
 
 

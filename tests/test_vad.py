@@ -170,9 +170,12 @@ def test_an_unreadable_file_fails_alone_in_its_group(corpus: Corpus, tmp_path: P
     decode_media(DecodeJob("m", item.path, corpus.media_dir / item.path, good, 1 << 30, 3600.0))
     bad = tmp_path / "bad.flac"
     bad.write_bytes(b"not audio")
-    job = VadJob((VadItem("a", good), VadItem("b", bad), VadItem("c", good)), VadParams(), silero_model_path())
-    results = detect_speech(job)
-    assert [r.media_id for r in results] == ["a", "b", "c"]
-    assert results[1].error_class == "UnreadableAudio" and "media b" in results[1].error
+    gone = tmp_path / "gone.flac"  # an I/O error: the file is not there (a cache that lost it)
+    items = (VadItem("a", good), VadItem("b", bad), VadItem("c", good), VadItem("d", gone))
+    results = detect_speech(VadJob(items, VadParams(), silero_model_path()))
+    assert [r.media_id for r in results] == ["a", "b", "c", "d"]
+    # Reads but does not decode: waiting cannot fix it (permanent, naming the file); an I/O error may pass (transient).
+    assert results[1].error_class == "CorruptAudio" and "media b" in results[1].error and "bad.flac" in results[1].error
+    assert results[3].error_class == "UnreadableAudio"
     spans = [(s.start_s, s.end_s) for s in results[0].segments]
     assert spans and spans == [(s.start_s, s.end_s) for s in results[2].segments]

@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 from asr_assets import failures, layout
 from asr_assets.failures import BugGuard, RetryBudget, TransientFailure
 from asr_assets.media import DecodeJob, DecodeResult, decode_media
-from asr_assets.pool import PoolOutcome, run_pool
+from asr_assets.pool import run_pool
 from asr_assets.records import (
     AUDIO_SCHEMA,
     AudioRow,
@@ -154,15 +154,19 @@ def decode_shard(
                     report.ok(result.duration_s or 0.0)
                 else:
                     job.dst.unlink(missing_ok=True)
-                    if _retry_alone(outcome, result, attempts):
-                        again.append(by_id[job.media_id])
-                        continue
                     unexpected = result is None and failures.is_unexpected(outcome.error)
                     if result is None:
                         kind, message = error_of(outcome)
-                        kind = "Missing" if isinstance(outcome.error, FileNotFoundError) else kind
+                        if isinstance(outcome.error, FileNotFoundError):
+                            # Gone from the source: Missing. Still there: the local copy vanished under the worker
+                            # (a download cache another process evicted), worth another fetch.
+                            unexpected = False
+                            kind = "WorkerIOError" if _still_listed(source, by_id[job.media_id]) else "Missing"
                         message = f"audio_wav: media {job.media_id} ({job.uri}): {message}"
                         result = DecodeResult(job.media_id, "unknown", kind, message)
+                    if _retry_alone(result.error_class, job.media_id, attempts):
+                        again.append(by_id[job.media_id])  # fetched again: a new local copy
+                        continue
                     fail(by_id[job.media_id], result.error_class, result.error, unexpected)
                     rows[-1] = _audio_row(job, result, "failed", None)  # keeps what the worker learned
                 if len(rows) >= pool.checkpoint_every:
@@ -185,14 +189,20 @@ def decode_shard(
     return report
 
 
-def _retry_alone(outcome: PoolOutcome, result: DecodeResult | None, attempts: dict[str, int]) -> bool:
-    """Counts a suspect failure (timeout, crash, memory) as an attempt; whether the item gets another one."""
-    kind = result.error_class if result is not None else error_of(outcome)[0]
+def _retry_alone(kind: str, media_id: str, attempts: dict[str, int]) -> bool:
+    """Counts a suspect failure (timeout, crash, memory, I/O in the worker) as an attempt; whether the item gets
+    another one."""
     if failures.classify(kind) != failures.SUSPECT:
         return False
-    media_id = outcome.job.media_id
     attempts[media_id] = attempts.get(media_id, 0) + 1
     return attempts[media_id] < failures.MAX_ATTEMPTS
+
+
+def _still_listed(source: ObjectStore, row: dict) -> bool:
+    try:
+        return source.exists(row["key"])
+    except Exception:  # the store cannot say: do not call it missing for good
+        return True
 
 
 def _audio_row_failed(row: dict, kind: str, message: str) -> AudioRow:

@@ -89,6 +89,15 @@ def vad_shard(
     columns = ["media_id", "uri", "audio_key", "duration_s"]
     todo = [r for r in decoded.select(columns).to_pylist() if r["media_id"] not in done]
     uris = {r["media_id"]: r["uri"] for r in todo}
+    keys = {r["media_id"]: r["audio_key"] for r in todo}
+
+    def refetched(item: VadItem) -> VadItem:
+        """The item with a fresh local copy (an OSS output root's cache may have lost it); as it was when the store
+        cannot give one now (the next round tries again)."""
+        try:
+            return VadItem(item.media_id, out.local_path(keys[item.media_id]))
+        except OSError:
+            return item
 
     def job(rows: list[dict]) -> VadJob:
         items = tuple(VadItem(r["media_id"], out.local_path(r["audio_key"])) for r in rows)
@@ -172,7 +181,7 @@ def vad_shard(
                 raise TransientFailure("vad_segments", shard, len(unreadable), last_error[0])
             time.sleep(budget.delay(rounds))
             rounds += 1
-            retry.extend(VadJob((item,), params, model_path) for item in unreadable)
+            retry.extend(VadJob((refetched(item),), params, model_path) for item in unreadable)
         if not retry:
             break
         jobs = retry
