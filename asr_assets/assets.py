@@ -30,6 +30,7 @@ from asr_assets.distill import (
     build_rules,
     distill_shard,
 )
+from asr_assets.lease import LeaseHeld
 from asr_assets.pool import default_workers
 from asr_assets.report import build_report, load_references, render_plots, report_json
 from asr_assets.second_opinion import SecondOpinion, SecondOpinionStats
@@ -343,6 +344,7 @@ def transcripts(
     total = StageReport()
     opinions = SecondOpinionStats()
     per_shard: dict[str, dict] = {}
+    skipped: dict[str, str] = {}
     for shard in context.partition_keys:
 
         def progress(report: StageReport, shard: str = shard) -> None:
@@ -361,6 +363,14 @@ def transcripts(
         try:
             with layout.step_output(storage, "transcripts", shard, context.run.run_id) as out:
                 report = transcribe_shard(out, shard, teacher.load, settings, on_wave=progress, second=second)
+        except LeaseHeld as exc:
+            if len(context.partition_keys) == 1:
+                raise
+            # A run over a range (a backfill) goes on with its other shards (the engine is loaded: minutes of GPU
+            # start-up) and fails at the end naming the shards it left; pending_work or a re-run picks them up.
+            context.log.warning(f"{shard}: skipped, its lease is held: {exc}")
+            skipped[shard] = str(exc)
+            continue
         finally:
             metrics.set_queue_depth("transcripts", 0)  # a failed step leaves nothing waiting either
         metrics.record_stage("transcripts", shard, report)
@@ -376,6 +386,12 @@ def transcripts(
     loaded = teacher.loaded()
     if loaded is not None:
         meta |= {f"teacher_{k}": round(v, 3) for k, v in loaded.metrics().items()}
+    if skipped:
+        raise dg.Failure(
+            f"transcripts: {len(skipped)} of {len(context.partition_keys)} shards were being written by another run "
+            f"and were left for a later run: {', '.join(sorted(skipped))} (the others are labelled)",
+            metadata=meta | {"skipped_shards": dg.MetadataValue.json(skipped)},
+        )
     return dg.MaterializeResult(metadata=meta)
 
 

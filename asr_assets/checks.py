@@ -123,7 +123,12 @@ def reconcile_audio(out: ObjectStore, shard: str) -> Reconciliation:
     dead = _dead(out, "audio_wav", shard, r)
     r.expect_unique("audio manifest rows", audio["media_id"].to_pylist())
     r.expect_unique("dead letters", dead)
-    r.expect_partition("media", set(index["media_id"].to_pylist()), {"decoded": set(decoded), "dead_letter": set(dead)})
+    superseded = audio.filter(pc.equal(audio["status"], "superseded"))["media_id"].to_pylist()
+    r.expect_partition(
+        "media",
+        set(index["media_id"].to_pylist()),
+        {"decoded": set(decoded), "dead_letter": set(dead), "superseded": set(superseded)},
+    )
     missing_files = [k for k in audio["audio_key"].drop_null().to_pylist() if not out.exists(k)]
     if missing_files:
         r.problems.append(f"{len(missing_files)} decoded audio files missing, e.g. {missing_files[:3]}")

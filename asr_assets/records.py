@@ -65,7 +65,8 @@ class AudioRow:
     Attributes:
         media_id: the index row this outcome belongs to.
         uri: the source object.
-        status: ``decoded`` or ``failed`` (then the item is also in the dead-letter table).
+        status: ``decoded``, ``failed`` (then the item is also in the dead-letter table) or ``superseded`` (an object
+            version replaced before it was decoded: its bytes are gone, the newer version has its own row).
         audio_key: output key of the 16 kHz mono FLAC (None when failed).
         duration_s: decoded duration in seconds (None when failed).
         detected_format: container family detected from the file's first bytes (``mp3``, ``mp4``, ``unknown``...).

@@ -57,3 +57,29 @@ def test_a_replaced_object_is_processed_again_and_its_old_samples_retired(corpus
     decisions = pq.read_table(out / layout.decisions_key(shard, build)).to_pylist()
     assert {d["drop_reason"] for d in decisions if d["media_id"] == old["media_id"]} == {"superseded"}
     assert {s["status"] for s in files[old["media_id"]]["segments"]} == {"dropped:superseded"}
+
+
+def test_a_version_replaced_before_decoding_is_superseded_not_decoded_from_the_new_bytes(
+    corpus: Corpus, tmp_path: Path
+) -> None:
+    from asr_assets.checks import reconcile_audio
+    from asr_assets.records import AUDIO_SCHEMA
+    from asr_assets.stages import DecodeSettings, PoolSettings, build_index, decode_shard
+    from resources.storage import read_table
+
+    good = [item.path for item in corpus.items if not item.broken]
+    src = tmp_path / "media"
+    src.mkdir()
+    shutil.copy(corpus.media_dir / good[0], src / "talk.wav")
+    source, out = LocalStore(src), LocalStore(tmp_path / "out")
+    shard = shard_of(source.uri_of("talk.wav"), NUM_SHARDS)
+    build_index(source, out, shard, NUM_SHARDS)
+    shutil.copy(corpus.media_dir / good[1], src / "talk.wav")  # replaced before audio_wav ever ran
+    build_index(source, out, shard, NUM_SHARDS)
+    old, new = layout.read_index(out, shard).to_pylist()
+    decode_shard(source, out, shard, DecodeSettings(1 << 30, 3600.0), PoolSettings(workers=1, timeout_s=120))
+    rows = {r["media_id"]: r for r in read_table(out, layout.audio_manifest_key(shard), AUDIO_SCHEMA).to_pylist()}
+    assert rows[old["media_id"]]["status"] == "superseded" and rows[old["media_id"]]["audio_key"] is None
+    assert rows[new["media_id"]]["status"] == "decoded"
+    assert layout.read_dead_letters(out, "audio_wav", shard).num_rows == 0
+    assert reconcile_audio(out, shard).passed

@@ -70,11 +70,22 @@ def decode_shard(
     final = failures.final_ids(dead_table)
     retried = ids_of(dead_table, "item_id") - final
     attempts = failures.prior_attempts(dead_table)
-    done = decoded | final
+    superseded = set(manifest.filter(pc.equal(manifest["status"], "superseded"))["media_id"].to_pylist())
+    done = decoded | final | superseded
     todo = [r for r in index.to_pylist() if r["media_id"] not in done]
     scratch = out.scratch_dir()
     rows: list[AudioRow] = []
     dead: list[DeadLetterRow] = []
+    # A version replaced before it was decoded: its bytes are gone (the object holds the newer version, which has its
+    # own id and row), so it is recorded as superseded instead of decoding the new bytes under the old id.
+    retired = layout.retired_media(index)
+    for row in (r for r in todo if r["media_id"] in retired):
+        message = (
+            f"audio_wav: media {row['media_id']} ({row['uri']}): replaced by a newer version before it was decoded"
+        )
+        rows.append(_audio_row_superseded(row, message))
+        report.processed += 1
+    todo = [r for r in todo if r["media_id"] not in retired]
 
     def fail(row: dict, kind: str, message: str, unexpected: bool = False) -> None:
         # The real count: a suspect kind's attempts were counted as they failed (_retry_alone), any other is one more.
@@ -183,6 +194,7 @@ def decode_shard(
         "media": index.num_rows,
         "decoded": statuses["decoded"],
         "failed": statuses["failed"],
+        "superseded": statuses["superseded"],
         "hours": (pc.sum(manifest["duration_s"]).as_py() or 0.0) / 3600,
     }
     report.seconds = time.perf_counter() - started
@@ -203,6 +215,12 @@ def _still_listed(source: ObjectStore, row: dict) -> bool:
         return source.exists(row["key"])
     except Exception:  # the store cannot say: do not call it missing for good
         return True
+
+
+def _audio_row_superseded(row: dict, message: str) -> AudioRow:
+    return AudioRow(
+        row["media_id"], row["uri"], "superseded", None, None, "unknown", None, None, None, None, None, message, 0.0
+    )
 
 
 def _audio_row_failed(row: dict, kind: str, message: str) -> AudioRow:
