@@ -146,7 +146,7 @@ screenshots: install-dev $(DAGSTER_HOME)/dagster.yaml
 
 # The chaos drills in full: per seed, a run SIGKILLed at random moments (every stage) then finished; two runs of one
 # shard started together; files arriving mid-run. One JSON line; exit 1 unless every output equals a clean run's.
-CHAOS_SEEDS ?= 4
+CHAOS_SEEDS ?= 6
 CHAOS_KILLS ?= 3
 chaos: install-dev
 	set -o pipefail; $(VPY) -m tests.chaos --seeds $(CHAOS_SEEDS) --kills $(CHAOS_KILLS) | tail -1

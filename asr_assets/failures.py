@@ -170,24 +170,28 @@ class BugGuard:
 
     A stage calls :meth:`ok` for each success and :meth:`failed` for each failure, and asks :meth:`may_flush` before
     writing dead letters; at the end of the run, ``may_flush(final=True)`` raises :class:`StageBroken` when at least
-    two items failed, all with the same unexpected error (or :data:`SUSPECT_BROKEN_AT` with the same suspect kind, such
-    as ``MemoryLimit`` under a cap set too low), and none succeeded.
+    two items failed, all with the same unexpected error, and none succeeded. On a shard where the stage has never
+    succeeded (``fresh``), one suspect kind failing :data:`SUSPECT_BROKEN_AT` distinct items and nothing else (say
+    ``MemoryLimit`` under a cap set too low) counts too; on a shard with earlier successes such failures are more
+    likely a batch of hostile files, and are dead-lettered after their attempts as usual.
     """
 
-    def __init__(self, stage: str, shard: str) -> None:
-        self.stage, self.shard = stage, shard
+    def __init__(self, stage: str, shard: str, fresh: bool = False) -> None:
+        self.stage, self.shard, self.fresh = stage, shard, fresh
         self.successes = 0
         self.failures = 0
         self.unexpected: dict[str, str] = {}  # kind -> first message
+        self.items: set[str] = set()  # distinct items that failed suspiciously
         self.expected_failures = 0
 
     def ok(self) -> None:
         self.successes += 1
 
-    def failed(self, kind: str, message: str, unexpected: bool) -> None:
+    def failed(self, kind: str, message: str, unexpected: bool, item: str = "") -> None:
         self.failures += 1
-        if unexpected or classify(kind) == SUSPECT:
+        if unexpected or (self.fresh and classify(kind) == SUSPECT):
             self.unexpected.setdefault(kind, message)
+            self.items.add(item or str(self.failures))
         else:
             self.expected_failures += 1
 
@@ -201,11 +205,13 @@ class BugGuard:
         if not final:
             return False
         kind, message = next(iter(self.unexpected.items()))
-        if self.failures >= (SUSPECT_BROKEN_AT if classify(kind) == SUSPECT else 2):
+        suspect = classify(kind) == SUSPECT
+        # A suspect kind counts distinct items (one long file's segments are one file), a bug every failure.
+        count = len(self.items) if suspect else self.failures
+        if count >= (SUSPECT_BROKEN_AT if suspect else 2):
             raise StageBroken(
-                f"{self.stage} on {self.shard}: every one of {self.failures} items failed with the same unexpected "
+                f"{self.stage} on {self.shard}: every one of {count} items failed with the same unexpected "
                 f"error {kind} ({message}) and none succeeded: a bug, a broken install or a limit set too low, not bad "
-                "input. Nothing was "
-                "dead-lettered; fix it and re-run the partition"
+                "input. Nothing was dead-lettered; fix it and re-run the partition"
             )
         return True

@@ -151,7 +151,8 @@ class Holder:
             return False
         if self.pid == os.getpid():
             with _registry:
-                return all(held._record is None or held._record.token != self.token for held in _held.values())
+                ours = _claiming | {held._record.token for held in _held.values() if held._record is not None}
+            return self.token not in ours
         return not _pid_alive(self.pid)
 
     def describe(self, now: datetime) -> str:
@@ -246,7 +247,20 @@ class Lease:
             if holder is None or holder.free(_now()):
                 record = self._new_record()
                 self._renewed = _clock()
-                if self.store.put_if_absent(self.key(top + 1), record.to_bytes()):
+                # Claimed before it exists: another thread of this process that reads it before ``take`` has
+                # registered it must see a live holder, not a record of this process nobody holds.
+                with _registry:
+                    _claiming.add(record.token)
+                try:
+                    won = self.store.put_if_absent(self.key(top + 1), record.to_bytes())
+                except BaseException:
+                    with _registry:
+                        _claiming.discard(record.token)
+                    raise
+                if not won:
+                    with _registry:
+                        _claiming.discard(record.token)
+                if won:
                     self.generation, self._record = top + 1, record
                     self._next_renewal = self._renewed + self.ttl_s / 3
                     if holder is not None and not holder.released:
@@ -274,6 +288,12 @@ class Lease:
         """One heartbeat: rewrites this holder's record, unless a higher generation shows another writer took over."""
         assert self._record is not None
         started = _clock()
+        if started - self._renewed > RENEW_LIMIT * self.ttl_s:
+            # Paused past the point where a taker may think it expired (a suspended VM, a stalled store): renewing now
+            # could race a takeover, so the lease is given up; check() stops the step's next write.
+            self._lost = f"its last heartbeat is {started - self._renewed:.0f} s old (past {RENEW_LIMIT:g} x the ttl)"
+            log.error("%s on %s: lease lost: %s", self.asset, self.shard, self._lost)
+            return
         top, holder = self._current()
         if top != self.generation:
             who = holder.describe(_now()) if holder is not None else "nobody (its record was removed)"
@@ -351,6 +371,7 @@ class _Keeper:
 _keeper = _Keeper()
 _registry = threading.Lock()
 _held: dict[tuple[str, str, str, int], Lease] = {}
+_claiming: set[str] = set()  # tokens of records being created by a thread of this process, not yet in _held
 _taking: dict[tuple[str, str, str, int], threading.Lock] = {}
 
 
@@ -385,6 +406,7 @@ def take(store: ObjectStore, shard: str, asset: str, run_id: str = "", wait: flo
         with _registry:
             lease._depth, lease._key = 1, key
             _held[key] = lease
+            _claiming.discard(lease._record.token)
         _keeper.add(lease)
         return lease
 

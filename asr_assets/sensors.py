@@ -192,19 +192,23 @@ def pending_work(out: ObjectStore, shard: str) -> Counter:
     return +counts
 
 
-def _active(instance: dg.DagsterInstance, shard: str) -> bool:
-    """Whether a run on ``shard`` is queued or running (any job: a backfill of the assets counts too, also a run over
-    a range of shards, which carries range tags instead of ``dagster/partition``)."""
-    if instance.get_run_records(
-        filters=dg.RunsFilter(statuses=ACTIVE_RUN_STATUSES, tags={"dagster/partition": shard}), limit=1
-    ):
-        return True
-    for record in instance.get_run_records(filters=dg.RunsFilter(statuses=ACTIVE_RUN_STATUSES), limit=1000):
+def _active_runs(instance: dg.DagsterInstance):
+    """Whether a shard has a queued or running run (any job: a backfill of the assets counts too, also a run over a
+    range of shards, which carries range tags instead of ``dagster/partition``), from one read of the active runs."""
+    single, ranges = set(), []
+    for record in instance.get_run_records(filters=dg.RunsFilter(statuses=ACTIVE_RUN_STATUSES), limit=10_000):
         tags = record.dagster_run.tags
+        if "dagster/partition" in tags:
+            single.add(tags["dagster/partition"])
         first, last = tags.get("dagster/asset_partition_range_start"), tags.get("dagster/asset_partition_range_end")
-        if first and last and first <= shard <= last:  # shard keys are zero-padded: string order is shard order
-            return True
-    return False
+        if first and last:
+            ranges.append((first, last))
+
+    def active(shard: str) -> bool:
+        # Shard keys are zero-padded: string order is shard order.
+        return shard in single or any(first <= shard <= last for first, last in ranges)
+
+    return active
 
 
 def pending_work_sensor(job: dg.UnresolvedAssetJobDefinition) -> dg.SensorDefinition:
@@ -229,11 +233,12 @@ def pending_work_sensor(job: dg.UnresolvedAssetJobDefinition) -> dg.SensorDefini
         # The period in the run key: a shard whose run failed is requested again in the next period, not before.
         period = int(now() // PENDING_RETRY_S)
         wanted, busy = {}, []
+        active = _active_runs(context.instance)
         for shard in shards:
             pending = pending_work(out, shard)
             if not pending:
                 continue
-            if _active(context.instance, shard):
+            if active(shard):
                 busy.append(shard)
                 continue
             wanted[shard] = {f"pending_{stage}": n for stage, n in pending.items()}

@@ -131,15 +131,27 @@ class Runner:
             return -9
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _stage_now(out: Path) -> str:
     """The step a run is in: the asset whose lease on the shard is held (not released) right now."""
     for folder in sorted((out / "leases" / SHARD).glob("*")):
         records = sorted(folder.glob("*.json"))
         try:
-            if records and not json.loads(records[-1].read_text())["released"]:
-                return folder.name
-        except (OSError, ValueError, KeyError):  # a record being replaced this very moment
+            record = json.loads(records[-1].read_text()) if records else None
+        except (OSError, ValueError):  # a record being replaced this very moment
             continue
+        # Held by a live process: a killed run leaves its record unreleased until the next run takes it over.
+        if record is not None and not record["released"] and _alive(record["pid"]):
+            return folder.name
     return "between steps"
 
 
@@ -248,17 +260,35 @@ def compare(reference: Path, drill: Path, label: str, report: Drill) -> None:
 # ------------------------------------------------------------------------------------------------------------ drills
 
 
+STAGES = ("media_index", "audio_wav", "vad_segments", "segment_features", "transcripts", "distilled_dataset")
+
+
+def _kill_in_stage(proc: subprocess.Popen, out: Path, stage: str, rng: random.Random) -> str | None:
+    """SIGKILLs the run at a random moment inside ``stage`` (a short random delay once its lease is held) and returns
+    the stage it was in; None when the run ended first (the stage had nothing left to do, or was over in a blink)."""
+    while proc.poll() is None and _stage_now(out) != stage:
+        time.sleep(0.01)
+    return _kill_after(proc, rng.uniform(0.0, 0.1), out)
+
+
 def kill_drill(runner: Runner, reference: Path, clean_s: float, seed: int, kills: int, report: Drill) -> None:
-    """Kills a run ``kills`` times at random moments (seeded), then runs it to completion and compares."""
+    """Kills a run ``kills`` times (seeded), then runs it to completion and compares. The first kill lands inside the
+    seed's stage (seed 0: media_index ... seed 5: distilled_dataset; the first run of a seed has work in every stage);
+    the others at a moment uniform over the clean run's length (start-up, between steps and the commit alike), on a
+    run that resumes what the killed ones left."""
     rng = random.Random(seed)
     out = runner.work / f"kill-{seed}"
     for n in range(kills):
         proc = runner.start(out, f"k{n}")
-        # Uniform over the clean run's length: start-up, every stage and the commit alike.
-        stage = _kill_after(proc, rng.uniform(1.0, max(2.0, clean_s)), out)
+        if n == 0:
+            stage = _kill_in_stage(proc, out, STAGES[seed % len(STAGES)], rng)
+        else:
+            stage = _kill_after(proc, rng.uniform(1.0, max(2.0, clean_s)), out)
         if stage is not None:
             report.kills += 1
             report.stages_hit[stage] += 1
+        else:
+            proc.wait()
     if runner.run(out, "final") != 0:
         report.failed_runs += 1
         report.mismatches.append(f"kill seed {seed}: the final run failed (see {runner.work}/homes)")
@@ -332,7 +362,7 @@ def run_chaos(work: Path, seeds: int, kills: int, concurrent: bool = True, arriv
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=4, help="kill drills, one output root each")
+    parser.add_argument("--seeds", type=int, default=6, help="kill drills, one output root each (6: every stage)")
     parser.add_argument("--kills", type=int, default=3, help="SIGKILLs per seed before the final run")
     parser.add_argument("--work", type=Path, default=None, help="working folder (default: a temporary one)")
     args = parser.parse_args(argv)

@@ -200,3 +200,24 @@ def test_a_damaged_local_part_fails_transcripts_at_once_naming_it(pipeline_run, 
     with pytest.raises(RuntimeError, match=rf"the packed part .*{part}.* is damaged"):
         transcribe_shard(store, shard, lambda: None, TranscribeSettings(), budget=patient)
     assert _dead(store, "transcripts", shard) == []
+
+
+def test_the_bug_guard_counts_a_suspect_kind_by_item_and_only_on_a_fresh_shard() -> None:
+    # One long file whose 12 segments all time out is one hostile file: dead-lettered as usual, not a broken stage.
+    guard = failures.BugGuard("segment_features", "shard-00000", fresh=True)
+    for _ in range(12):
+        guard.failed("Timeout", "no result", False, "media-1")
+    assert guard.may_flush(final=True)
+    # Five files failing the same suspect way, nothing else, on a shard where the stage never succeeded: a cap set too
+    # low (or a broken machine), not five bad files: the step fails and nothing is dead-lettered.
+    guard = failures.BugGuard("audio_wav", "shard-00000", fresh=True)
+    for n in range(5):
+        guard.failed("MemoryLimit", "over the cap", False, f"media-{n}")
+    assert not guard.may_flush()
+    with pytest.raises(StageBroken, match="5 items failed with the same unexpected error MemoryLimit"):
+        guard.may_flush(final=True)
+    # The same on a shard with earlier successes: more likely a batch of hostile files; they are dead-lettered.
+    guard = failures.BugGuard("audio_wav", "shard-00000", fresh=False)
+    for n in range(5):
+        guard.failed("MemoryLimit", "over the cap", False, f"media-{n}")
+    assert guard.may_flush(final=True)

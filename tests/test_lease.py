@@ -499,3 +499,37 @@ def test_two_cli_runs_of_one_shard_at_once_end_identical_to_a_single_run(
     for part in (f"audio_wav on {shard}", "run run-holding-it", f"pid {os.getpid()}", lease.WAIT_ENV):
         assert part in text, text[-3000:]
     assert (both / layout.audio_manifest_key(shard)).read_bytes() == manifest
+
+
+def test_two_threads_racing_for_a_free_lease_never_hold_it_together(tmp_path: Path, monkeypatch) -> None:
+    # The loser of the put_if_absent race reads the winner's record before the winner has registered it: it must see
+    # a live holder of this very process, not a stale record of its own pid. A slow prune (a slow store) right after
+    # the winning put widens that window so the race is met every time.
+    prune = lease.Lease._prune
+
+    def slow_prune(self) -> None:
+        time.sleep(0.2)
+        prune(self)
+
+    monkeypatch.setattr(lease.Lease, "_prune", slow_prune)
+    for trial in range(5):
+        store_root = tmp_path / f"t{trial}"
+        barrier, spans, lock = threading.Barrier(2), [], threading.Lock()
+
+        def contender(name: str, root: Path = store_root, barrier=barrier, spans=spans, lock=lock) -> None:
+            barrier.wait()
+            held = lease.take(LocalStore(root), SHARD, "media_index", name, wait=10)
+            start = time.monotonic()
+            time.sleep(0.1)
+            end = time.monotonic()
+            held.release()
+            with lock:
+                spans.append((start, end))
+
+        threads = [threading.Thread(target=contender, args=(f"tick-{n}",)) for n in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        (a_start, a_end), (b_start, b_end) = sorted(spans)
+        assert a_end <= b_start, f"trial {trial}: both threads held the lease at once"

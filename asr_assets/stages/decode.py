@@ -58,11 +58,11 @@ def decode_shard(
     started = time.perf_counter()
     budget = budget or RetryBudget()
     report = StageReport()
-    guard = BugGuard("audio_wav", shard)
     index = layout.read_index(out, shard)
     manifest = read_table(out, layout.audio_manifest_key(shard), AUDIO_SCHEMA)
     dead_table = layout.read_dead_letters(out, "audio_wav", shard)
     decoded = set(manifest.filter(pc.equal(manifest["status"], "decoded"))["media_id"].to_pylist())
+    guard = BugGuard("audio_wav", shard, fresh=not decoded)
     # A crash after a retried item's success was written, before its old dead letter was removed: finish the removal.
     layout.remove_dead_letters(out, "audio_wav", shard, ids_of(dead_table, "item_id") & decoded)
     # Dead letters count as outcomes only when final (written first, so a crash between the two writes does not run
@@ -93,7 +93,7 @@ def decode_shard(
         attempt = attempts.get(row["media_id"], 1) if suspect else attempts.get(row["media_id"], 0) + 1
         rows.append(_audio_row_failed(row, kind, message))
         dead.append(layout.dead_letter(row["media_id"], row["uri"], "audio_wav", kind, message, attempt))
-        guard.failed(kind, message, unexpected)
+        guard.failed(kind, message, unexpected, row["media_id"])
         report.fail(kind)
 
     def fetch(row: dict) -> Path | None:
@@ -133,7 +133,7 @@ def decode_shard(
         nonlocal manifest
         if rows and guard.may_flush(final_flush):
             new = to_table(rows, AUDIO_SCHEMA)
-            ok_ids = {r.media_id for r in rows if r.status == "decoded"}
+            ok_ids = {r.media_id for r in rows if r.status in ("decoded", "superseded")}
             layout.append_dead_letters(out, "audio_wav", shard, dead)
             # One row per item: a retried item's new outcome replaces its old failed row.
             manifest = manifest.filter(pc.invert(pc.is_in(manifest["media_id"], value_set=new["media_id"])))

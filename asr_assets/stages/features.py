@@ -142,7 +142,7 @@ def features_shard(
     dnsmos_sha = dnsmos.model_sha256() if dnsmos_fraction > 0 else None
     segments = read_table(out, layout.segments_key(shard), SEGMENT_SCHEMA)
     features = read_table(out, layout.features_key(shard), FEATURE_SCHEMA)
-    guard = BugGuard("segment_features", shard)
+    guard = BugGuard("segment_features", shard, fresh=features.num_rows == 0)
     dead_table = layout.read_dead_letters(out, "segment_features", shard)
     featured = ids_of(features, "segment_id")
     # A crash after a retried segment's row was written, before its old dead letter was removed: finish the removal.
@@ -214,7 +214,7 @@ def features_shard(
             dead.append(
                 layout.dead_letter(span.segment_id, uris[job.media_id], "segment_features", kind, message, attempt)
             )
-            guard.failed(kind, message, failures.is_unexpected(outcome.error))
+            guard.failed(kind, message, failures.is_unexpected(outcome.error), job.media_id)
             report.fail(kind)
 
     queue = list(by_media)

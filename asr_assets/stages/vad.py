@@ -70,11 +70,11 @@ def vad_shard(
     """
     started = time.perf_counter()
     budget = budget or RetryBudget()
-    guard = BugGuard("vad_segments", shard)
     report = StageReport()
     audio = read_table(out, layout.audio_manifest_key(shard), AUDIO_SCHEMA)
     decoded = audio.filter(pc.equal(audio["status"], "decoded"))
     media = read_table(out, layout.vad_media_key(shard), VAD_MEDIA_SCHEMA)
+    guard = BugGuard("vad_segments", shard, fresh=media.num_rows == 0)
     segments = read_table(out, layout.segments_key(shard), SEGMENT_SCHEMA)
     # Segments are written before the media outcomes that vouch for them: segments of media without an outcome are
     # left over from a crash between the two writes, and their media runs again.
@@ -124,7 +124,7 @@ def vad_shard(
     def fail(media_id: str, kind: str, message: str, unexpected: bool = False) -> None:
         attempt = attempts.get(media_id, 0) + (failures.classify(kind) != failures.SUSPECT)
         dead.append(layout.dead_letter(media_id, uris[media_id], "vad_segments", kind, message, max(attempt, 1)))
-        guard.failed(kind, message, unexpected)
+        guard.failed(kind, message, unexpected, media_id)
         report.fail(kind)
 
     def record(outcome: PoolOutcome, retry: list[VadJob], unreadable: list[VadItem]) -> None:
