@@ -89,7 +89,7 @@ test: install-dev
 # The OSS outage drill at the issue's size: the local OSS server unreachable for 60 s in the middle of audio_wav and
 # of transcripts (make test runs it with 6 s). One JSON line for both stages.
 outage: install-dev
-	set -o pipefail; ASR_OUTAGE_S=60 $(VPY) -m pytest -q -s tests/test_outage.py -p no:warnings | grep '^{' | $(VPY) -c \
+	set -o pipefail; ASR_OUTAGE_S=60 $(VPY) -m pytest -q -s tests/test_outage.py -p no:warnings | grep -o '{"outage_s.*}' | $(VPY) -c \
 	  'import json, sys; r = [json.loads(l) for l in sys.stdin]; print(json.dumps({"outage_s": r[0]["outage_s"], \
 	  "stages": [s for x in r for s in x["stages"]], "runs": [x["runs"] for x in r], \
 	  "transient_dead_letters": sum(x["transient_dead_letters"] for x in r), "identical": all(x["identical"] for x in r)}))'
