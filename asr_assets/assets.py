@@ -64,8 +64,8 @@ class PoolConfig(dg.Config):
     # RLIMIT_AS counts address space, not resident memory. Measured on the sample corpus (2 CPUs): decode, VAD and
     # features workers peak at 0.53-0.56 GiB virtual (160-180 MiB resident), most of it PyAV's FFmpeg libraries,
     # onnxruntime and numpy mapped at import; OpenBLAS adds ~38 MiB per core it starts a thread for (~2.4 GiB on a
-    # 64-core node). A 6-hour file (max_duration_h) read whole as float32 by VAD or features is 1.4 GiB more. 8 GiB
-    # leaves room for all of that; a forged stream that asks for more fails its item as MemoryLimit.
+    # 64-core node). VAD and features stream a file in blocks, so its length adds little (bench/RESULTS.md, long
+    # files). 8 GiB leaves room for all of that; a forged stream that asks for more fails its item as MemoryLimit.
     memory_limit_gb: float = Field(
         default=8.0,
         description="Address-space cap per worker process (GiB); an item over it fails as MemoryLimit. 0: off.",

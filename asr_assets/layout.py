@@ -184,9 +184,11 @@ def append_dead_letters(store: ObjectStore, stage: str, shard: str, rows: Sequen
 def remove_dead_letters(store: ObjectStore, stage: str, shard: str, item_ids: set[str]) -> None:
     """Drops the dead-letter rows of items retried with success. Called after their results are written: a crash in
     between leaves a stale row beside a result, which the stage's next run removes (results win)."""
+    if not item_ids:
+        return  # the common case (nothing was retried): no read
     old = read_dead_letters(store, stage, shard)
     gone = pc.is_in(old["item_id"], value_set=pa.array(sorted(item_ids), pa.string()))
-    if not item_ids or not pc.any(gone).as_py():
+    if not pc.any(gone).as_py():
         return
     write_table(store, dead_letter_key(stage, shard), old.filter(pc.invert(gone)))
 

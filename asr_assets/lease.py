@@ -19,7 +19,6 @@ agree to well within the ttl (NTP does).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -32,7 +31,7 @@ from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from resources.storage import ObjectInfo, ObjectStore
+from resources.storage import ObjectInfo, ObjectStore, host_id, pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -88,32 +87,13 @@ def index_wait_s() -> float:
     return _seconds(INDEX_WAIT_ENV, DEFAULT_INDEX_WAIT_S)
 
 
-def _node_id() -> str:
-    """This machine and process namespace: a pid means the same process only within one. A container reusing another's
-    host name has its own pid namespace, and a reboot a new boot id."""
-    parts = [socket.gethostname()]
-    with contextlib.suppress(OSError):
-        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
-    with contextlib.suppress(OSError):
-        parts.append(os.readlink("/proc/self/ns/pid"))
-    return hashlib.blake2b("|".join(parts).encode(), digest_size=8).hexdigest()
-
-
-_NODE = _node_id()
+# This machine and pid namespace: a pid means the same process only within one (a container reusing another's host
+# name has its own pid namespace, and a reboot a new boot id).
+_NODE = host_id(digest_size=8)
 
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass(frozen=True)
@@ -153,7 +133,7 @@ class Holder:
             with _registry:
                 ours = _claiming | {held._record.token for held in _held.values() if held._record is not None}
             return self.token not in ours
-        return not _pid_alive(self.pid)
+        return not pid_alive(self.pid)
 
     def describe(self, now: datetime) -> str:
         run = f"run {self.run_id}" if self.run_id else "a sensor or schedule tick (no run)"

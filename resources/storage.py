@@ -348,7 +348,7 @@ class LocalStore(ObjectStore):
         for tmp in base.glob(".*.tmp"):
             host, _, rest = tmp.name.rsplit(".", 2)[-2].partition("-") if tmp.name.count(".") >= 3 else ("", "", "")
             pid = rest.split("-")[0]
-            if host == _HOST and pid.isdigit() and not _pid_alive(int(pid)):
+            if host == _HOST and pid.isdigit() and not pid_alive(int(pid)):
                 tmp.unlink(missing_ok=True)
                 removed += 1
         return removed
@@ -368,7 +368,7 @@ class LocalStore(ObjectStore):
         removed = 0
         for folder in (self._root / ".scratch").glob(f"{_HOST}-*-*"):
             pid = folder.name.split("-")[1]
-            if folder.is_dir() and pid.isdigit() and not _pid_alive(int(pid)):
+            if folder.is_dir() and pid.isdigit() and not pid_alive(int(pid)):
                 shutil.rmtree(folder, ignore_errors=True)
                 removed += 1
         return removed
@@ -401,7 +401,7 @@ def is_out_of_space(exc: BaseException, folder: Path | None = None) -> bool:
 
 # Names a temporary file's writer: this host (hashed: a hostname may hold dots) and process. A sweep removes only
 # temporaries of this host whose process is gone; another host's (an output root on shared storage) are left alone.
-def _host_id() -> str:
+def host_id(digest_size: int = 4) -> str:
     """This machine and pid namespace: two containers may share a host name (hostNetwork pods, a fixed --hostname)
     but not a pid namespace, and a pid is only meaningful within one."""
     parts = [socket.gethostname()]
@@ -409,13 +409,14 @@ def _host_id() -> str:
         parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
     with contextlib.suppress(OSError):
         parts.append(os.readlink("/proc/self/ns/pid"))
-    return hashlib.blake2b("|".join(parts).encode(), digest_size=4).hexdigest()
+    return hashlib.blake2b("|".join(parts).encode(), digest_size=digest_size).hexdigest()
 
 
-_HOST = _host_id()
+_HOST = host_id()
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this pid namespace lives (one we may not signal counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

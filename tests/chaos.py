@@ -37,6 +37,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from resources.storage import pid_alive
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARD = "shard-00000"
 # Wall-clock columns (when and how long) and packing positions (worker completion order): never what was decided.
@@ -131,16 +133,6 @@ class Runner:
             return -9
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _stage_now(out: Path) -> str:
     """The step a run is in: the asset whose lease on the shard is held (not released) right now."""
     for folder in sorted((out / "leases" / SHARD).glob("*")):
@@ -150,7 +142,7 @@ def _stage_now(out: Path) -> str:
         except (OSError, ValueError):  # a record being replaced this very moment
             continue
         # Held by a live process: a killed run leaves its record unreleased until the next run takes it over.
-        if record is not None and not record["released"] and _alive(record["pid"]):
+        if record is not None and not record["released"] and pid_alive(record["pid"]):
             return folder.name
     return "between steps"
 

@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
+from asr_assets import failures, layout
 from asr_assets.pool import PoolOutcome
+from resources.storage import ObjectStore
 
 
 @dataclass
@@ -73,3 +75,28 @@ def error_of(outcome: PoolOutcome) -> tuple[str, str]:
     exc = outcome.error
     assert exc is not None
     return getattr(exc, "kind", type(exc).__name__), str(exc)
+
+
+@dataclass(frozen=True)
+class DeadLetterState:
+    """A stage's dead letters on a shard, read against the items that have a result.
+
+    Attributes:
+        final: items whose dead letter is their outcome (permanent kinds, suspect ones out of attempts).
+        retried: items whose dead letter is not final: they are work again, and their row goes once they succeed.
+        attempts: attempts already spent on each pending suspect item.
+    """
+
+    final: set[str]
+    retried: set[str]
+    attempts: dict[str, int]
+
+
+def dead_letter_state(out: ObjectStore, stage: str, shard: str, succeeded: set[str]) -> DeadLetterState:
+    """Reads the stage's dead letters and finishes what a crash may have left: a retried item whose result was
+    written before its old dead letter was removed has that row removed now (results win)."""
+    table = layout.read_dead_letters(out, stage, shard)
+    ids = ids_of(table, "item_id")
+    layout.remove_dead_letters(out, stage, shard, ids & succeeded)
+    final = failures.final_ids(table)
+    return DeadLetterState(final, ids - final - succeeded, failures.prior_attempts(table))

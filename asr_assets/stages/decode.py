@@ -21,7 +21,7 @@ from asr_assets.records import (
     DeadLetterRow,
     to_table,
 )
-from asr_assets.stages.common import PoolSettings, StageReport, error_of, ids_of
+from asr_assets.stages.common import PoolSettings, StageReport, dead_letter_state, error_of
 from resources.storage import (
     ObjectStore,
     StorageAuthError,
@@ -60,18 +60,14 @@ def decode_shard(
     report = StageReport()
     index = layout.read_index(out, shard)
     manifest = read_table(out, layout.audio_manifest_key(shard), AUDIO_SCHEMA)
-    dead_table = layout.read_dead_letters(out, "audio_wav", shard)
     decoded = set(manifest.filter(pc.equal(manifest["status"], "decoded"))["media_id"].to_pylist())
+    superseded = set(manifest.filter(pc.equal(manifest["status"], "superseded"))["media_id"].to_pylist())
     guard = BugGuard("audio_wav", shard, fresh=not decoded)
-    # A crash after a retried item's success was written, before its old dead letter was removed: finish the removal.
-    layout.remove_dead_letters(out, "audio_wav", shard, ids_of(dead_table, "item_id") & decoded)
     # Dead letters count as outcomes only when final (written first, so a crash between the two writes does not run
     # a failed item again); transient and not-yet-exhausted suspect ones are retried.
-    final = failures.final_ids(dead_table)
-    retried = ids_of(dead_table, "item_id") - final
-    attempts = failures.prior_attempts(dead_table)
-    superseded = set(manifest.filter(pc.equal(manifest["status"], "superseded"))["media_id"].to_pylist())
-    done = decoded | final | superseded
+    letters = dead_letter_state(out, "audio_wav", shard, decoded | superseded)
+    retried, attempts = letters.retried, letters.attempts
+    done = decoded | letters.final | superseded
     todo = [r for r in index.to_pylist() if r["media_id"] not in done]
     scratch = out.scratch_dir()
     rows: list[AudioRow] = []

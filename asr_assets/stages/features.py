@@ -27,7 +27,7 @@ from asr_assets.records import (
     to_table,
 )
 from asr_assets.segments import CutJob, Measured, SegmentSpan, cut_and_measure
-from asr_assets.stages.common import PoolSettings, StageReport, error_of, ids_of
+from asr_assets.stages.common import PoolSettings, StageReport, dead_letter_state, error_of, ids_of
 from resources.storage import (
     ObjectStore,
     read_table,
@@ -143,14 +143,10 @@ def features_shard(
     segments = read_table(out, layout.segments_key(shard), SEGMENT_SCHEMA)
     features = read_table(out, layout.features_key(shard), FEATURE_SCHEMA)
     guard = BugGuard("segment_features", shard, fresh=features.num_rows == 0)
-    dead_table = layout.read_dead_letters(out, "segment_features", shard)
     featured = ids_of(features, "segment_id")
-    # A crash after a retried segment's row was written, before its old dead letter was removed: finish the removal.
-    layout.remove_dead_letters(out, "segment_features", shard, ids_of(dead_table, "item_id") & featured)
-    final = failures.final_ids(dead_table)
-    retried = ids_of(dead_table, "item_id") - final  # pending: transient, or suspect with attempts left
-    attempts = failures.prior_attempts(dead_table)
-    done = featured | final
+    letters = dead_letter_state(out, "segment_features", shard, featured)
+    retried, attempts = letters.retried, letters.attempts
+    done = featured | letters.final
     audio = read_table(out, layout.audio_manifest_key(shard), AUDIO_SCHEMA)
     audio_keys = dict(zip(audio["media_id"].to_pylist(), audio["audio_key"].to_pylist(), strict=True))
     uris = dict(zip(audio["media_id"].to_pylist(), audio["uri"].to_pylist(), strict=True))

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from asr_assets import failures, layout
+from asr_assets import layout
 from asr_assets.failures import RetryBudget, TransientFailure
 from asr_assets.media import read_audio
 from asr_assets.records import (
@@ -22,7 +22,7 @@ from asr_assets.records import (
     to_table,
 )
 from asr_assets.second_opinion import SecondOpinion, SecondOpinionStats, disagreement, is_sampled
-from asr_assets.stages.common import StageReport, ids_of
+from asr_assets.stages.common import StageReport, dead_letter_state, ids_of
 from resources.storage import (
     ObjectStore,
     StorageAuthError,
@@ -91,14 +91,10 @@ def transcribe_shard(
     report = StageReport()
     features = read_table(out, layout.features_key(shard), FEATURE_SCHEMA)
     existing = read_transcripts(out, shard)
-    dead_table = layout.read_dead_letters(out, "transcripts", shard)
     labelled = ids_of(existing, "segment_id")
-    # A crash after a retried segment's part was written, before its old dead letter was removed: finish the removal.
-    layout.remove_dead_letters(out, "transcripts", shard, ids_of(dead_table, "item_id") & labelled)
-    final = failures.final_ids(dead_table)
-    retried = ids_of(dead_table, "item_id") - final  # pending: transient, or suspect with attempts left
-    attempts = failures.prior_attempts(dead_table)
-    done = labelled | final
+    letters = dead_letter_state(out, "transcripts", shard, labelled)
+    retried, attempts = letters.retried, letters.attempts
+    done = labelled | letters.final
     todo = features.filter(pc.invert(pc.is_in(features["segment_id"], value_set=pa.array(sorted(done), pa.string()))))
     # Storage order: each packed part is read front to back.
     todo = todo.sort_by([("audio_key", "ascending"), ("audio_offset", "ascending")]).to_pylist()

@@ -21,7 +21,7 @@ from asr_assets.records import (
     VadMediaRow,
     to_table,
 )
-from asr_assets.stages.common import PoolSettings, StageReport, error_of, ids_of
+from asr_assets.stages.common import PoolSettings, StageReport, dead_letter_state, error_of, ids_of
 from asr_assets.vad import VadItem, VadJob, VadParams, detect_speech, model_sha256
 from resources.storage import (
     ObjectStore,
@@ -79,13 +79,10 @@ def vad_shard(
     # Segments are written before the media outcomes that vouch for them: segments of media without an outcome are
     # left over from a crash between the two writes, and their media runs again.
     segments = segments.filter(pc.is_in(segments["media_id"], value_set=media["media_id"]))
-    dead_table = layout.read_dead_letters(out, "vad_segments", shard)
-    # A crash after a retried file's outcome was written, before its old dead letter was removed: finish the removal.
-    layout.remove_dead_letters(out, "vad_segments", shard, ids_of(dead_table, "item_id") & ids_of(media, "media_id"))
-    final = failures.final_ids(dead_table)
-    retried = ids_of(dead_table, "item_id") - final
-    attempts = failures.prior_attempts(dead_table)
-    done = ids_of(media, "media_id") | final
+    segmented = ids_of(media, "media_id")
+    letters = dead_letter_state(out, "vad_segments", shard, segmented)
+    retried, attempts = letters.retried, letters.attempts
+    done = segmented | letters.final
     columns = ["media_id", "uri", "audio_key", "duration_s"]
     todo = [r for r in decoded.select(columns).to_pylist() if r["media_id"] not in done]
     uris = {r["media_id"]: r["uri"] for r in todo}
