@@ -154,8 +154,13 @@ def junk_candidates(
 def planted_text_labels(
     good: list[Candidate], second_text: dict[str, str], foreign: list[str], per_kind: int
 ) -> list[Labelled]:
-    """Wrong texts on good segments' audio: truncated, swapped, wrong-language and repetition loops."""
+    """Wrong texts on good segments' audio: truncated, swapped, wrong-language and repetition loops.
+
+    The segments are picked from ``good`` in the order of their texts, not of their ids: ids hash the media's uri and
+    version (path and mtime), so an id order would pick other segments, and give other figures, on every build of the
+    same corpus."""
     out = []
+    good = sorted(good, key=lambda c: (canonical_text(c.text), c.text, c.duration_s))
     n = len(good)
     long_enough = [c for c in good if len(c.text.split()) >= 4]
 
