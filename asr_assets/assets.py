@@ -99,18 +99,22 @@ class VadConfig(PoolConfig):
         default=100, description="Padding on each side of a segment (100 ms measured best for WER)."
     )
     max_segment_s: float = Field(default=30.0, description="Segments are split to at most this (teacher window).")
-    merge_gap_s: float = Field(
-        default=0.0, description="Merge neighbouring segments across pauses up to this long (within max_segment_s)."
+    merge_gap_s: float | None = Field(
+        default=None,
+        description="Merge neighbouring segments across pauses up to this long into training-length segments "
+        "(within max_segment_s, cut at the longest pauses); 0: off. Default: by teacher: 1.0 for vLLM teachers, "
+        "which transcribe one segment per request (a short one pays the prompt template and a request for a few "
+        "seconds of audio), 0 for faster-whisper, which packs short segments into full windows itself.",
     )
 
-    def params(self) -> VadParams:
+    def params(self, teacher_merge_gap_s: float = 0.0) -> VadParams:
         return VadParams(
             threshold=self.threshold,
             min_speech_ms=self.min_speech_ms,
             min_silence_ms=self.min_silence_ms,
             speech_pad_ms=self.speech_pad_ms,
             max_segment_s=self.max_segment_s,
-            merge_gap_s=self.merge_gap_s,
+            merge_gap_s=teacher_merge_gap_s if self.merge_gap_s is None else self.merge_gap_s,
         )
 
 
@@ -292,13 +296,14 @@ def audio_wav(
 
 @dg.asset(partitions_def=shard_partitions, group_name=GROUP, deps=[audio_wav], kinds={"onnx"}, op_tags=step_tags("cpu"))
 def vad_segments(
-    context: dg.AssetExecutionContext, config: VadConfig, storage: StorageResource
+    context: dg.AssetExecutionContext, config: VadConfig, storage: StorageResource, teacher: TeacherResource
 ) -> dg.MaterializeResult:
     """Speech segments (at most 30 s) found by Silero VAD, with the model hash and parameters."""
+    params = config.params(teacher.engine_class().merge_gap_s)
     with layout.step_output(storage, "vad_segments", context.partition_key, context.run.run_id) as out:
-        report = vad_shard(out, context.partition_key, config.params(), silero_model_path(), config.pool())
+        report = vad_shard(out, context.partition_key, params, silero_model_path(), config.pool())
         metrics.record_stage("vad_segments", context.partition_key, report)
-        return dg.MaterializeResult(metadata=_metadata(report, "media") | {"vad_params": config.params().to_json()})
+        return dg.MaterializeResult(metadata=_metadata(report, "media") | {"vad_params": params.to_json()})
 
 
 @dg.asset(

@@ -473,3 +473,37 @@ def read_audio(path: Path, start: int = 0, frames: int = -1) -> np.ndarray:
         if start:
             f.seek(start)
         return f.read(frames, dtype="float32")
+
+
+class PartReader:
+    """Reads segments out of packed FLAC parts, keeping up to ``keep`` parts open: a step that reads thousands of
+    segments from a few parts opens each once instead of once per segment (bench/RESULTS.md: 0.3 ms of 1.3 ms per
+    segment read). A failed read closes its part, so a retry opens it afresh."""
+
+    def __init__(self, keep: int = 4) -> None:
+        self._open: dict[Path, sf.SoundFile] = {}
+        self._keep = keep
+
+    def read(self, path: Path, start: int = 0, frames: int = -1) -> np.ndarray:
+        """``read_audio(path, start, frames)`` through an open handle."""
+        f = self._open.pop(path, None)
+        try:
+            if f is None:
+                f = sf.SoundFile(path)
+                if f.samplerate != SAMPLE_RATE or f.channels != 1:
+                    raise ValueError(f"{path}: expected 16 kHz mono, got {f.samplerate} Hz x {f.channels}")
+            f.seek(start)
+            samples = f.read(frames, dtype="float32")
+        except BaseException:
+            if f is not None:
+                f.close()
+            raise
+        self._open[path] = f  # most recently used last
+        if len(self._open) > self._keep:
+            self._open.pop(next(iter(self._open))).close()
+        return samples
+
+    def close(self) -> None:
+        for f in self._open.values():
+            f.close()
+        self._open.clear()

@@ -213,16 +213,42 @@ def speech_timestamps(probs: np.ndarray, num_samples: int, params: VadParams) ->
 
 
 def merge_spans(spans: list[tuple[int, int]], params: VadParams) -> list[tuple[int, int]]:
-    """Merges neighbouring spans separated by at most ``merge_gap_s`` while the merged span fits ``max_segment_s``."""
+    """Merges neighbouring spans separated by at most ``merge_gap_s`` into as few segments of at most
+    ``max_segment_s`` as possible, cutting at the longest pauses.
+
+    A run of spans whose pauses are all short enough is split into the fewest pieces that fit; among the splits with
+    that many pieces, the one whose shortest cut pause is longest wins (a cut between sentences rather than inside
+    one). Each run is solved exactly by dynamic programming over its spans, so merging never depends on where a
+    greedy pass happened to start.
+    """
+    if params.merge_gap_s <= 0 or not spans:
+        return list(spans)
     max_gap = params.merge_gap_s * SAMPLE_RATE
-    max_len = params.max_segment_s * SAMPLE_RATE
-    merged: list[tuple[int, int]] = []
-    for start, end in spans:
-        if merged and start - merged[-1][1] <= max_gap and end - merged[-1][0] <= max_len:
-            merged[-1] = (merged[-1][0], end)
+    runs: list[list[tuple[int, int]]] = [[spans[0]]]
+    for span in spans[1:]:
+        if span[0] - runs[-1][-1][1] <= max_gap:
+            runs[-1].append(span)
         else:
-            merged.append((start, end))
-    return merged
+            runs.append([span])
+    return [piece for run in runs for piece in _split_run(run, params.max_segment_s * SAMPLE_RATE)]
+
+
+def _split_run(run: list[tuple[int, int]], max_len: float) -> list[tuple[int, int]]:
+    """The fewest pieces of at most ``max_len`` samples (spans that are longer alone stay alone), the shortest cut
+    pause as long as possible. ``best[i]`` is the best split of ``run[:i]``: (pieces, -shortest cut pause, cuts)."""
+    inf = float("inf")
+    best: list[tuple[float, float, tuple[int, ...]]] = [(0, -inf, ())]
+    for i in range(1, len(run) + 1):
+        options = []
+        for j in range(i - 1, -1, -1):  # the last piece is run[j:i]
+            if j < i - 1 and run[i - 1][1] - run[j][0] > max_len:
+                break
+            pieces, neg_gap, cuts = best[j]
+            gap = run[j][0] - run[j - 1][1] if j else inf
+            options.append((pieces + 1, max(neg_gap, -gap), (*cuts, j)))
+        best.append(min(options))
+    starts = [*best[-1][2], len(run)]
+    return [(run[a][0], run[b - 1][1]) for a, b in zip(starts, starts[1:], strict=False) if b > a]
 
 
 def segment_rows(

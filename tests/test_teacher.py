@@ -151,3 +151,67 @@ def test_the_vllm_teacher_without_vllm_installed_says_where_to_get_it(tmp_path) 
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ImportError, match=r"needs vLLM.*Dockerfile\.gpu.*make test-vllm"):
         create_engine("vllm", TeacherSettings(model=str(tmp_path)))
+
+
+def _clips(corpus: Corpus, tmp_path) -> list[tuple[str, np.ndarray]]:
+    """Every sentence of the corpus's good files as (text, 16 kHz samples), cut by its known speech span."""
+    clips = []
+    for n, item in enumerate(i for i in corpus.items if not i.broken and i.sentences):
+        dst = tmp_path / f"{n}.flac"
+        decode_media(DecodeJob("m", item.path, corpus.media_dir / item.path, dst, 1 << 30, 3600.0))
+        audio = sf.read(dst, dtype="float32")[0]
+        for sentence, (start, end) in zip(item.sentences, item.speech, strict=True):
+            clips.append((sentence, audio[max(0, int(start * 16000) - 1600) : int(end * 16000) + 1600]))
+    return clips
+
+
+def test_packed_windows_give_each_segment_its_own_words(engine, corpus: Corpus, tmp_path) -> None:
+    """Short segments share 30-s windows; every label must stay with its own audio: each segment's text matches its
+    own sentence far better than any other segment's sentence, silence packed among them gets no words, and the
+    labels are as good as one call per segment."""
+    from jiwer import wer
+
+    from asr_assets.distill import canonical_text
+    from resources.teachers.base import pack_windows
+
+    clips = _clips(corpus, tmp_path)
+    assert len(clips) >= 8
+    audio = [a for _, a in clips]
+    audio.insert(3, np.zeros(16000 * 2, np.float32))
+    windows = pack_windows([a.shape[0] / 16000 for a in audio], engine.window_s)
+    assert engine.window_s == 30.0 and len(windows) < len(audio) / 2  # packing really happens
+    window_of = {k: f"w{n}" for n, w in enumerate(windows) for k in w}
+    batch = [TeacherInput(f"seg-{k}", a, "en", window_of[k]) for k, a in enumerate(audio)]
+    results = engine.transcribe(batch)
+    assert results[3].text == "" and results[3].num_tokens == 0
+    labels = [r for k, r in enumerate(results) if k != 3]
+    truth = [canonical_text(t) for t, _ in clips]
+    for k, label in enumerate(labels):
+        own = wer(truth[k], canonical_text(label.text) or "-")
+        others = min(wer(t, canonical_text(label.text) or "-") for j, t in enumerate(truth) if j != k and t != truth[k])
+        assert own <= 0.35 and own < others - 0.3, (truth[k], label.text)
+        assert label.num_tokens > 0 and label.avg_logprob is not None and label.avg_logprob < 0
+    solo = create_engine("faster-whisper", TeacherSettings(threads=1, options={"pack_window_s": 0}))
+    try:
+        alone = solo.transcribe([b for k, b in enumerate(batch) if k != 3])
+    finally:
+        solo.close()
+    packed_wer = wer(truth, [canonical_text(r.text) or "-" for r in labels])
+    alone_wer = wer(truth, [canonical_text(r.text) or "-" for r in alone])
+    assert packed_wer <= alone_wer + 0.02, (packed_wer, alone_wer)
+
+
+@pytest.mark.parametrize(
+    ("durations", "window", "expected"),
+    [
+        ([3.0, 3.0, 3.0], 30.0, [[0, 1, 2]]),
+        ([14.0, 14.0, 14.0], 30.0, [[0, 1], [2]]),  # 14 + 1 s gap + 14 = 29
+        ([29.0, 2.0], 30.0, [[0], [1]]),
+        ([40.0, 2.0, 2.0], 30.0, [[0], [1, 2]]),  # too long to share: alone
+        ([], 30.0, []),
+    ],
+)
+def test_pack_windows(durations, window, expected) -> None:
+    from resources.teachers.base import pack_windows
+
+    assert pack_windows(durations, window) == expected

@@ -113,8 +113,17 @@ def test_speech_without_pauses_is_cut_at_the_limit() -> None:
         ([(0, 16000), (24000, 40000)], 0.0, 30.0, [(0, 16000), (24000, 40000)]),
         ([(0, 16000), (24000, 40000)], 0.5, 30.0, [(0, 40000)]),
         ([(0, 16000), (40000, 48000)], 0.5, 30.0, [(0, 16000), (40000, 48000)]),
-        # Merging stops where the merged segment would pass max_segment_s.
-        ([(0, 16000), (20000, 30000), (32000, 40000)], 1.0, 2.0, [(0, 30000), (32000, 40000)]),
+        # Past max_segment_s the run is cut, at its longest pause (0.25 s here, not the 0.125 s one).
+        ([(0, 16000), (20000, 30000), (32000, 40000)], 1.0, 2.0, [(0, 16000), (20000, 40000)]),
+        # Five 1-s spans, pauses of 0.5 s but one of 1 s: two pieces (the fewest), cut at the 1-s pause.
+        (
+            [(0, 16000), (24000, 40000), (48000, 64000), (80000, 96000), (104000, 120000)],
+            1.5,
+            4.5,
+            [(0, 64000), (80000, 120000)],
+        ),
+        # A span longer than the limit stays alone; its neighbours still merge.
+        ([(0, 80000), (88000, 96000), (100000, 110000)], 1.0, 3.0, [(0, 80000), (88000, 110000)]),
     ],
 )
 def test_merge_spans(spans, gap_s: float, max_s: float, expected) -> None:

@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 
 from asr_assets import layout
 from asr_assets.failures import RetryBudget, TransientFailure
-from asr_assets.media import read_audio
+from asr_assets.media import PartReader
 from asr_assets.records import (
     FEATURE_SCHEMA,
     SAMPLE_RATE,
@@ -37,6 +37,7 @@ from resources.teachers.base import (
     TeacherError,
     TeacherInput,
     TeacherOutput,
+    pack_windows,
 )
 
 log = logging.getLogger(__name__)
@@ -101,76 +102,88 @@ def transcribe_shard(
     index = layout.read_index(out, shard)
     uris = dict(zip(index["media_id"].to_pylist(), index["uri"].to_pylist(), strict=True))
     teacher = engine() if todo else None
+    window_of = window_keys(features, teacher.window_s) if teacher is not None else {}
     second_engine: TeacherEngine | None = None
     stats = SecondOpinionStats()
-    for wave in _chunks(todo, settings.wave_size):
-        wave = sorted(wave, key=lambda r: r["audio_frames"])  # similar lengths batch together
-        rows: list[TranscriptRow] = []
-        dead: list[DeadLetterRow] = []
-        for batch in _chunks(wave, settings.batch_size):
-            pending = len(todo) - report.processed
-            inputs = [
-                TeacherInput(r["segment_id"], _read_segment(out, r, budget, shard, pending), settings.language)
-                for r in batch
-            ]
-            results = _transcribe_checked(teacher, inputs)
-            opinions: dict[str, tuple[str, str, float]] = {}
-            if second is not None:
-                sampled = [
-                    (item, result)
-                    for item, result in zip(inputs, results, strict=True)
-                    if isinstance(result, TeacherOutput) and is_sampled(item.segment_id, second.fraction)
+    reader = PartReader()
+    try:
+        for wave in _waves(_group(todo, window_of), settings.wave_size):
+            # Similar lengths batch together (one segment per window unless the engine packs windows).
+            wave = sorted(wave, key=lambda w: sum(r["audio_frames"] for r in w))
+            rows: list[TranscriptRow] = []
+            dead: list[DeadLetterRow] = []
+            for windows in _waves(wave, settings.batch_size):
+                batch = [r for w in windows for r in w]
+                pending = len(todo) - report.processed
+                inputs = [
+                    TeacherInput(
+                        r["segment_id"],
+                        _read_segment(out, reader, r, budget, shard, pending),
+                        settings.language,
+                        window_of.get(r["segment_id"], ""),
+                    )
+                    for r in batch
                 ]
-                if sampled:
-                    second_engine = second_engine or second.engine()
-                    opinions = _second_opinions(second_engine, sampled, stats)
-            for row, result in zip(batch, results, strict=True):
-                if isinstance(result, TeacherError):
-                    # EngineCallFailed is suspect: its row stays pending until the third attempt fails too.
-                    attempt = attempts.get(row["segment_id"], 0) + 1
-                    dead.append(
-                        layout.dead_letter(
-                            row["segment_id"],
-                            uris.get(row["media_id"], ""),
-                            "transcripts",
-                            result.kind,
-                            str(result),
-                            attempt,
+                results = _transcribe_checked(teacher, inputs)
+                opinions: dict[str, tuple[str, str, float]] = {}
+                if second is not None:
+                    sampled = [
+                        (item, result)
+                        for item, result in zip(inputs, results, strict=True)
+                        if isinstance(result, TeacherOutput) and is_sampled(item.segment_id, second.fraction)
+                    ]
+                    if sampled:
+                        second_engine = second_engine or second.engine()
+                        opinions = _second_opinions(second_engine, sampled, stats)
+                for row, result in zip(batch, results, strict=True):
+                    if isinstance(result, TeacherError):
+                        # EngineCallFailed is suspect: its row stays pending until the third attempt fails too.
+                        attempt = attempts.get(row["segment_id"], 0) + 1
+                        dead.append(
+                            layout.dead_letter(
+                                row["segment_id"],
+                                uris.get(row["media_id"], ""),
+                                "transcripts",
+                                result.kind,
+                                str(result),
+                                attempt,
+                            )
+                        )
+                        report.fail(result.kind)
+                        continue
+                    rows.append(
+                        TranscriptRow(
+                            segment_id=row["segment_id"],
+                            media_id=row["media_id"],
+                            text=result.text,
+                            language=result.language,
+                            num_tokens=result.num_tokens,
+                            avg_logprob=result.avg_logprob,
+                            no_speech_prob=result.no_speech_prob,
+                            compression_ratio=result.compression_ratio,
+                            finish_reason=result.finish_reason,
+                            model_id=teacher.model_id,
+                            engine=teacher.name,
+                            settings_hash=teacher.settings_hash,
+                            prompt_version=teacher.prompt_version,
+                            **_opinion_columns(opinions.get(row["segment_id"])),
                         )
                     )
-                    report.fail(result.kind)
-                    continue
-                rows.append(
-                    TranscriptRow(
-                        segment_id=row["segment_id"],
-                        media_id=row["media_id"],
-                        text=result.text,
-                        language=result.language,
-                        num_tokens=result.num_tokens,
-                        avg_logprob=result.avg_logprob,
-                        no_speech_prob=result.no_speech_prob,
-                        compression_ratio=result.compression_ratio,
-                        finish_reason=result.finish_reason,
-                        model_id=teacher.model_id,
-                        engine=teacher.name,
-                        settings_hash=teacher.settings_hash,
-                        prompt_version=teacher.prompt_version,
-                        **_opinion_columns(opinions.get(row["segment_id"])),
-                    )
-                )
-                report.ok(row["audio_frames"] / SAMPLE_RATE)
-        # Dead letters first: a crash between the two writes re-labels nothing twice (the part is the commit).
-        layout.append_dead_letters(out, "transcripts", shard, dead)
-        if rows:
-            key = layout.transcript_part_key(shard, rows[0].segment_id)
-            write_table(out, key, to_table(rows, TRANSCRIPT_SCHEMA))
-            report.outputs.append(key)
-            # After the part that holds their labels: a crash in between leaves a stale row the next run removes.
-            layout.remove_dead_letters(out, "transcripts", shard, {r.segment_id for r in rows} & retried)
-        if on_wave is not None:
-            report.seconds = time.perf_counter() - started
-            report.totals["pending"] = len(todo) - report.processed
-            on_wave(report)
+                    report.ok(row["audio_frames"] / SAMPLE_RATE)
+            # Dead letters first: a crash between the two writes re-labels nothing twice (the part is the commit).
+            layout.append_dead_letters(out, "transcripts", shard, dead)
+            if rows:
+                key = layout.transcript_part_key(shard, rows[0].segment_id)
+                write_table(out, key, to_table(rows, TRANSCRIPT_SCHEMA))
+                report.outputs.append(key)
+                # After the part that holds their labels: a crash in between leaves a stale row the next run removes.
+                layout.remove_dead_letters(out, "transcripts", shard, {r.segment_id for r in rows} & retried)
+            if on_wave is not None:
+                report.seconds = time.perf_counter() - started
+                report.totals["pending"] = len(todo) - report.processed
+                on_wave(report)
+    finally:
+        reader.close()
     report.totals = {"featured": features.num_rows, "transcribed": existing.num_rows + report.succeeded}
     if teacher is not None:
         report.totals.update({"model_id": teacher.model_id, "settings_hash": teacher.settings_hash})
@@ -185,7 +198,7 @@ def transcribe_shard(
     return report
 
 
-def _read_segment(out: ObjectStore, row: dict, budget: RetryBudget, shard: str, pending: int):
+def _read_segment(out: ObjectStore, reader: PartReader, row: dict, budget: RetryBudget, shard: str, pending: int):
     """A segment's samples from its packed part. A failed read (UnreadableAudio) is transient: the store or the cache
     may be failing, the segment is not bad. Retried within ``budget``, then the step fails, nothing dead-lettered.
 
@@ -201,7 +214,7 @@ def _read_segment(out: ObjectStore, row: dict, budget: RetryBudget, shard: str, 
 
     try:
         return budget.call(
-            lambda: read_audio(out.local_path(row["audio_key"]), row["audio_offset"], row["audio_frames"]), retryable
+            lambda: reader.read(out.local_path(row["audio_key"]), row["audio_offset"], row["audio_frames"]), retryable
         )
     except Exception as exc:
         if is_out_of_space(exc) or isinstance(exc, StorageAuthError):
@@ -278,6 +291,49 @@ def _transcribe_checked(teacher: TeacherEngine, inputs: list[TeacherInput]) -> l
     return results
 
 
-def _chunks(items: Sequence, size: int) -> Iterable[Sequence]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
+def window_keys(features: pa.Table, window_s: float) -> dict[str, str]:
+    """Which shared teacher window each segment goes into, for an engine that packs ``window_s`` seconds
+    (``pack_windows``); empty when it does not pack.
+
+    Windows are cut from the whole shard's segments, part by part in storage order (so a file's neighbouring
+    segments share a window), never from the segments a run still has to label: a segment's window, hence its label,
+    is the same whether the shard is labelled in one run, resumed after a kill, or fed in waves of any size. New
+    arrivals land in new parts and never change the windows of the old ones.
+    """
+    if window_s <= 0:
+        return {}
+    rows = features.select(["segment_id", "audio_key", "audio_offset", "audio_frames"])
+    rows = rows.sort_by([("audio_key", "ascending"), ("audio_offset", "ascending")]).to_pylist()
+    keys: dict[str, str] = {}
+    by_part: dict[str, list[dict]] = {}
+    for r in rows:
+        by_part.setdefault(r["audio_key"], []).append(r)
+    for part, members in by_part.items():
+        windows = pack_windows([r["audio_frames"] / SAMPLE_RATE for r in members], window_s)
+        for n, window in enumerate(windows):
+            for k in window:
+                keys[members[k]["segment_id"]] = f"{part}#{n}"
+    return keys
+
+
+def _group(todo: list[dict], window_of: dict[str, str]) -> list[list[dict]]:
+    """The segments to label as windows (lists of rows), in storage order; a segment without a window alone."""
+    groups: dict[str, list[dict]] = {}
+    for r in todo:
+        groups.setdefault(window_of.get(r["segment_id"]) or r["segment_id"], []).append(r)
+    return list(groups.values())
+
+
+def _waves(windows: Sequence[list[dict]], size: int) -> Iterable[list[list[dict]]]:
+    """Consecutive windows, about ``size`` segments together: whole windows only (a wave or a batch never splits
+    one), at least one window each."""
+    chunk: list[list[dict]] = []
+    count = 0
+    for window in windows:
+        if chunk and count + len(window) > size:
+            yield chunk
+            chunk, count = [], 0
+        chunk.append(window)
+        count += len(window)
+    if chunk:
+        yield chunk

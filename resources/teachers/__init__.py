@@ -27,6 +27,14 @@ class TeacherResource(dg.ConfigurableResource):
     language: str = Field(default="en", description="Language to transcribe in (ISO 639-1).")
     beam_size: int = Field(default=5, description="Beam size (faster-whisper); 1 is greedy.")
     threads: int = Field(default=0, description="CPU threads for the engine; 0 uses every usable core.")
+    pack_window_s: float = Field(
+        default=30.0,
+        ge=0.0,
+        le=30.0,
+        description="faster-whisper: short segments share Whisper windows of up to this many seconds, each "
+        "segment's words assigned back by their timestamps (Whisper encodes 30 s whatever the length); 0: one "
+        "segment per window.",
+    )
     vllm_engine: VllmEngineSettings = Field(
         default_factory=VllmEngineSettings, description="vLLM engine arguments (engine=vllm)."
     )
@@ -53,7 +61,11 @@ class TeacherResource(dg.ConfigurableResource):
 
     def settings(self) -> TeacherSettings:
         uses_vllm = issubclass(TEACHERS.get(self.engine, TeacherEngine), VllmTeacher)
-        options = VllmOptions(self.vllm_engine, self.vllm_sampling).as_options() if uses_vllm else {}
+        options = (
+            VllmOptions(self.vllm_engine, self.vllm_sampling).as_options()
+            if uses_vllm
+            else {"pack_window_s": self.pack_window_s}
+        )
         return TeacherSettings(
             model=self.model, language=self.language, beam_size=self.beam_size, threads=self.threads, options=options
         )
@@ -99,7 +111,11 @@ class TeacherResource(dg.ConfigurableResource):
                 raise ValueError("the second opinion is off: nothing to load")
             engine, model = spec
             settings = TeacherSettings(
-                model=model, language=self.language, beam_size=self.second_opinion_beam_size, threads=self.threads
+                model=model,
+                language=self.language,
+                beam_size=self.second_opinion_beam_size,
+                threads=self.threads,
+                options={} if issubclass(TEACHERS[engine], VllmTeacher) else {"pack_window_s": self.pack_window_s},
             )
             self._second = create_engine(engine, settings)
         return self._second

@@ -18,6 +18,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+SAMPLE_RATE = 16_000
+"""Every engine takes 16 kHz mono float32 audio."""
+
 
 @dataclass(frozen=True)
 class TeacherSettings:
@@ -40,11 +43,14 @@ class TeacherSettings:
 
 @dataclass(frozen=True)
 class TeacherInput:
-    """One segment for the teacher: id, 16 kHz mono float32 samples, and the language to transcribe in."""
+    """One segment for the teacher: id, 16 kHz mono float32 samples, the language to transcribe in, and the shared
+    window it goes into for an engine that packs several segments per window (``window_s``): the segments of a batch
+    with the same non-empty ``window`` are transcribed together; "" alone."""
 
     segment_id: str
     audio: np.ndarray
     language: str
+    window: str = ""
 
 
 @dataclass(frozen=True)
@@ -104,9 +110,18 @@ class TeacherEngine(ABC):
     # per wave (read together, one checkpoint part). A CPU engine wants small calls; vLLM wants the whole wave at once.
     batch_size: ClassVar[int] = 16
     wave_size: ClassVar[int] = 256
+    # The vad_segments default for merging neighbouring segments across pauses (VadConfig.merge_gap_s): an engine
+    # that transcribes one segment per call wants training-length segments; one that packs windows itself does not.
+    merge_gap_s: ClassVar[float] = 0.0
 
     def __init__(self, settings: TeacherSettings) -> None:
         self.settings = settings
+
+    @property
+    def window_s(self) -> float:
+        """Seconds of audio the engine transcribes together in one shared window (the stage cuts the windows with
+        ``pack_windows`` and sets ``TeacherInput.window``); 0: one segment per call, no packing."""
+        return 0.0
 
     @property
     @abstractmethod
@@ -142,6 +157,26 @@ class TeacherEngine(ABC):
 
     def close(self) -> None:  # noqa: B027 - engines without handles need nothing
         """Releases the model."""
+
+
+PACK_GAP_S = 1.0
+"""Silence between two segments packed into one window: Whisper ends a text segment there, and a word's timestamps
+fall clearly on one side of it."""
+
+
+def pack_windows(durations: Sequence[float], window_s: float, gap_s: float = PACK_GAP_S) -> list[list[int]]:
+    """Groups segment positions into windows whose audio plus the gaps between segments fits ``window_s`` seconds,
+    in the given order; a segment too long to share a window gets one alone."""
+    windows: list[list[int]] = []
+    used = window_s  # forces a new window for the first segment
+    for k, seconds in enumerate(durations):
+        if windows and used + gap_s + seconds <= window_s:
+            windows[-1].append(k)
+            used += gap_s + seconds
+        else:
+            windows.append([k])
+            used = seconds
+    return windows
 
 
 TEACHERS: dict[str, type[TeacherEngine]] = {}

@@ -30,6 +30,7 @@ import dagster as dg
 from pydantic import Field
 
 from resources.teachers.base import (
+    SAMPLE_RATE,
     TeacherEngine,
     TeacherError,
     TeacherInput,
@@ -40,8 +41,6 @@ from resources.teachers.base import (
 )
 
 log = logging.getLogger(__name__)
-
-SAMPLE_RATE = 16000
 
 
 class VllmEngineSettings(dg.Config):
@@ -161,6 +160,7 @@ class VllmTeacher(TeacherEngine):
     # The whole wave goes to vLLM in one call: its scheduler keeps max_num_seqs in flight and refills as they finish.
     batch_size = 1024
     wave_size = 1024
+    merge_gap_s = 1.0  # prompt tokens per second of audio: bench/RESULTS.md ("Qwen3-Omni prompt overhead")
 
     def __init__(self, settings: TeacherSettings) -> None:
         super().__init__(settings)

