@@ -1,16 +1,20 @@
 """VAD benchmark: the project's VAD against silero-vad's own ``get_speech_timestamps`` (ONNX) on the same audio.
 
 Needs torch for the reference path (silero-vad's module imports it), so it runs in the bench environment:
-``make bench-env`` then ``.venv-bench/bin/python bench/vad.py``. Both paths run on one thread in this process, timed
-in CPU seconds. ``identical`` is true when every timestamp of every file, for every parameter set, matches the stock
-function exactly, and the per-window probabilities match its ONNX model's window by window. The last line printed
-is one JSON object: ``{"x_realtime_per_core": .., "speedup_vs_silero": .., "identical": true|false}``.
+``make bench-env`` then ``.venv-bench/bin/python bench/vad.py [--files 20] [--long-minutes 10] [--repeat 5]``. Both
+paths run on one thread in this process over the same decoded audio, ``--repeat`` times each, alternating which goes
+first, timed in CPU seconds (and wall seconds); min and median of each are reported, and the ratios (stock / ours) use
+the same run's figures. ``identical`` is true when every timestamp of every file, for every parameter set, matches
+the stock function exactly, and the per-window probabilities match its ONNX model's window by window. The last line
+printed is one JSON object: ``{"x_realtime_per_core", "speedup_vs_silero_min", "speedup_vs_silero_median",
+"ours_cpu_s", "silero_cpu_s", "identical", ...}``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import tempfile
 import time
@@ -52,6 +56,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files", type=int, default=20)
     parser.add_argument("--long-minutes", type=float, default=10.0)
+    parser.add_argument("--repeat", type=int, default=5, help="timed passes over all the audio per path")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -88,12 +93,23 @@ def main() -> None:
     stock_model = load_silero_vad(onnx=True)
     ours = SileroVad(silero_model_path())
 
-    start = cpu()
-    stock = [get_speech_timestamps(torch.from_numpy(a), stock_model, **stock_kwargs(PARAM_SETS[0])) for a in audios]
-    stock_cpu = cpu() - start
-    start = cpu()
-    mine = [speech_timestamps(ours.speech_probs(a), a.shape[0], PARAM_SETS[0]) for a in audios]
-    ours_cpu = cpu() - start
+    def run_stock() -> list:
+        return [get_speech_timestamps(torch.from_numpy(a), stock_model, **stock_kwargs(PARAM_SETS[0])) for a in audios]
+
+    def run_ours() -> list:
+        return [speech_timestamps(ours.speech_probs(a), a.shape[0], PARAM_SETS[0]) for a in audios]
+
+    paths = {"silero": run_stock, "ours": run_ours}
+    cpu_s: dict[str, list[float]] = {name: [] for name in paths}
+    wall_s: dict[str, list[float]] = {name: [] for name in paths}
+    outputs: dict[str, list] = {}
+    for r in range(args.repeat):
+        for name in list(paths)[:: 1 if r % 2 == 0 else -1]:
+            start, start_wall = cpu(), time.perf_counter()
+            outputs[name] = paths[name]()
+            cpu_s[name].append(cpu() - start)
+            wall_s[name].append(time.perf_counter() - start_wall)
+    stock, mine = outputs["silero"], outputs["ours"]
 
     identical = all([(s["start"], s["end"]) for s in st] == m for st, m in zip(stock, mine, strict=True))
     for params in PARAM_SETS[1:]:
@@ -113,13 +129,25 @@ def main() -> None:
         )
         identical &= bool(np.array_equal(ref, ours.speech_probs(a)))
 
-    print(f"audio: {audio_s / 60:.1f} min in {len(audios)} files")
-    print(f"CPU s: silero stock {stock_cpu:.2f}, ours {ours_cpu:.2f}")
+    def summary(values: list[float]) -> dict:
+        return {"min": round(min(values), 3), "median": round(statistics.median(values), 3)}
+
+    print(f"audio: {audio_s / 60:.1f} min in {len(audios)} files, {args.repeat} passes per path")
+    print(f"CPU s min/median: silero stock {summary(cpu_s['silero'])}, ours {summary(cpu_s['ours'])}")
     print(
         json.dumps(
             {
-                "x_realtime_per_core": round(audio_s / ours_cpu, 1),
-                "speedup_vs_silero": round(stock_cpu / ours_cpu, 2),
+                "audio_s": round(audio_s, 1),
+                "repeat": args.repeat,
+                "x_realtime_per_core": round(audio_s / min(cpu_s["ours"]), 1),
+                "speedup_vs_silero_min": round(min(cpu_s["silero"]) / min(cpu_s["ours"]), 2),
+                "speedup_vs_silero_median": round(
+                    statistics.median(cpu_s["silero"]) / statistics.median(cpu_s["ours"]), 2
+                ),
+                "ours_cpu_s": summary(cpu_s["ours"]),
+                "silero_cpu_s": summary(cpu_s["silero"]),
+                "ours_wall_s": summary(wall_s["ours"]),
+                "silero_wall_s": summary(wall_s["silero"]),
                 "identical": bool(identical),
             }
         )
