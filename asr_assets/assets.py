@@ -16,6 +16,7 @@ from asr_assets.distill import (
     Clipped,
     Disagreement,
     DistillResult,
+    LanguageMismatch,
     LowAcousticQuality,
     LowConfidence,
     NearSilent,
@@ -177,6 +178,12 @@ class DistilledConfig(dg.Config):
     )
     min_chars_per_s: float = Field(default=SpeakingRate.min_cps, description="speaking_rate below this.")
     max_chars_per_s: float = Field(default=SpeakingRate.max_cps, description="speaking_rate above this.")
+    min_cjk_chars_per_s: float = Field(
+        default=SpeakingRate.min_char_cps, description="speaking_rate below this for zh, ja, ko (characters/s)."
+    )
+    max_cjk_chars_per_s: float = Field(
+        default=SpeakingRate.max_char_cps, description="speaking_rate above this for zh, ja, ko (characters/s)."
+    )
     rate_fence_k: float = Field(default=SpeakingRateOutlier.k, description="speaking_rate_outlier: IQR multiplier.")
     rate_fence_min_segments: int = Field(
         default=SpeakingRateOutlier.min_segments,
@@ -200,6 +207,26 @@ class DistilledConfig(dg.Config):
     )
     min_dnsmos_ovrl: float = Field(
         default=LowAcousticQuality.min_dnsmos_ovrl, description="low_dnsmos below this DNSMOS OVRL (0: off)."
+    )
+    mismatch_min_script_units: int = Field(
+        default=LanguageMismatch.min_script_units,
+        description="language_mismatch judges the script of texts with at least this many units (words; Han/kana).",
+    )
+    mismatch_min_script_share: float = Field(
+        default=LanguageMismatch.min_script_share,
+        description="language_mismatch when under this share of the text's units are in the language's scripts.",
+    )
+    mismatch_min_letters: int = Field(
+        default=LanguageMismatch.min_letters,
+        description="language_mismatch runs the text LID only on texts with at least this many letters.",
+    )
+    mismatch_min_prob: float = Field(
+        default=LanguageMismatch.min_prob,
+        description="language_mismatch when the text LID reads another language with at least this probability.",
+    )
+    mismatch_min_audio_prob: float = Field(
+        default=LanguageMismatch.min_audio_prob,
+        description="language_mismatch does not judge segments whose audio language ID probability is under this.",
     )
     target_tar_mb: float = Field(default=256.0, description="WebDataset tar shards roll over at this size.")
     keep_builds_hours: float = Field(
