@@ -569,4 +569,13 @@ def distillation_report(config: ReportConfig, storage: StorageResource) -> dg.Ma
             "wer_files_kept_text": round(report.wer_files_kept_text, 4),
             "referenced_files": report.referenced_files,
         }
+    if report.cer_all is not None:
+        meta |= {
+            "cer_all_labels": round(report.cer_all, 4),
+            "cer_kept_labels": None if report.cer_kept is None else round(report.cer_kept, 4),
+            "referenced_files": report.referenced_files,
+        }
+    if report.error_rate_by_language:
+        meta["error_rate_by_language"] = dg.MetadataValue.json(report.error_rate_by_language)
+    meta["languages"] = dg.MetadataValue.json(report.languages)
     return dg.MaterializeResult(metadata=meta)
