@@ -224,6 +224,11 @@ class DistilledConfig(dg.Config):
         default=LanguageMismatch.min_prob,
         description="language_mismatch when the text LID reads another language with at least this probability.",
     )
+    mismatch_min_margin: float = Field(
+        default=LanguageMismatch.min_margin,
+        description="language_mismatch needs at least this much text LID evidence per letter (nats) for the other "
+        "language over the segment's.",
+    )
     mismatch_min_audio_prob: float = Field(
         default=LanguageMismatch.min_audio_prob,
         description="language_mismatch does not judge segments whose audio language ID probability is under this.",

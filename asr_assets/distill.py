@@ -451,7 +451,8 @@ class LanguageMismatch(Rule):
       of at least ``min_script_units`` units;
     - text LID (py3langid among ``TEXT_LID_LANGUAGES``): on a text of at least ``min_letters`` letters, another
       language than the segment's, and not a close relative (es/ca/gl/pt/it, ru/uk/bg, ...), with probability at
-      least ``min_prob``.
+      least ``min_prob`` and at least ``min_margin`` nats of evidence per letter over the segment's language (a
+      list of names or code words reads as some language with a high probability, but on little evidence).
 
     Short or ambiguous text is never judged ("OK" in Mandarin speech is speech), nor a language outside the tables,
     nor a segment whose audio language ID was unsure (``language_prob`` under ``min_audio_prob``: the teacher may
@@ -462,6 +463,7 @@ class LanguageMismatch(Rule):
     min_script_share: float = 0.5
     min_letters: int = 20
     min_prob: float = 0.99
+    min_margin: float = 0.4
     min_audio_prob: float = 0.5
     name: ClassVar[str] = "language_mismatch"
 
@@ -474,8 +476,8 @@ class LanguageMismatch(Rule):
         language = base_language(c.language)
         if language not in TEXT_LID_LANGUAGES or sum(ch.isalpha() for ch in c.text) < self.min_letters:
             return False
-        found, prob = text_language(c.text, language)
-        return prob >= self.min_prob and not are_related(found, language)
+        found, prob, margin = text_language(c.text, language)
+        return prob >= self.min_prob and margin >= self.min_margin and not are_related(found, language)
 
 
 @dataclass(frozen=True)
@@ -1284,6 +1286,7 @@ def build_rules(
     mismatch_min_script_share: float = LanguageMismatch.min_script_share,
     mismatch_min_letters: int = LanguageMismatch.min_letters,
     mismatch_min_prob: float = LanguageMismatch.min_prob,
+    mismatch_min_margin: float = LanguageMismatch.min_margin,
     mismatch_min_audio_prob: float = LanguageMismatch.min_audio_prob,
 ) -> list[Rule]:
     """The rule set in its fixed order; the parameters are the run config's ``distilled_dataset`` fields."""
@@ -1300,6 +1303,7 @@ def build_rules(
             mismatch_min_script_share,
             mismatch_min_letters,
             mismatch_min_prob,
+            mismatch_min_margin,
             mismatch_min_audio_prob,
         ),
         NoSpeech(no_speech_prob),

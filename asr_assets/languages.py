@@ -13,6 +13,8 @@ import importlib.metadata
 import unicodedata
 from collections import Counter
 
+import numpy as np
+
 from asr_assets.second_opinion import UNSPACED_LANGUAGES
 
 CER_LANGUAGES = UNSPACED_LANGUAGES
@@ -170,7 +172,7 @@ def _identifier(languages: tuple[str, ...]):
     # Imported here: the model (3 MB, 0.4 s to load) is read only by a process that judges a text's language.
     from py3langid.langid import MODEL_FILE, LanguageIdentifier
 
-    identifier = LanguageIdentifier.from_pickled_model(MODEL_FILE, norm_probs=True)
+    identifier = LanguageIdentifier.from_pickled_model(MODEL_FILE, norm_probs=False)
     identifier.set_languages(list(languages))
     return identifier
 
@@ -180,12 +182,25 @@ def text_lid_model() -> str:
     return f"py3langid-{importlib.metadata.version('py3langid')}"
 
 
-def text_language(text: str, language: str | None = None) -> tuple[str, float]:
-    """The language py3langid reads in ``text`` among ``TEXT_LID_LANGUAGES`` (and ``language``, when given), with
-    its probability (normalized over those languages)."""
-    languages = sorted({*TEXT_LID_LANGUAGES, *([base_language(language)] if language else [])})
-    found, prob = _identifier(tuple(languages)).classify(text)
-    return str(found), float(prob)
+def text_language(text: str, language: str | None = None) -> tuple[str, float, float]:
+    """The language py3langid reads in ``text`` among ``TEXT_LID_LANGUAGES`` (and ``language``, when given).
+
+    Returns:
+        The language, its probability (normalized over those languages) and, when ``language`` is given, the
+        evidence for it over ``language`` per letter (the difference of their log scores over the letters, in nats;
+        0 when they are the same). The probability saturates with length (a list of names reads as Italian with
+        p = 0.9999); the evidence per letter does not: 0.09-0.37 on the NATO alphabet against 0.4-1.9 (5th
+        percentile to median) on English, Spanish and French prompts read against each other.
+    """
+    claimed = base_language(language) if language else None
+    languages = sorted({*TEXT_LID_LANGUAGES, *([claimed] if claimed else [])})
+    scores = dict(_identifier(tuple(languages)).rank(text))
+    found = max(scores, key=scores.get)
+    logits = np.array(list(scores.values()), np.float64) - scores[found]
+    prob = float(1.0 / np.exp(logits).sum())
+    letters = max(sum(ch.isalpha() for ch in text), 1)
+    margin = float(scores[found] - scores[claimed]) / letters if claimed else 0.0
+    return str(found), prob, margin
 
 
 def majority_language(languages: list[tuple[str | None, float]]) -> str | None:

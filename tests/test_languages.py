@@ -96,6 +96,7 @@ MANDARIN = "今天的天气非常好，我们去公园散步吧。"
         (cand("OK, gracias", "en"), False),
         (cand("Hola amigo", "en"), False),  # ambiguous short text
         (cand("Information about your last call.", "en"), False),  # read as French with p 0.91: not sure enough
+        (cand("alpha bravo charlie delta echo foxtrot golf hotel", "en"), False),  # p 0.9999 "it", on little evidence
         (cand("12 34 56", "ja"), False),  # no letters
         (cand("Habari ya asubuhi rafiki yangu mpendwa sana", "sw"), False),  # a language outside the LID set
     ],
@@ -106,6 +107,8 @@ def test_language_mismatch(candidate: Candidate, drops: bool) -> None:
 
 def test_text_language_reads_the_languages_it_is_given() -> None:
     assert text_language(SPANISH, "es")[0] == "es"
+    found, prob, margin = text_language(ENGLISH, "es")
+    assert found == "en" and prob > 0.99 and margin > 0.4
     assert text_language(MANDARIN)[0] == "zh"
     assert script_units("我用 iPhone 拍照") == {"Han": 4, "Latin": 1}
 
