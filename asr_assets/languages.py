@@ -9,7 +9,6 @@ build on. Nothing here reads audio: the segment's audio language comes from the 
 from __future__ import annotations
 
 import functools
-import importlib.metadata
 import unicodedata
 from collections import Counter
 
@@ -175,11 +174,6 @@ def _identifier(languages: tuple[str, ...]):
     identifier = LanguageIdentifier.from_pickled_model(MODEL_FILE, norm_probs=False)
     identifier.set_languages(list(languages))
     return identifier
-
-
-def text_lid_model() -> str:
-    """The text LID's id as recorded: the py3langid release (its model ships in the wheel)."""
-    return f"py3langid-{importlib.metadata.version('py3langid')}"
 
 
 def text_language(text: str, language: str | None = None) -> tuple[str, float, float]:
