@@ -16,6 +16,7 @@ from asr_assets.distill import (
     Clipped,
     Disagreement,
     DistillResult,
+    LanguageMismatch,
     LowAcousticQuality,
     LowConfidence,
     NearSilent,
@@ -181,6 +182,12 @@ class DistilledConfig(dg.Config):
     )
     min_chars_per_s: float = Field(default=SpeakingRate.min_cps, description="speaking_rate below this.")
     max_chars_per_s: float = Field(default=SpeakingRate.max_cps, description="speaking_rate above this.")
+    min_cjk_chars_per_s: float = Field(
+        default=SpeakingRate.min_char_cps, description="speaking_rate below this for zh, ja, ko (characters/s)."
+    )
+    max_cjk_chars_per_s: float = Field(
+        default=SpeakingRate.max_char_cps, description="speaking_rate above this for zh, ja, ko (characters/s)."
+    )
     rate_fence_k: float = Field(default=SpeakingRateOutlier.k, description="speaking_rate_outlier: IQR multiplier.")
     rate_fence_min_segments: int = Field(
         default=SpeakingRateOutlier.min_segments,
@@ -204,6 +211,31 @@ class DistilledConfig(dg.Config):
     )
     min_dnsmos_ovrl: float = Field(
         default=LowAcousticQuality.min_dnsmos_ovrl, description="low_dnsmos below this DNSMOS OVRL (0: off)."
+    )
+    mismatch_min_script_units: int = Field(
+        default=LanguageMismatch.min_script_units,
+        description="language_mismatch judges the script of texts with at least this many units (words; Han/kana).",
+    )
+    mismatch_min_script_share: float = Field(
+        default=LanguageMismatch.min_script_share,
+        description="language_mismatch when under this share of the text's units are in the language's scripts.",
+    )
+    mismatch_min_letters: int = Field(
+        default=LanguageMismatch.min_letters,
+        description="language_mismatch runs the text LID only on texts with at least this many letters.",
+    )
+    mismatch_min_prob: float = Field(
+        default=LanguageMismatch.min_prob,
+        description="language_mismatch when the text LID reads another language with at least this probability.",
+    )
+    mismatch_min_margin: float = Field(
+        default=LanguageMismatch.min_margin,
+        description="language_mismatch needs at least this much text LID evidence per letter (nats) for the other "
+        "language over the segment's.",
+    )
+    mismatch_min_audio_prob: float = Field(
+        default=LanguageMismatch.min_audio_prob,
+        description="language_mismatch does not judge segments whose audio language ID probability is under this.",
     )
     target_tar_mb: float = Field(default=256.0, description="WebDataset tar shards roll over at this size.")
     keep_builds_hours: float = Field(
@@ -547,4 +579,13 @@ def distillation_report(config: ReportConfig, storage: StorageResource) -> dg.Ma
             "wer_files_kept_text": round(report.wer_files_kept_text, 4),
             "referenced_files": report.referenced_files,
         }
+    if report.cer_all is not None:
+        meta |= {
+            "cer_all_labels": round(report.cer_all, 4),
+            "cer_kept_labels": None if report.cer_kept is None else round(report.cer_kept, 4),
+            "referenced_files": report.referenced_files,
+        }
+    if report.error_rate_by_language:
+        meta["error_rate_by_language"] = dg.MetadataValue.json(report.error_rate_by_language)
+    meta["languages"] = dg.MetadataValue.json(report.languages)
     return dg.MaterializeResult(metadata=meta)

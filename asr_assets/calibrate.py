@@ -32,8 +32,8 @@ from asr_assets.distill import (
     fit_rules,
     shard_candidates,
 )
+from asr_assets.languages import error_metric
 from asr_assets.records import FEATURE_SCHEMA, SEGMENT_SCHEMA
-from asr_assets.second_opinion import UNSPACED_LANGUAGES
 from asr_assets.stages import read_transcripts
 from resources.storage import ObjectStore, read_table
 
@@ -50,7 +50,7 @@ CARD_FIELDS = ("min_avg_logprob", "max_disagreement", "rate_fence_k")
 def _units(text: str, language: str) -> list[str]:
     """Words of the normalized text, or its characters for scripts written without spaces."""
     norm = canonical_text(text, language)
-    return list(norm.replace(" ", "")) if language in UNSPACED_LANGUAGES else norm.split()
+    return list(norm.replace(" ", "")) if error_metric(language) == "cer" else norm.split()
 
 
 def label_errors(reference: str, hypothesis: str, language: str = "en") -> tuple[int, int]:
@@ -65,13 +65,22 @@ def label_errors(reference: str, hypothesis: str, language: str = "en") -> tuple
     return out.substitutions + out.deletions + out.insertions, len(ref)
 
 
+def label_error_rate(reference: str, hypothesis: str, language: str = "en") -> tuple[str, float | None]:
+    """The label error rate of ``hypothesis`` against ``reference`` and its name: ``("cer", rate)`` for languages
+    measured in characters (zh, ja, ko, th: ``languages.error_metric``), ``("wer", rate)`` for the others; the rate
+    is None when the reference is empty. Every reported label error rate goes through this (or sums
+    ``label_errors`` of the same language)."""
+    errors, units = label_errors(reference, hypothesis, language)
+    return error_metric(language), (errors / units if units else None)
+
+
 def segment_references(reference: str, hypotheses: list[str], language: str = "en") -> list[str]:
     """Splits a file's reference over its segments (in time order) by aligning it with their concatenated texts.
 
     Each reference word goes to the segment of the hypothesis word it is aligned with; a deleted word goes to the
     segment of the hypothesis word before it (the first segment at the start).
     """
-    joiner = "" if language in UNSPACED_LANGUAGES else " "
+    joiner = "" if error_metric(language) == "cer" else " "
     ref = _units(reference, language)
     owner: list[int] = []
     hyp: list[str] = []

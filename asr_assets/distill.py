@@ -35,6 +35,17 @@ import pyarrow.compute as pc
 import soundfile as sf
 
 from asr_assets import layout
+from asr_assets.languages import (
+    CHAR_RATE_LANGUAGES,
+    TEXT_LID_LANGUAGES,
+    are_related,
+    base_language,
+    majority_language,
+    script_share,
+    text_language,
+    unspaced_text,
+    unspaced_units,
+)
 from asr_assets.media import read_audio
 from asr_assets.records import (
     AUDIO_SCHEMA,
@@ -79,6 +90,8 @@ MANIFEST_SCHEMA = pa.schema(
         ("disagreement", pa.float32()),
         ("second_model", pa.string()),
         ("dnsmos_ovrl", pa.float32()),
+        ("language_prob", pa.float32()),
+        ("lid_model", pa.string()),
     ]
 )
 
@@ -90,6 +103,9 @@ _SEGMENT_STRUCT = pa.struct(
         ("text", pa.string()),
         ("avg_logprob", pa.float64()),
         ("status", pa.string()),
+        ("language", pa.string()),
+        ("language_prob", pa.float64()),
+        ("lid_model", pa.string()),
     ]
 )
 # Per-file transcripts (files.parquet in a build's folder): the same records as files.jsonl.
@@ -102,6 +118,7 @@ FILES_SCHEMA = pa.schema(
         ("text", pa.string()),
         ("segments", pa.list_(_SEGMENT_STRUCT)),
         ("failure", pa.struct([("stage", pa.string()), ("error_class", pa.string()), ("error", pa.string())])),
+        ("language", pa.string()),
     ]
 )
 
@@ -119,12 +136,14 @@ class Candidate:
         no_speech_prob: engine's no-speech probability (None when the engine has none).
         compression_ratio: zlib ratio of the text (None for empty text).
         finish_reason: ``stop`` or ``length``.
-        language: language of the transcript (ISO 639-1).
+        language: language the segment was transcribed in (ISO 639-1; the detected audio language with
+            ``ASR_LANGUAGE=auto``).
         clip_ratio: fraction of samples at full scale.
         speech_s: voiced seconds inside the segment (VAD windows at or above its threshold); None when unknown.
         disagreement: normalized error rate between the teacher's text and an independent model's (0 = the same
             words, 1 = nothing in common); None when the segment got no second opinion.
         dnsmos_ovrl: DNSMOS overall quality (1-5); None when not scored.
+        language_prob: the audio language ID's probability of ``language``; None when the language was fixed.
     """
 
     segment_id: str
@@ -140,11 +159,13 @@ class Candidate:
     speech_s: float | None = None
     disagreement: float | None = None
     dnsmos_ovrl: float | None = None
+    language_prob: float | None = None
 
     @property
     def chars_per_s(self) -> float:
-        """Letters and digits per voiced second (per second of the segment when the voiced time is unknown)."""
-        return chars_per_s(self.text, voiced_seconds(self.duration_s, self.speech_s))
+        """Letters and digits per voiced second (per second of the segment when the voiced time is unknown);
+        characters or syllables for ``CHAR_RATE_LANGUAGES``."""
+        return chars_per_s(self.text, voiced_seconds(self.duration_s, self.speech_s), self.language)
 
 
 def voiced_seconds(duration_s: float, speech_s: float | None) -> float:
@@ -162,9 +183,12 @@ SPOKEN_DIGIT_CHARS = 4
 SPOKEN_LETTER_CHARS = 3
 
 
-def spoken_chars(text: str) -> int:
+def spoken_chars(text: str, language: str = "en") -> int:
     """Letters and digits of the text as spoken: a digit counts as ``SPOKEN_DIGIT_CHARS``, a lone Latin letter (a
-    spelled one) as ``SPOKEN_LETTER_CHARS``, anything else one per letter."""
+    spelled one) as ``SPOKEN_LETTER_CHARS``, anything else one per letter. For ``CHAR_RATE_LANGUAGES``: characters
+    (Han, kana) or Hangul syllables (``languages.unspaced_units``)."""
+    if base_language(language) in CHAR_RATE_LANGUAGES:
+        return unspaced_units(text)
     count = 0
     for token in normalize_text(text).split():
         if token.isdigit():
@@ -176,9 +200,10 @@ def spoken_chars(text: str) -> int:
     return count
 
 
-def chars_per_s(text: str, duration_s: float) -> float:
-    """Speaking rate: spoken letters per second (``spoken_chars``; what the speaking-rate rules and the report use)."""
-    return spoken_chars(text) / max(duration_s, 1e-3)
+def chars_per_s(text: str, duration_s: float, language: str = "en") -> float:
+    """Speaking rate: spoken letters (characters for zh/ja/ko) per second (``spoken_chars``; what the speaking-rate
+    rules and the report use)."""
+    return spoken_chars(text, language) / max(duration_s, 1e-3)
 
 
 def normalize_text(text: str) -> str:
@@ -217,7 +242,14 @@ def canonical_text(text: str, language: str = "en") -> str:
     """``normalize_text`` plus the spellings two correct transcripts differ in: English number words as digits
     ("press one" = "Press 1."), and spelled-out letters joined ("M-I-S-D-N" = "MISDN"). Used wherever two texts are
     compared (second-opinion disagreement, label error rates), so formatting is not counted as an error. English
-    contractions are expanded ("I'm" = "I am", "don't" = "do not") and "#" is "pound"."""
+    contractions are expanded ("I'm" = "I am", "don't" = "do not") and "#" is "pound".
+
+    Accents on Latin letters are removed (``_strip_latin_accents``) and Russian "ё" is "е": references and
+    teachers differ in them far more often than in the word said. Other scripts keep every letter and mark."""
+    language = base_language(language) or "en"
+    text = _strip_latin_accents(text) if language != "vi" else text
+    if language == "ru":
+        text = text.replace("ё", "е").replace("Ё", "Е")
     if language == "en":
         text = _EN_WHOLE_WORD.sub(lambda m: _EN_WHOLE[m.group(1).lower()], text.replace("’", "'"))
         text = _EN_CONTRACTION.sub(lambda m: m.group(1) + _EN_CONTRACTIONS[m.group(2).lower()], text)
@@ -228,7 +260,8 @@ def canonical_text(text: str, language: str = "en") -> str:
     out: list[str] = []
     letters: list[str] = []
     for w in [*words, ""]:
-        if len(w) == 1 and w.isalpha():
+        # Spelled letters are Latin ones: single-letter Cyrillic words are prepositions ("в", "с", "и"), not spelling.
+        if len(w) == 1 and w.isalpha() and w.isascii():
             letters.append(w)
             continue
         if letters:
@@ -237,6 +270,22 @@ def canonical_text(text: str, language: str = "en") -> str:
         if w:
             out.append(w)
     return " ".join(out)
+
+
+def _strip_latin_accents(text: str) -> str:
+    """Combining marks removed from Latin letters only ("está" -> "esta"); Cyrillic "й", Devanagari and Thai
+    vowel signs, and kana voicing marks stay (there the mark makes another letter). Vietnamese is left alone by the
+    caller: its tone marks tell words apart."""
+    out: list[str] = []
+    base_is_latin = False
+    for ch in unicodedata.normalize("NFD", text):
+        if unicodedata.category(ch) == "Mn":
+            if base_is_latin:
+                continue
+        else:
+            base_is_latin = ch.isascii() and ch.isalpha() or unicodedata.name(ch, "").startswith("LATIN")
+        out.append(ch)
+    return unicodedata.normalize("NFC", "".join(out))
 
 
 class Rule(ABC):
@@ -348,11 +397,22 @@ def _repeat_pattern(times: int, min_words: int = 1) -> re.Pattern:
     return re.compile(r"\b(" + gram + r")(?:\W+\1\b){" + str(max(times - 1, 1)) + ",}", re.IGNORECASE)
 
 
+@functools.cache
+def _char_repeat_pattern(times: int, min_chars: int, max_chars: int) -> re.Pattern:
+    """A ``min_chars``-``max_chars`` character n-gram occurring ``times`` times back to back."""
+    return re.compile(r"(.{" + f"{min_chars},{max_chars}" + r"}?)\1{" + str(max(times - 1, 1)) + ",}")
+
+
 @dataclass(frozen=True)
 class RepetitionLoop(Rule):
     """A decoding loop: highly compressible text, a 1-4 word n-gram said ``max_repeats`` times in a row, a phrase of
     2-4 words said ``max_phrase_repeats`` times in a row (people repeat a word for emphasis, rarely a whole phrase
-    three times), or a ``length`` finish."""
+    three times), or a ``length`` finish.
+
+    Text in scripts written without spaces (Han, kana, Thai) has no words to count: its characters
+    (``languages.unspaced_text``) are searched for a 2-3 character n-gram (about a word) ``max_repeats`` times in a
+    row, a 4-8 character one (a phrase) ``max_phrase_repeats`` times, or one character twice ``max_repeats`` times
+    (laughter "哈哈哈哈" and "对对对" are speech)."""
 
     max_compression_ratio: float = 2.4
     max_repeats: int = 4
@@ -366,7 +426,58 @@ class RepetitionLoop(Rule):
             return True
         if _repeat_pattern(self.max_repeats).search(c.text) is not None:
             return True
-        return _repeat_pattern(self.max_phrase_repeats, min_words=2).search(c.text) is not None
+        if _repeat_pattern(self.max_phrase_repeats, min_words=2).search(c.text) is not None:
+            return True
+        chars = unspaced_text(c.text)
+        return chars != "" and any(
+            _char_repeat_pattern(times, low, high).search(chars) is not None
+            for times, low, high in (
+                (2 * self.max_repeats, 1, 1),
+                (self.max_repeats, 2, 3),
+                (self.max_phrase_repeats, 4, 8),
+            )
+        )
+
+
+@dataclass(frozen=True)
+class LanguageMismatch(Rule):
+    """The teacher's text is not in the segment's language: a teacher that translates (English text on Spanish
+    audio) or answers in another language.
+
+    Two signals, each used only where it is reliable (``languages``):
+
+    - script: under ``min_script_share`` of the text's units (words; characters of Han, kana, Thai) are in the
+      scripts the language is written in (zh audio with pinyin or English, en audio with Cyrillic), judged on texts
+      of at least ``min_script_units`` units;
+    - text LID (py3langid among ``TEXT_LID_LANGUAGES``): on a text of at least ``min_letters`` letters, another
+      language than the segment's, and not a close relative (es/ca/gl/pt/it, ru/uk/bg, ...), with probability at
+      least ``min_prob`` and at least ``min_margin`` nats of evidence per letter over the segment's language (a
+      list of names or code words reads as some language with a high probability, but on little evidence).
+
+    Short or ambiguous text is never judged ("OK" in Mandarin speech is speech), nor a language outside the tables,
+    nor a segment whose audio language ID was unsure (``language_prob`` under ``min_audio_prob``: the teacher may
+    have been asked for no particular language).
+    """
+
+    min_script_units: int = 3
+    min_script_share: float = 0.5
+    min_letters: int = 20
+    min_prob: float = 0.99
+    min_margin: float = 0.4
+    min_audio_prob: float = 0.5
+    name: ClassVar[str] = "language_mismatch"
+
+    def drops(self, c: Candidate) -> bool:
+        if c.language_prob is not None and c.language_prob < self.min_audio_prob:
+            return False
+        share = script_share(c.text, c.language)
+        if share is not None and share[1] >= self.min_script_units and share[0] < self.min_script_share:
+            return True
+        language = base_language(c.language)
+        if language not in TEXT_LID_LANGUAGES or sum(ch.isalpha() for ch in c.text) < self.min_letters:
+            return False
+        found, prob, margin = text_language(c.text, language)
+        return prob >= self.min_prob and margin >= self.min_margin and not are_related(found, language)
 
 
 @dataclass(frozen=True)
@@ -407,13 +518,21 @@ class LowConfidence(Rule):
 
 @dataclass(frozen=True)
 class SpeakingRate(Rule):
-    """Characters (letters and digits) per second outside ``[min_cps, max_cps]``: truncated or invented text."""
+    """Characters (letters and digits) per second outside ``[min_cps, max_cps]``: truncated or invented text.
+
+    Languages counted in characters or syllables (zh, ja, ko: ``CHAR_RATE_LANGUAGES``) have their own bounds,
+    ``[min_char_cps, max_char_cps]``: normal Mandarin is ~3-8 characters a second, where English is 10-20 letters.
+    """
 
     min_cps: float = 2.0
     max_cps: float = 30.0
+    min_char_cps: float = 1.0
+    max_char_cps: float = 12.0
     name: ClassVar[str] = "speaking_rate"
 
     def drops(self, c: Candidate) -> bool:
+        if base_language(c.language) in CHAR_RATE_LANGUAGES:
+            return not self.min_char_cps <= c.chars_per_s <= self.max_char_cps
         return not self.min_cps <= c.chars_per_s <= self.max_cps
 
 
@@ -976,6 +1095,7 @@ def _candidate(t: dict, f: dict, seg: dict) -> Candidate:
         speech_s=seg.get("speech_s"),
         disagreement=row_disagreement(t),
         dnsmos_ovrl=f.get("dnsmos_ovrl"),
+        language_prob=t.get("language_prob"),
     )
 
 
@@ -1003,6 +1123,8 @@ def _sample_json(t: dict, f: dict, seg: dict, uri: str, rules_sha: str) -> dict:
         "disagreement": row_disagreement(t),
         "second_model": t.get("second_model_id"),
         "dnsmos_ovrl": f.get("dnsmos_ovrl"),
+        "language_prob": t.get("language_prob"),
+        "lid_model": t.get("lid_model"),
     }
 
 
@@ -1056,6 +1178,11 @@ def _file_records(inputs: ShardInputs, decisions: list[DecisionRow], retired=fro
     Each segment's ``status`` is one of ``kept`` (in the dataset), ``dropped:{rule}`` (the first filter rule that
     dropped it), ``failed:{stage}`` (dead-lettered by ``segment_features`` or ``transcripts``) or ``pending``.
     ``failure`` is null for every outcome but ``failed``.
+
+    A transcribed segment carries its ``language`` (the one it was transcribed in), ``language_prob`` (the audio
+    language ID's probability; null when the language was fixed) and ``lid_model`` (null likewise); null for a
+    segment without a transcript. The file's ``language`` is the language of most of its transcribed speech
+    (``languages.majority_language``, by segment duration), null when no segment was transcribed.
     """
     index, audio, vad_media, segments = inputs.index, inputs.audio, inputs.vad_media, inputs.segments
     transcripts, dead = inputs.transcripts, inputs.dead
@@ -1063,7 +1190,12 @@ def _file_records(inputs: ShardInputs, decisions: list[DecisionRow], retired=fro
     seg_failed = _failures(dead, ("segment_features", "transcripts"))
     durations = dict(zip(audio["media_id"].to_pylist(), audio["duration_s"].to_pylist(), strict=True))
     vad_done = set(vad_media["media_id"].to_pylist())
-    texts = {r["segment_id"]: r for r in transcripts.select(["segment_id", "text", "avg_logprob"]).to_pylist()}
+    # language_prob and lid_model are absent from tables written before language ID.
+    columns = ["segment_id", "text", "avg_logprob", "language", "language_prob", "lid_model"]
+    texts = {
+        r["segment_id"]: r
+        for r in transcripts.select([c for c in columns if c in transcripts.column_names]).to_pylist()
+    }
     decided = {d.segment_id: d for d in decisions}
     by_media: dict[str, list[dict]] = {}
     for s in segments.sort_by([("media_id", "ascending"), ("index", "ascending")]).to_pylist():
@@ -1083,6 +1215,9 @@ def _file_records(inputs: ShardInputs, decisions: list[DecisionRow], retired=fro
                 "text": t.get("text"),
                 "avg_logprob": t.get("avg_logprob"),
                 "status": status,
+                "language": t.get("language"),
+                "language_prob": t.get("language_prob"),
+                "lid_model": t.get("lid_model"),
             }
         )
     records = []
@@ -1109,6 +1244,7 @@ def _file_records(inputs: ShardInputs, decisions: list[DecisionRow], retired=fro
             "text": " ".join(s["text"] for s in segs if s["status"] == "kept" and s["text"]),
             "segments": segs,
             "failure": failure,
+            "language": majority_language([(s["language"], s["end"] - s["start"]) for s in segs]),
         }
         records.append(line)
     return records
@@ -1137,6 +1273,8 @@ def build_rules(
     confidence_quantile: float = LowConfidence.quantile,
     min_chars_per_s: float = SpeakingRate.min_cps,
     max_chars_per_s: float = SpeakingRate.max_cps,
+    min_cjk_chars_per_s: float = SpeakingRate.min_char_cps,
+    max_cjk_chars_per_s: float = SpeakingRate.max_char_cps,
     rate_fence_k: float = SpeakingRateOutlier.k,
     rate_fence_min_segments: int = SpeakingRateOutlier.min_segments,
     rate_fence_min_log_iqr: float = SpeakingRateOutlier.min_log_iqr,
@@ -1144,6 +1282,12 @@ def build_rules(
     unsure_max_disagreement: float = UnsureDisagreement.max_disagreement,
     unsure_max_avg_logprob: float = UnsureDisagreement.max_avg_logprob,
     min_dnsmos_ovrl: float = LowAcousticQuality.min_dnsmos_ovrl,
+    mismatch_min_script_units: int = LanguageMismatch.min_script_units,
+    mismatch_min_script_share: float = LanguageMismatch.min_script_share,
+    mismatch_min_letters: int = LanguageMismatch.min_letters,
+    mismatch_min_prob: float = LanguageMismatch.min_prob,
+    mismatch_min_margin: float = LanguageMismatch.min_margin,
+    mismatch_min_audio_prob: float = LanguageMismatch.min_audio_prob,
 ) -> list[Rule]:
     """The rule set in its fixed order; the parameters are the run config's ``distilled_dataset`` fields."""
     return [
@@ -1154,9 +1298,17 @@ def build_rules(
         Clipped(max_clip_ratio),
         HallucinationPhrase(),
         RepetitionLoop(max_compression_ratio, max_repeats, max_phrase_repeats),
+        LanguageMismatch(
+            mismatch_min_script_units,
+            mismatch_min_script_share,
+            mismatch_min_letters,
+            mismatch_min_prob,
+            mismatch_min_margin,
+            mismatch_min_audio_prob,
+        ),
         NoSpeech(no_speech_prob),
         LowConfidence(min_avg_logprob, confidence_quantile),
-        SpeakingRate(min_chars_per_s, max_chars_per_s),
+        SpeakingRate(min_chars_per_s, max_chars_per_s, min_cjk_chars_per_s, max_cjk_chars_per_s),
         SpeakingRateOutlier(rate_fence_k, rate_fence_min_segments, rate_fence_min_log_iqr),
         Disagreement(max_disagreement),
         UnsureDisagreement(unsure_max_disagreement, unsure_max_avg_logprob),

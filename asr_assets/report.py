@@ -1,7 +1,9 @@
 """The distillation report over every shard: hours in and kept, drops by reason, distributions, and the filters' value.
 
 When reference transcripts are given for some files, the report measures the word error rate of all teacher labels
-and of the kept labels on those files, so what the filters buy is measured, not assumed.
+and of the kept labels on those files, so what the filters buy is measured, not assumed. Languages written without
+spaces (zh, ja, ko, th) are measured by character error rate instead (``calibrate.label_error_rate``), and every
+number is also given per language.
 """
 
 from __future__ import annotations
@@ -11,13 +13,13 @@ import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-import jiwer
 import numpy as np
 import pyarrow.compute as pc
 
 from asr_assets import layout
-from asr_assets.calibrate import audit_segments
-from asr_assets.distill import FILES_SCHEMA, canonical_text, chars_per_s, voiced_seconds
+from asr_assets.calibrate import audit_segments, label_errors
+from asr_assets.distill import FILES_SCHEMA, chars_per_s, voiced_seconds
+from asr_assets.languages import error_metric, majority_language
 from asr_assets.records import AUDIO_SCHEMA, DECISION_SCHEMA, FEATURE_SCHEMA, SEGMENT_SCHEMA
 from asr_assets.second_opinion import row_disagreement
 from asr_assets.stages import read_transcripts
@@ -57,6 +59,15 @@ class Report:
             of the second model alone count. An audit set (threshold_card) measures the real rate.
         dnsmos_scored: segments with a DNSMOS score.
         dnsmos_ovrl_median: median DNSMOS OVRL of the scored segments, all and kept.
+        cer_all, cer_kept, cer_files_kept_text: the same three figures as the WERs, as character error rates, over
+            the referenced files in languages measured in characters (zh, ja, ko, th); the ``wer_*`` figures cover
+            the files in the other languages. None where no referenced file is in such a language.
+        languages: per language (a segment's ``language``; a file's majority language, ``und`` for a file with no
+            transcribed segment): ``files`` and ``hours_in`` (the files of the current builds), ``transcribed``
+            (labelled segments with a decision), ``kept``, ``kept_hours``, ``dropped_by_reason`` and
+            ``dropped_hours_by_reason``; each sums over the languages to the total above.
+        error_rate_by_language: per language of the referenced files: ``metric`` (``wer`` or ``cer``), ``files``,
+            ``all``, ``kept`` and ``files_kept_text`` (as ``wer_all``, ``wer_kept``, ``wer_files_kept_text``).
     """
 
     shards: int = 0
@@ -79,6 +90,11 @@ class Report:
     estimated_error_rate: dict[str, dict] = field(default_factory=dict)
     dnsmos_scored: int = 0
     dnsmos_ovrl_median: dict[str, float | None] = field(default_factory=dict)
+    cer_all: float | None = None
+    cer_kept: float | None = None
+    cer_files_kept_text: float | None = None
+    languages: dict[str, dict] = field(default_factory=dict)
+    error_rate_by_language: dict[str, dict] = field(default_factory=dict)
 
     def headline(self) -> str:
         """One line a person reads first."""
@@ -90,6 +106,12 @@ class Report:
             line += (
                 f"; WER on {self.referenced_files} referenced files: all labels {self.wer_all:.3f}, "
                 f"kept {self.wer_kept:.3f}"
+            )
+        if self.cer_all is not None and self.cer_kept is not None:
+            line += f"; CER (zh/ja/ko/th files): all labels {self.cer_all:.3f}, kept {self.cer_kept:.3f}"
+        if len(self.languages) > 1:
+            line += "; kept hours by language: " + ", ".join(
+                f"{lang} {v['kept_hours']:.3f}" for lang, v in sorted(self.languages.items())
             )
         if self.second_opinion_segments:
             rates = [v["all"] for v in self.estimated_error_rate.values() if v["all"] is not None]
@@ -103,7 +125,8 @@ class Report:
 @dataclass
 class Distributions:
     """Per-segment values behind the plots: kept flag, duration (s), chars per voiced second, mean token logprob,
-    second-opinion disagreement and DNSMOS OVRL (NaN where not computed)."""
+    second-opinion disagreement and DNSMOS OVRL (NaN where not computed), language and first drop reason ("" when
+    kept)."""
 
     kept: np.ndarray
     duration: np.ndarray
@@ -111,6 +134,8 @@ class Distributions:
     avg_logprob: np.ndarray
     disagreement: np.ndarray
     dnsmos_ovrl: np.ndarray
+    language: np.ndarray = field(default_factory=lambda: np.array([], str))
+    drop_reason: np.ndarray = field(default_factory=lambda: np.array([], str))
 
 
 def _mean_ci(values: list[float]) -> dict:
@@ -137,9 +162,12 @@ def build_report(
     report = Report()
     drops: Counter = Counter()
     drop_s: Counter = Counter()
-    kept_flags, durations, rates, logprobs, disagreements, dnsmos = [], [], [], [], [], []
+    kept_flags, durations, rates, logprobs, disagreements, dnsmos, languages, reasons = ([] for _ in range(8))
     all_text: dict[str, str] = {}
     kept_text: dict[str, str] = {}
+    file_language: dict[str, str | None] = {}
+    files_by_language: Counter = Counter()
+    hours_by_language: Counter = Counter()
     segs_of: dict[str, list[tuple[str, str, str]]] = {}
     kept_ids: set[str] = set()
     for shard in shards:
@@ -178,7 +206,11 @@ def build_report(
             seconds = row["duration_s"]
             kept_flags.append(row["kept"])
             durations.append(seconds)
-            rates.append(chars_per_s(row["text"], voiced_seconds(seconds, voiced.get(row["segment_id"]))))
+            rates.append(
+                chars_per_s(row["text"], voiced_seconds(seconds, voiced.get(row["segment_id"])), row["language"])
+            )
+            languages.append(row["language"])
+            reasons.append("" if row["kept"] else row["drop_reason"])
             logprobs.append(row["avg_logprob"] if row["avg_logprob"] is not None else np.nan)
             score = row_disagreement(row)  # as the rules saw it
             disagreements.append(score if score is not None else np.nan)
@@ -209,20 +241,20 @@ def build_report(
                 labelled = [s for s in f["segments"] if s["text"] is not None]
                 all_text[f["uri"]] = " ".join(s["text"] for s in labelled)
                 kept_text[f["uri"]] = f["text"]
-                segs_of[f["uri"]] = [(s["segment_id"], s["text"], "en") for s in labelled]
+                # Builds written before language ID have no segment or file language: those were English.
+                language = f["language"] or majority_language([(s["language"], 1.0) for s in labelled])
+                file_language[f["uri"]] = language or ("en" if labelled else None)
+                files_by_language[file_language[f["uri"]] or "und"] += 1
+                hours_by_language[file_language[f["uri"]] or "und"] += (f["duration_s"] or 0.0) / 3600
+                segs_of[f["uri"]] = [(s["segment_id"], s["text"], s["language"] or "en") for s in labelled]
                 kept_ids.update(s["segment_id"] for s in labelled if s["status"] == "kept")
     report.dropped_by_reason = dict(sorted(drops.items()))
     report.dropped_hours_by_reason = {k: round(v / 3600, 5) for k, v in sorted(drop_s.items())}
     if references:
         covered = [uri for uri in references if uri in all_text or uri in kept_text]
         if covered:
-            # Canonical text: "press one" and "Press 1." are the same words (as for the second opinion).
-            refs = [canonical_text(references[uri]) for uri in covered]
             report.referenced_files = len(covered)
-            report.wer_files_kept_text = float(jiwer.wer(refs, [canonical_text(kept_text.get(u, "")) for u in covered]))
-            audited = audit_segments(segs_of, {u: references[u] for u in covered})
-            report.wer_all = _segment_wer(audited.items())
-            report.wer_kept = _segment_wer((sid, a) for sid, a in audited.items() if sid in kept_ids)
+            _error_rates(report, covered, references, kept_text, segs_of, kept_ids, file_language)
     dist = Distributions(
         np.array(kept_flags, bool),
         np.array(durations, float),
@@ -230,12 +262,84 @@ def build_report(
         np.array(logprobs, float),
         np.array(disagreements, float),
         np.array(dnsmos, float),
+        np.array(languages, str),
+        np.array(reasons, str),
     )
+    report.languages = _by_language(dist, files_by_language, hours_by_language)
     scored = np.isfinite(dist.dnsmos_ovrl)
     report.dnsmos_scored = int(scored.sum())
     for part, mask in (("all", scored), ("kept", scored & dist.kept)):
         report.dnsmos_ovrl_median[part] = round(float(np.median(dist.dnsmos_ovrl[mask])), 3) if mask.any() else None
     return report, dist
+
+
+def _error_rates(
+    report: Report,
+    covered: list[str],
+    references: dict[str, str],
+    kept_text: dict[str, str],
+    segs_of: dict[str, list[tuple[str, str, str]]],
+    kept_ids: set[str],
+    file_language: dict[str, str | None],
+) -> None:
+    """Fills the report's label error rates: overall WER (word languages) and CER (zh/ja/ko/th), and per language.
+
+    Texts are compared in canonical form ("press one" and "Press 1." are the same words, as for the second opinion),
+    each in its file's language.
+    """
+    languages = {uri: file_language.get(uri) or "en" for uri in covered}
+    audited = audit_segments(segs_of, {u: references[u] for u in covered})
+    file_errors = {u: label_errors(references[u], kept_text.get(u, ""), languages[u]) for u in covered}
+    for language in sorted(set(languages.values())):
+        files = {u for u in covered if languages[u] == language}
+        mine = [(sid, a) for sid, a in audited.items() if a.file in files]
+        report.error_rate_by_language[language] = {
+            "metric": error_metric(language),
+            "files": len(files),
+            "all": _round(_segment_wer(mine)),
+            "kept": _round(_segment_wer((sid, a) for sid, a in mine if sid in kept_ids)),
+            "files_kept_text": _round(_ratio([file_errors[u] for u in files])),
+        }
+    for metric in ("wer", "cer"):
+        files = {u for u in covered if error_metric(languages[u]) == metric}
+        if not files:
+            continue
+        mine = [(sid, a) for sid, a in audited.items() if a.file in files]
+        setattr(report, f"{metric}_all", _segment_wer(mine))
+        setattr(report, f"{metric}_kept", _segment_wer((sid, a) for sid, a in mine if sid in kept_ids))
+        setattr(report, f"{metric}_files_kept_text", _ratio([file_errors[u] for u in files]))
+
+
+def _ratio(counts: list[tuple[int, int]]) -> float | None:
+    """Summed errors over summed reference units of (errors, units) pairs; None when they cover no unit."""
+    units = sum(n for _, n in counts)
+    return sum(e for e, _ in counts) / units if units else None
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def _by_language(dist: Distributions, files: Counter, hours_in: Counter) -> dict[str, dict]:
+    """Per-language accounting of the labelled segments (``Report.languages``)."""
+    out: dict[str, dict] = {}
+    for language in sorted(set(dist.language.tolist()) | set(files)):
+        mine = dist.language == language
+        kept, dropped = mine & dist.kept, mine & ~dist.kept
+        drops = Counter(dist.drop_reason[dropped].tolist())
+        seconds = Counter()
+        for reason, duration in zip(dist.drop_reason[dropped].tolist(), dist.duration[dropped].tolist(), strict=True):
+            seconds[reason] += duration
+        out[language] = {
+            "files": files.get(language, 0),
+            "hours_in": round(hours_in.get(language, 0.0), 5),
+            "transcribed": int(mine.sum()),
+            "kept": int(kept.sum()),
+            "kept_hours": round(float(dist.duration[kept].sum()) / 3600, 5),
+            "dropped_by_reason": dict(sorted(drops.items())),
+            "dropped_hours_by_reason": {k: round(v / 3600, 5) for k, v in sorted(seconds.items())},
+        }
+    return out
 
 
 def _segment_wer(audited) -> float | None:
@@ -277,6 +381,7 @@ def render_plots(dist: Distributions) -> dict[str, bytes]:
         ("disagreement", dist.disagreement, "teacher vs second opinion (normalized WER/CER)", np.linspace(0, 1, 21)),
         ("dnsmos", dist.dnsmos_ovrl, "DNSMOS OVRL (1-5)", np.linspace(1, 5, 33)),
     ]
+    language_plot = _language_plot(dist, plt)
     for name, values, label, bins in specs:
         if name in ("disagreement", "dnsmos") and not np.isfinite(values).any():
             continue  # not computed for this dataset: no empty figure
@@ -292,7 +397,31 @@ def render_plots(dist: Distributions) -> dict[str, bytes]:
         fig.savefig(buf, format="png", metadata={"Software": None})
         plt.close(fig)
         plots[name] = buf.getvalue()
+    if language_plot is not None:
+        plots["languages"] = language_plot
     return plots
+
+
+def _language_plot(dist: Distributions, plt) -> bytes | None:
+    """Hours per language, kept and dropped by first reason, stacked (None without labelled segments)."""
+    if not dist.language.size:
+        return None
+    languages = sorted(set(dist.language.tolist()))
+    reasons = sorted(set(dist.drop_reason[~dist.kept].tolist()))
+    fig, ax = plt.subplots(figsize=(6, 0.6 + 0.45 * len(languages)), dpi=100)
+    left = np.zeros(len(languages))
+    for part in ["kept", *reasons]:
+        mask = dist.kept if part == "kept" else (~dist.kept & (dist.drop_reason == part))
+        hours = np.array([dist.duration[mask & (dist.language == lang)].sum() / 3600 for lang in languages])
+        ax.barh(languages, hours, left=left, label=part if part == "kept" else f"dropped: {part}")
+        left += hours
+    ax.set_xlabel("hours of labelled segments")
+    ax.legend(fontsize="small", loc="lower right")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
 
 
 def report_json(report: Report) -> bytes:

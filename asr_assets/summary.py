@@ -1,4 +1,6 @@
-"""Summarise an output root: counts across every shard and, given references, the WER of the kept transcripts.
+"""Summarise an output root: counts across every shard and, given references, the error rate of the kept labels.
+
+The error rate is the WER, the CER for zh/ja/ko/th (both when the references cover both kinds of language).
 
 ``python -m asr_assets.summary --output-root data/out [--references data/sample/references.jsonl --media-root DIR]``
 prints the distillation report's headline and, as its last line, one JSON object (what ``make demo`` ends with).
@@ -50,6 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     if report.wer_kept is not None:
         summary["wer"] = round(report.wer_kept, 4)
+    # zh/ja/ko/th labels are measured in characters; with several languages, each one's figure under its metric.
+    if report.cer_kept is not None:
+        summary["cer"] = round(report.cer_kept, 4)
+    if len(report.error_rate_by_language) > 1:
+        summary["error_rate_by_language"] = {
+            language: {"metric": v["metric"], "kept": v["kept"]}
+            for language, v in report.error_rate_by_language.items()
+        }
     print(json.dumps(summary))
     return 0
 

@@ -62,7 +62,8 @@ def _audit_set():
     for i in range(40):
         ref = " ".join(words[(i + k) % 8] for k in range(8))
         wrong = i % 4 == 3
-        text = " ".join(["zulu"] * 3 + ref.split()[3:]) if wrong else ref
+        # An English word: a code word ("zulu") makes the text read as Romanian, which language_mismatch would see.
+        text = " ".join(["nothing"] * 3 + ref.split()[3:]) if wrong else ref
         c = _cand(i, text, -0.9 if wrong else -0.2 - 0.01 * (i % 5), 0.375 if wrong else 0.0 + 0.05 * (i % 3))
         candidates.append(c)
         files[f"file://{i}"] = [(c.segment_id, c.text, "en")]
