@@ -189,7 +189,7 @@ def best_offset(deltas: np.ndarray) -> tuple[int, int]:
         return 0, 0
     values, counts = np.unique(deltas, return_counts=True)
     lookup = dict(zip(values.tolist(), counts.tolist(), strict=True))
-    smoothed = [lookup.get(v - 1, 0) + c + lookup.get(v + 1, 0) for v, c in zip(values.tolist(), counts.tolist())]
+    smoothed = [lookup.get(v - 1, 0) + c + lookup.get(v + 1, 0) for v, c in lookup.items()]
     best = int(np.argmax(smoothed))
     return int(smoothed[best]), int(values[best])
 
