@@ -3,9 +3,9 @@
 Three parallel arrays sorted by hash (uint32 hash, uint32 reference ordinal, uint32 frame on the reference media's
 timeline) answer "which indexed audio holds these landmarks at a consistent time offset" with one ``searchsorted``
 per query hash and a vote over the postings found. Only a consistent sample of the hash space is indexed (hashes
-below ``SAMPLE_LIMIT``, an eighth): both copies of a recording keep the same sample, so matching needs no more, and the
-index holds an eighth of the rows. Arrays are stored as ``.npy`` files so a large index is memory-mapped, not loaded:
-a lookup touches ~30 pages per query hash.
+below ``fingerprint.SAMPLE_LIMIT``, an eighth): both copies of a recording keep the same sample, so matching needs no
+more, and the index holds an eighth of the rows. Arrays are stored as ``.npy`` files so a large index is
+memory-mapped, not loaded: a lookup touches ~30 pages per query hash.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import numpy as np
 
 from asr_assets import fingerprint as fp
 
-SAMPLE_LIMIT = 1 << 29  # hashes below this are indexed (an eighth: the top three of 32 well-mixed bits are zero)
 MAX_POSTINGS = 20_000  # a hash this common says nothing about which recording it came from (a stop word)
 MIN_VOTES = 6  # agreeing landmarks, in the indexed sample
 MIN_SIMILARITY = 0.05  # share of the query's sampled landmarks that agree
@@ -34,17 +33,11 @@ class Hit:
     offset: int
 
 
-def sampled(print_: fp.Fingerprint) -> fp.Fingerprint:
-    """The landmarks the index keeps."""
-    keep = print_.hashes < SAMPLE_LIMIT
-    return fp.Fingerprint(print_.hashes[keep], print_.times[keep])
-
-
 def build_index_arrays(
     prints: list[fp.Fingerprint], sample_all: bool = False, first_ref: int = 0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sorted (hashes, refs, times) of ``prints``; reference ``i`` is ``first_ref + i``."""
-    chosen = [p if sample_all else sampled(p) for p in prints]
+    chosen = [p if sample_all else fp.sampled(p) for p in prints]
     if not chosen:
         return np.empty(0, np.uint32), np.empty(0, np.uint32), np.empty(0, np.uint32)
     hashes = np.concatenate([p.hashes for p in chosen]).astype(np.uint32)
@@ -57,9 +50,17 @@ def build_index_arrays(
 class FingerprintIndex:
     """One or more sorted parts (each a hashes/refs/times triple), searched together."""
 
-    def __init__(self, parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], names: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+        names: list[str] | None = None,
+        group: np.ndarray | None = None,
+    ) -> None:
+        """``group`` maps a reference to the unit votes are counted for (a segment to its media file, whose timeline
+        the times are on); hits then name groups. Without it, each reference is its own group."""
         self.parts = [p for p in parts if len(p[0])]
         self.names = names
+        self.group = group
         self.sample_all = False
 
     @classmethod
@@ -99,10 +100,12 @@ class FingerprintIndex:
     def hits(self, query: fp.Fingerprint, limit: int = 8) -> list[Hit]:
         """The references whose landmarks agree most with the query at one time offset (best first), whether or not
         they pass the match thresholds."""
-        q = query if self.sample_all else sampled(query)
+        q = query if self.sample_all else fp.sampled(query)
         refs, deltas = self.postings(q)
         if not len(refs):
             return []
+        if self.group is not None:
+            refs = self.group[refs]
         keys = (refs.astype(np.int64) << 32) | (deltas + (1 << 31))
         values, counts = np.unique(keys, return_counts=True)
         # An offset's votes include its neighbours one frame either side (the STFT grids of two copies differ).
@@ -156,7 +159,7 @@ def synthetic_index(segments: int, folder: Path, seed: int = 0, rows_per_segment
         name: np.lib.format.open_memmap(path, mode="w+", dtype=np.uint32, shape=(rows,)) for name, path in paths.items()
     }
     chunks = 256
-    step = SAMPLE_LIMIT // chunks
+    step = fp.SAMPLE_LIMIT // chunks
     edges = np.linspace(0, rows, chunks + 1).astype(np.int64)
     for c in range(chunks):  # sorted uniform hashes, one slice of the hash space at a time
         a, b = edges[c], edges[c + 1]

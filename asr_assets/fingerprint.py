@@ -33,6 +33,7 @@ FLOOR_DB = 35.0  # peaks more than this below the loudest bin around them are no
 HASH_MIX = 0x9E3779B1  # Fibonacci hashing: spreads the 21 landmark bits over 32 so a bit-range sample is uniform
 
 QUERY_SHIFTS = 4
+SAMPLE_LIMIT = 1 << 29  # hashes below this are stored and indexed: an eighth (the top 3 of 32 well-mixed bits are 0)
 
 # Matching: votes that agree on a time offset (within one frame) against a reference.
 MIN_VOTES = 8
@@ -164,6 +165,29 @@ def query_prints(x: np.ndarray, offset_frames: int = 0) -> list[Fingerprint]:
     """
     step = HOP // QUERY_SHIFTS
     return [fingerprint(x[k * step :], offset_frames) for k in range(QUERY_SHIFTS)]
+
+
+def sampled(print_: Fingerprint) -> Fingerprint:
+    """The landmarks that are stored and indexed: a consistent eighth of the hash space. Both copies of a recording
+    keep the same ones, so matching needs no more, and tables and the index hold an eighth of the rows."""
+    keep = print_.hashes < SAMPLE_LIMIT
+    return Fingerprint(print_.hashes[keep], print_.times[keep])
+
+
+def stored_prints(x: np.ndarray, offset_frames: int = 0) -> tuple[bytes, bytes, list[int]]:
+    """The sampled landmarks of ``x`` on every query grid, packed for a table: hashes, times (uint32 LE) and how many
+    belong to each grid (the first grid's are what the index holds)."""
+    prints = [sampled(p) for p in query_prints(x, offset_frames)]
+    hashes = np.concatenate([p.hashes for p in prints]).astype("<u4").tobytes()
+    times = np.concatenate([p.times for p in prints]).astype("<u4").tobytes()
+    return hashes, times, [len(p) for p in prints]
+
+
+def unpack_prints(hashes: bytes, times: bytes, sizes: list[int]) -> list[Fingerprint]:
+    """The per-grid fingerprints of :func:`stored_prints`' output."""
+    h, t = np.frombuffer(hashes, "<u4").astype(np.uint32), np.frombuffer(times, "<u4").astype(np.uint32)
+    ends = np.cumsum(sizes)
+    return [Fingerprint(h[e - n : e], t[e - n : e]) for n, e in zip(sizes, ends, strict=True)]
 
 
 def match(query: Fingerprint, reference: Fingerprint) -> tuple[int, int]:
