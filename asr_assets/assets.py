@@ -535,6 +535,14 @@ def distillation_report(config: ReportConfig, storage: StorageResource) -> dg.Ma
     if report.second_opinion_segments:
         meta["second_opinion_segments"] = report.second_opinion_segments
         meta["estimated_label_error_rate"] = dg.MetadataValue.json(report.estimated_error_rate)
+    if report.dedup:
+        meta["duplicate_hours_by_kind"] = dg.MetadataValue.json(
+            {k: v["hours"] for k, v in report.dedup["duplicates_by_kind"].items()}
+        )
+        meta["teacher_hours_saved"] = report.dedup["teacher_hours_saved"]
+        meta["eval_contamination"] = dg.MetadataValue.json(
+            {k: v["segments"] for k, v in report.dedup["eval_matches"].items()}
+        )
     if report.dnsmos_scored:
         meta["dnsmos_scored"] = report.dnsmos_scored
         meta["dnsmos_ovrl_median"] = dg.MetadataValue.json(report.dnsmos_ovrl_median)

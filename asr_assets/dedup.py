@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 from asr_assets import fingerprint as fp
 from asr_assets import layout
 from asr_assets.dedup_index import FingerprintIndex, Hit, build_index_arrays, is_match
-from asr_assets.records import AUDIO_SCHEMA
+from asr_assets.records import AUDIO_SCHEMA, FEATURE_SCHEMA
 from resources.storage import ObjectStore, read_table, write_table
 
 DUPLICATE = "duplicate"
@@ -467,3 +467,49 @@ def register_eval_sets(out: ObjectStore, sets: dict[str, tuple[ObjectStore, list
 
 def read_eval_sets(out: ObjectStore) -> pa.Table | None:
     return read_table(out, EVAL_INDEX_KEY, EVAL_INDEX_SCHEMA) if out.exists(EVAL_INDEX_KEY) else None
+
+
+def summary(out: ObjectStore, shards: list[str], examples: int = 20) -> dict:
+    """For the distillation report: duplicate segments and hours by kind, teacher hours saved (segments skipped before
+    the teacher), and per evaluation set the matching segments (count, hours, a few examples)."""
+    from asr_assets.stages import read_transcripts
+
+    dups = read_duplicates(out)
+    by_kind = {
+        kind: {
+            "segments": int(pc.sum(pc.equal(dups["kind"], kind)).as_py() or 0),
+            "hours": round((pc.sum(dups.filter(pc.equal(dups["kind"], kind))["duration_s"]).as_py() or 0.0) / 3600, 6),
+        }
+        for kind in KINDS
+    }
+    saved_s = 0.0
+    for shard in shards:
+        table = read_transcripts(out, shard)
+        skipped = table.filter(pc.starts_with(table["finish_reason"], SKIPPED_FINISH))["segment_id"]
+        if len(skipped):
+            features = read_table(out, layout.features_key(shard), FEATURE_SCHEMA)
+            chosen = features.filter(pc.is_in(features["segment_id"], value_set=skipped))
+            saved_s += pc.sum(chosen["duration_s"]).as_py() or 0.0
+    evals = read_table(out, EVAL_MATCHES_KEY, EVAL_MATCHES_SCHEMA)
+    per_set: dict[str, dict] = {}
+    for r in evals.sort_by([("eval_set", "ascending"), ("uri", "ascending")]).to_pylist():
+        entry = per_set.setdefault(r["eval_set"], {"segments": 0, "hours": 0.0, "examples": []})
+        entry["segments"] += 1
+        entry["hours"] += r["duration_s"] / 3600
+        if len(entry["examples"]) < examples:
+            entry["examples"].append(
+                {
+                    "segment_id": r["segment_id"],
+                    "uri": r["uri"],
+                    "eval_uri": r["eval_uri"],
+                    "similarity": round(float(r["similarity"]), 4),
+                }
+            )
+    for entry in per_set.values():
+        entry["hours"] = round(entry["hours"], 6)
+    return {
+        "duplicates_by_kind": by_kind,
+        "duplicate_hours": round(sum(v["hours"] for v in by_kind.values()), 6),
+        "teacher_hours_saved": round(saved_s / 3600, 6),
+        "eval_matches": per_set,
+    }

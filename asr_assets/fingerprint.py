@@ -64,12 +64,14 @@ class Fingerprint:
 
 
 def pcm_sha256(samples: np.ndarray) -> str:
-    """SHA-256 of float samples as 16-bit integers (what the decoded FLAC holds): equal for identical audio."""
+    """SHA-256 of float samples as 16-bit integers (what the decoded FLAC holds: reading it back gives the same
+    hash): equal for identical audio."""
     return hashlib.sha256(to_int16(samples).astype("<i2").tobytes()).hexdigest()
 
 
 def to_int16(samples: np.ndarray) -> np.ndarray:
-    return np.round(np.clip(samples, -1.0, 1.0) * 32767.0).astype(np.int16)
+    """Float samples as the 16-bit integers libsndfile writes to the FLAC (scaled by 32768, rounded, clipped)."""
+    return np.clip(np.round(np.asarray(samples, np.float64) * 32768.0), -32768, 32767).astype(np.int16)
 
 
 class PcmHasher:

@@ -15,7 +15,7 @@ import jiwer
 import numpy as np
 import pyarrow.compute as pc
 
-from asr_assets import layout
+from asr_assets import dedup, layout
 from asr_assets.calibrate import audit_segments
 from asr_assets.distill import FILES_SCHEMA, canonical_text, chars_per_s, voiced_seconds
 from asr_assets.records import AUDIO_SCHEMA, DECISION_SCHEMA, FEATURE_SCHEMA, SEGMENT_SCHEMA
@@ -57,6 +57,8 @@ class Report:
             of the second model alone count. An audit set (threshold_card) measures the real rate.
         dnsmos_scored: segments with a DNSMOS score.
         dnsmos_ovrl_median: median DNSMOS OVRL of the scored segments, all and kept.
+        dedup: duplicates and evaluation-set matches (``dedup.summary``): segments and hours by duplicate kind,
+            teacher hours saved by skipping known copies, and the matches per evaluation set.
     """
 
     shards: int = 0
@@ -79,6 +81,7 @@ class Report:
     estimated_error_rate: dict[str, dict] = field(default_factory=dict)
     dnsmos_scored: int = 0
     dnsmos_ovrl_median: dict[str, float | None] = field(default_factory=dict)
+    dedup: dict = field(default_factory=dict)
 
     def headline(self) -> str:
         """One line a person reads first."""
@@ -235,6 +238,7 @@ def build_report(
     report.dnsmos_scored = int(scored.sum())
     for part, mask in (("all", scored), ("kept", scored & dist.kept)):
         report.dnsmos_ovrl_median[part] = round(float(np.median(dist.dnsmos_ovrl[mask])), 3) if mask.any() else None
+    report.dedup = dedup.summary(out, shards)
     return report, dist
 
 

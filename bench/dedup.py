@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -186,7 +187,10 @@ def main() -> None:
         if args.verbose:
             print("distinct", path.name, hit, [index.best(q) for q in prints[path]], file=sys.stderr)
 
-    rows, lookup_ms = synthetic_index(args.index_segments, work / "synthetic-index", seed=1)
+    try:
+        rows, lookup_ms = synthetic_index(args.index_segments, work / "synthetic-index", seed=1)
+    finally:
+        shutil.rmtree(work / "synthetic-index", ignore_errors=True)  # 6 GB at 10 million segments
     print(
         json.dumps(
             {
