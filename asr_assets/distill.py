@@ -1096,7 +1096,9 @@ def _file_records(inputs: ShardInputs, decisions: list[DecisionRow], retired=fro
     seg_failed = _failures(dead, ("segment_features", "transcripts"))
     durations = dict(zip(audio["media_id"].to_pylist(), audio["duration_s"].to_pylist(), strict=True))
     vad_done = set(vad_media["media_id"].to_pylist())
-    texts = {r["segment_id"]: r for r in transcripts.select(["segment_id", "text", "avg_logprob"]).to_pylist()}
+    # A segment skipped as a known copy has no label (null text), not an empty one.
+    labelled = transcripts.filter(pc.invert(pc.starts_with(transcripts["finish_reason"], dedup.SKIPPED_FINISH)))
+    texts = {r["segment_id"]: r for r in labelled.select(["segment_id", "text", "avg_logprob"]).to_pylist()}
     decided = {d.segment_id: d for d in decisions}
     by_media: dict[str, list[dict]] = {}
     for s in segments.sort_by([("media_id", "ascending"), ("index", "ascending")]).to_pylist():

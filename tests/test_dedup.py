@@ -234,7 +234,7 @@ def test_pipeline_skips_known_copies_and_drops_them_with_their_reason(tmp_path: 
     assert "kept" in {s["status"] for s in files["c_other.wav"]["segments"]}
     # Never given to the teacher: their outcome is the skip, and the decision carries what dedup found.
     for s in copy["segments"]:
-        assert skipped[s["segment_id"]] == "skipped:duplicate"
+        assert skipped[s["segment_id"]] == "skipped:duplicate" and s["text"] is None  # no label, not an empty one
         d = decisions[s["segment_id"]]
         assert d["drop_reason"] == "duplicate" and d["duplicate_of"] and d["duplicate_kind"] == "re_encode"
     for s in leaked["segments"]:
