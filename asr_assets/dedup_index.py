@@ -33,11 +33,9 @@ class Hit:
     offset: int
 
 
-def build_index_arrays(
-    prints: list[fp.Fingerprint], sample_all: bool = False, first_ref: int = 0
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def build_index_arrays(prints: list[fp.Fingerprint], first_ref: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sorted (hashes, refs, times) of ``prints``; reference ``i`` is ``first_ref + i``."""
-    chosen = [p if sample_all else fp.sampled(p) for p in prints]
+    chosen = [fp.sampled(p) for p in prints]
     if not chosen:
         return np.empty(0, np.uint32), np.empty(0, np.uint32), np.empty(0, np.uint32)
     hashes = np.concatenate([p.hashes for p in chosen]).astype(np.uint32)
@@ -61,15 +59,6 @@ class FingerprintIndex:
         self.parts = [p for p in parts if len(p[0])]
         self.names = names
         self.group = group
-        self.sample_all = False
-
-    @classmethod
-    def from_arrays(
-        cls, hashes: np.ndarray, refs: np.ndarray, times: np.ndarray, names: list[str] | None = None
-    ) -> FingerprintIndex:
-        index = cls([(hashes, refs, times)], names)
-        index.sample_all = True
-        return index
 
     @property
     def rows(self) -> int:
@@ -100,7 +89,7 @@ class FingerprintIndex:
     def hits(self, query: fp.Fingerprint, limit: int = 8) -> list[Hit]:
         """The references whose landmarks agree most with the query at one time offset (best first), whether or not
         they pass the match thresholds."""
-        q = query if self.sample_all else fp.sampled(query)
+        q = fp.sampled(query)
         refs, deltas = self.postings(q)
         if not len(refs):
             return []

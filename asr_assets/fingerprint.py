@@ -7,9 +7,10 @@ voting on a consistent offset) does, and survives re-encoding, gain and resampli
 
 The landmark fingerprint of 16 kHz audio: a 1024-point STFT every 32 ms, its log magnitude between 250 Hz and
 3.75 kHz (so an 8 kHz copy, which lost everything above 4 kHz, keeps every peak used), local maxima of that
-spectrogram (the strongest few per second, by rank, so a gain change moves none), and for each peak a hash of it and
-each of its next few neighbours (frequency, frequency step, time step): 21 bits, mixed into 32 so a consistent sample
-of the hash space can be kept in the global index.
+spectrogram within 35 dB of the loudest bin around them (a level relative to its surroundings: a gain change moves
+none, and a clip keeps the peaks it had inside the longer file), and for each peak a hash of it and each of its next
+few neighbours (frequency, frequency step, time step): 21 bits, mixed into 32 so that a consistent sample of the hash
+space can be stored and indexed.
 """
 
 from __future__ import annotations
@@ -30,14 +31,13 @@ FAN_OUT = 4  # pairs per anchor peak
 MAX_DT = 40  # target peaks at most this many frames (1.28 s) after the anchor
 MAX_DF = 63
 FLOOR_DB = 35.0  # peaks more than this below the loudest bin around them are noise
+# An absolute floor too: in digital silence every bin ties with its neighbours and would be a "peak", giving every
+# file with silence the same landmarks. A full-scale sine peaks at ~48 dB here, 16-bit quantization noise at ~-75 dB.
+ABS_FLOOR_DB = -60.0
 HASH_MIX = 0x9E3779B1  # Fibonacci hashing: spreads the 21 landmark bits over 32 so a bit-range sample is uniform
 
 QUERY_SHIFTS = 4
 SAMPLE_LIMIT = 1 << 29  # hashes below this are stored and indexed: an eighth (the top 3 of 32 well-mixed bits are 0)
-
-# Matching: votes that agree on a time offset (within one frame) against a reference.
-MIN_VOTES = 8
-MIN_SIMILARITY = 0.04
 
 
 @dataclass(frozen=True)
@@ -57,10 +57,6 @@ class Fingerprint:
     @classmethod
     def from_bytes(cls, hashes: bytes, times: bytes) -> Fingerprint:
         return cls(np.frombuffer(hashes, "<u4").astype(np.uint32), np.frombuffer(times, "<u4").astype(np.uint32))
-
-    def shifted(self, frames: int) -> Fingerprint:
-        """The same hashes with their times moved by ``frames`` (a segment's fingerprint on its media's timeline)."""
-        return Fingerprint(self.hashes, self.times + np.uint32(frames))
 
 
 def pcm_sha256(samples: np.ndarray) -> str:
@@ -115,7 +111,7 @@ def _max_filter(a: np.ndarray, reach: int, axis: int) -> np.ndarray:
 
 
 def peaks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Spectral peaks of float samples: (frame, bin) arrays in time order, the strongest PEAKS_PER_S per second."""
+    """Spectral peaks of float samples: (frame, bin) arrays in time order."""
     if len(x) < N_FFT:
         return np.empty(0, np.int64), np.empty(0, np.int64)
     db = _spectrogram(np.ascontiguousarray(x, dtype=np.float32))
@@ -123,7 +119,7 @@ def peaks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     # Loud enough against what surrounds it (the loudest bin within a second either side), not against the whole
     # file: a clip cut from a recording keeps the same peaks as the recording, and a gain change moves none.
     loudest = _max_filter(db.max(axis=1, keepdims=True), LOUD_REACH, axis=0)
-    is_peak = (db == local) & (db > loudest - FLOOR_DB)
+    is_peak = (db == local) & (db > loudest - FLOOR_DB) & (db > ABS_FLOOR_DB)
     t, f = np.nonzero(is_peak)
     return t, f
 
@@ -190,40 +186,3 @@ def unpack_prints(hashes: bytes, times: bytes, sizes: list[int]) -> list[Fingerp
     h, t = np.frombuffer(hashes, "<u4").astype(np.uint32), np.frombuffer(times, "<u4").astype(np.uint32)
     ends = np.cumsum(sizes)
     return [Fingerprint(h[e - n : e], t[e - n : e]) for n, e in zip(sizes, ends, strict=True)]
-
-
-def match(query: Fingerprint, reference: Fingerprint) -> tuple[int, int]:
-    """Votes for the best time offset of ``query`` inside ``reference`` (within one frame), and that offset."""
-    if not len(query) or not len(reference):
-        return 0, 0
-    order = np.argsort(reference.hashes, kind="stable")
-    ref_h, ref_t = reference.hashes[order], reference.times[order].astype(np.int64)
-    lo = np.searchsorted(ref_h, query.hashes, side="left")
-    hi = np.searchsorted(ref_h, query.hashes, side="right")
-    counts = hi - lo
-    if not counts.sum():
-        return 0, 0
-    q_idx = np.repeat(np.arange(len(query)), counts)
-    r_idx = np.concatenate([np.arange(a, b) for a, b in zip(lo[counts > 0], hi[counts > 0], strict=True)])
-    deltas = ref_t[r_idx] - query.times[q_idx].astype(np.int64)
-    return best_offset(deltas)
-
-
-def best_offset(deltas: np.ndarray) -> tuple[int, int]:
-    """The most common time offset, counting its neighbours one frame either side: (votes, offset)."""
-    if not len(deltas):
-        return 0, 0
-    values, counts = np.unique(deltas, return_counts=True)
-    lookup = dict(zip(values.tolist(), counts.tolist(), strict=True))
-    smoothed = [lookup.get(v - 1, 0) + c + lookup.get(v + 1, 0) for v, c in lookup.items()]
-    best = int(np.argmax(smoothed))
-    return int(smoothed[best]), int(values[best])
-
-
-def similarity(votes: int, query: Fingerprint) -> float:
-    """The share of the query's hashes that agree with the match."""
-    return votes / max(len(query), 1)
-
-
-def is_match(votes: int, query: Fingerprint) -> bool:
-    return votes >= MIN_VOTES and similarity(votes, query) >= MIN_SIMILARITY
