@@ -260,31 +260,35 @@ def update_index(out: ObjectStore, shards: list[str], eval_sets: pa.Table | None
         for column, array in zip(("hashes", "refs", "times"), part, strict=True):
             _save_npy(out, part_key(generation, column), array)
     everything = pa.concat_tables([indexed, new])
-    rows = everything.to_pylist()
+    # Columns, not rows: the index may hold millions of segments; only this run's new ones become Python objects.
     # Votes are counted per media file on its timeline, so a query segment that straddles two of the other copy's
     # segments (VAD cut them elsewhere) still collects all its votes.
-    media_of = {mid: i for i, mid in enumerate(dict.fromkeys(r["media_id"] for r in rows))}
-    group = np.array([media_of[r["media_id"]] for r in rows], dtype=np.int64)
+    group = pc.dictionary_encode(everything["media_id"]).combine_chunks().indices.to_numpy().astype(np.int64)
+    _, first_of_group = np.unique(group, return_index=True)  # first appearance = keep-rule order of the files
+    members = np.argsort(group, kind="stable")
+    bounds = np.searchsorted(group[members], np.arange(len(first_of_group) + 1))
+    starts = everything["start_s"].to_numpy()
+    durations = everything["duration_s"].to_numpy()
     index = FingerprintIndex(parts, group=group)
     report.index_rows = index.rows
-    first_of_media: dict[int, int] = {}
-    for i, g in enumerate(group.tolist()):
-        first_of_media.setdefault(g, i)
-    root = dict(zip(duplicates["segment_id"].to_pylist(), duplicates["duplicate_of"].to_pylist(), strict=True))
-    by_id = {r["segment_id"]: i for i, r in enumerate(rows)}
+    # A kept segment's own root (when it is itself a copy of something earlier): chains resolve to the first copy.
+    root = {
+        r["segment_id"]: (r["duplicate_of"], r["duplicate_of_uri"])
+        for r in duplicates.select(["segment_id", "duplicate_of", "duplicate_of_uri"]).to_pylist()
+    }
     new_dups = []
-    for k, grids in enumerate(prints):
+    for k, (mine, grids) in enumerate(zip(new.to_pylist(), prints, strict=True)):
         me = indexed.num_rows + k
-        mine = rows[me]
         # Only earlier copies can be kept over this one: every segment of an earlier file in keep-rule order.
-        hit = _best(index, grids, lambda g, me=me, mine=group[me]: g != mine and first_of_media[g] < me)
+        hit = _best(index, grids, lambda g, me=me, own=group[me]: g != own and first_of_group[g] < me)
         if hit is None:
             continue
-        kept = _overlapping_segment(rows, group, hit, mine)
-        kept_id = root.get(rows[kept]["segment_id"], rows[kept]["segment_id"])
-        root[mine["segment_id"]] = kept_id
-        other = rows[by_id[kept_id]]
-        kind = _kind(mine, rows[kept])
+        segs = members[bounds[hit.ref] : bounds[hit.ref + 1]]
+        kept = _overlapping_segment(segs, starts, durations, mine["start_s"] + hit.offset * fp.FRAME_S, mine)
+        kept_id = everything["segment_id"][kept].as_py()
+        kept_id, kept_uri = root.get(kept_id, (kept_id, everything["uri"][kept].as_py()))
+        root[mine["segment_id"]] = (kept_id, kept_uri)
+        kind = _kind(mine, everything["pcm_sha256"][kept].as_py(), everything["media_duration_s"][kept].as_py())
         new_dups.append(
             {
                 "segment_id": mine["segment_id"],
@@ -292,7 +296,7 @@ def update_index(out: ObjectStore, shards: list[str], eval_sets: pa.Table | None
                 "shard": mine["shard"],
                 "duration_s": mine["duration_s"],
                 "duplicate_of": kept_id,
-                "duplicate_of_uri": other["uri"],
+                "duplicate_of_uri": kept_uri,
                 "similarity": min(1.0, hit.similarity),
                 "kind": kind,
             }
@@ -310,21 +314,18 @@ def update_index(out: ObjectStore, shards: list[str], eval_sets: pa.Table | None
     return report
 
 
-def _overlapping_segment(rows: list[dict], group: np.ndarray, hit: Hit, mine: dict) -> int:
-    """The segment of the matched file whose span overlaps the query segment most, placed by the matched offset."""
-    start = mine["start_s"] + hit.offset * fp.FRAME_S
+def _overlapping_segment(segs: np.ndarray, starts: np.ndarray, durations: np.ndarray, start: float, mine: dict) -> int:
+    """Of the matched file's segments, the one that overlaps most with the query segment placed at ``start`` (its
+    start moved by the matched offset) on that file's timeline."""
     end = start + mine["duration_s"]
-    candidates = np.nonzero(group == hit.ref)[0]
-    overlap = [
-        min(end, rows[c]["start_s"] + rows[c]["duration_s"]) - max(start, rows[c]["start_s"]) for c in candidates
-    ]
-    return int(candidates[int(np.argmax(overlap))])
+    overlap = np.minimum(end, starts[segs] + durations[segs]) - np.maximum(start, starts[segs])
+    return int(segs[int(np.argmax(overlap))])
 
 
-def _kind(mine: dict, kept: dict) -> str:
-    if mine["pcm_sha256"] and mine["pcm_sha256"] == kept["pcm_sha256"]:
+def _kind(mine: dict, kept_pcm: str | None, kept_media_s: float | None) -> str:
+    if mine["pcm_sha256"] and mine["pcm_sha256"] == kept_pcm:
         return "exact"
-    if (mine["media_duration_s"] or 0) < CLIP_RATIO * (kept["media_duration_s"] or 0):
+    if (mine["media_duration_s"] or 0) < CLIP_RATIO * (kept_media_s or 0):
         return "contained_clip"
     return "re_encode"
 

@@ -248,3 +248,13 @@ def test_pipeline_skips_known_copies_and_drops_them_with_their_reason(tmp_path: 
     assert report.dedup["eval_matches"]["heldout"]["segments"] == len(leaked["segments"])
     assert report.dropped_by_reason["duplicate"] == len(copy["segments"])
     assert report.dropped_by_reason["eval_contamination"] == len(leaked["segments"])
+
+
+def test_identical_audio_is_exact_and_a_clip_is_contained(speech, tmp_path: Path) -> None:
+    out = LocalStore(tmp_path)
+    _fake_shard(out, "shard-00000", "file:///a/orig.wav", "m-a", speech["orig"])
+    _fake_shard(out, "shard-00001", "file:///b/same.flac", "m-b", speech["orig"].copy())
+    _fake_shard(out, "shard-00002", "file:///c/clip.mp3", "m-c", speech["clip"])
+    dedup.update_index(out, ["shard-00000", "shard-00001", "shard-00002"])
+    kinds = {(d["media_id"], d["kind"], d["duplicate_of_uri"]) for d in dedup.read_duplicates(out).to_pylist()}
+    assert kinds == {("m-b", "exact", "file:///a/orig.wav"), ("m-c", "contained_clip", "file:///a/orig.wav")}
