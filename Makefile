@@ -162,6 +162,13 @@ bench-filters: install
 bench-long-file: install
 	$(VPY) bench/long_file.py $(LONG_FILE_ARGS) | tail -1
 
+# Deduplication: recall on ffmpeg variants of espeak-ng speech, false matches between voices, fingerprinting speed,
+# and lookup time with 10 million synthetic segments indexed (writes ~6 GB of memory-mapped index to a temp folder,
+# removed after; DEDUP_ARGS="--index-segments 1000000" for a quick one).
+.PHONY: bench-dedup
+bench-dedup: install
+	$(VPY) bench/dedup.py $(DEDUP_ARGS) | tail -1
+
 # Benchmarks compare against reference implementations that need torch (silero-vad's own path); they get their own
 # venv so the product's stays torch-free. torch==2.13.0 is the CPU build pip finds on this machine's disk.
 bench-env: .venv-bench/.installed

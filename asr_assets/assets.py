@@ -2,14 +2,16 @@
 
 import base64
 import json
+import os
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import dagster as dg
 import pydantic
 from pydantic import Field
 
-from asr_assets import layout, metrics
+from asr_assets import dedup, layout, metrics
 from asr_assets.calibrate import CARD_FIELDS, CARD_KEY, audit_segments, card_overrides, collect, fit_card
 from asr_assets.deployment import GPU_POOL, step_tags
 from asr_assets.distill import (
@@ -57,6 +59,7 @@ warnings.filterwarnings("ignore", message=".*`backfill_policy` of function `asse
 
 GROUP = "asr"
 REPORT_GROUP = "reports"  # unpartitioned: kept out of the per-shard selection `group:asr`
+DEDUP_GROUP = "dedup"  # unpartitioned too: one index over every shard
 
 
 class PoolConfig(dg.Config):
@@ -569,6 +572,14 @@ def distillation_report(config: ReportConfig, storage: StorageResource) -> dg.Ma
     if report.second_opinion_segments:
         meta["second_opinion_segments"] = report.second_opinion_segments
         meta["estimated_label_error_rate"] = dg.MetadataValue.json(report.estimated_error_rate)
+    if report.dedup:
+        meta["duplicate_hours_by_kind"] = dg.MetadataValue.json(
+            {k: v["hours"] for k, v in report.dedup["duplicates_by_kind"].items()}
+        )
+        meta["teacher_hours_saved"] = report.dedup["teacher_hours_saved"]
+        meta["eval_contamination"] = dg.MetadataValue.json(
+            {k: v["segments"] for k, v in report.dedup["eval_matches"].items()}
+        )
     if report.dnsmos_scored:
         meta["dnsmos_scored"] = report.dnsmos_scored
         meta["dnsmos_ovrl_median"] = dg.MetadataValue.json(report.dnsmos_ovrl_median)
@@ -589,3 +600,63 @@ def distillation_report(config: ReportConfig, storage: StorageResource) -> dg.Ma
         meta["error_rate_by_language"] = dg.MetadataValue.json(report.error_rate_by_language)
     meta["languages"] = dg.MetadataValue.json(report.languages)
     return dg.MaterializeResult(metadata=meta)
+
+
+class EvalSetsConfig(dg.Config):
+    eval_sets: str = Field(
+        default="",
+        description="Evaluation sets as 'name=uri;name=uri': a folder, file:// or oss:// uri of audio, or a .txt "
+        "manifest of keys (one a line) relative to its folder. Empty: the ASR_EVAL_SETS environment variable.",
+    )
+
+
+def _eval_sources(storage: StorageResource, spec: str) -> dict:
+    sets = {}
+    for name, uri in dedup.parse_eval_sets(spec).items():
+        folder, manifest = (uri.rsplit("/", 1) if "/" in uri else (".", uri)) if uri.endswith(".txt") else (uri, None)
+        store = storage.store_at(folder, f"ASR_EVAL_SETS[{name}]")
+        sets[name] = (store, dedup.eval_keys(store, manifest))
+    return sets
+
+
+@dg.asset(group_name=DEDUP_GROUP, kinds={"python"})
+def eval_sets(context: dg.AssetExecutionContext, config: EvalSetsConfig, storage: StorageResource):
+    """The evaluation sets no training segment may come from: every file decoded and fingerprinted once
+    (dedup/eval/index.parquet); audio_fingerprints drops training segments that match them."""
+    spec = config.eval_sets or os.environ.get("ASR_EVAL_SETS", "")
+    table, problems = dedup.register_eval_sets(storage.output(), _eval_sources(storage, spec))
+    for problem in problems:
+        context.log.warning(f"evaluation file not registered (it cannot be decoded): {problem}")
+    per_set = dict(sorted(Counter(table["eval_set"].to_pylist()).items()))
+    return dg.MaterializeResult(
+        metadata={
+            "files_per_set": dg.MetadataValue.json(per_set),
+            "hours": round(sum(table["duration_s"].to_pylist()) / 3600, 4),
+            "unreadable": dg.MetadataValue.json(problems),
+        }
+    )
+
+
+@dg.asset(group_name=DEDUP_GROUP, deps=[segment_features, eval_sets], kinds={"numpy"})
+def audio_fingerprints(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
+    """The global fingerprint index over every shard: adds the segments fingerprinted since the last run (nothing is
+    recomputed), records each later copy of a recording as a duplicate of the kept one (first indexed, then smallest
+    uri) and the segments that match an evaluation set. transcripts skips them; distilled_dataset drops them."""
+    out = storage.output()
+    report = dedup.update_index(out, shard_partitions.get_partition_keys(), dedup.read_eval_sets(out))
+    context.log.info(
+        f"generation {report.generation}: {report.new_segments} new segments, duplicates {dict(report.duplicates)}, "
+        f"evaluation-set matches {dict(report.eval_matches)}"
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "new_segments": report.new_segments,
+            "generation": report.generation,
+            "index_rows": report.index_rows,
+            "duplicates_by_kind": dg.MetadataValue.json(dict(report.duplicates)),
+            "duplicate_hours_by_kind": dg.MetadataValue.json(
+                {k: round(v, 4) for k, v in report.duplicate_hours.items()}
+            ),
+            "eval_matches_by_set": dg.MetadataValue.json(dict(report.eval_matches)),
+        }
+    )

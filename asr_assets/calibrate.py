@@ -18,8 +18,9 @@ from dataclasses import dataclass, replace
 
 import jiwer
 import numpy as np
+import pyarrow.compute as pc
 
-from asr_assets import layout
+from asr_assets import dedup, layout
 from asr_assets.distill import (
     FILTER_VERSION,
     Candidate,
@@ -117,6 +118,8 @@ def collect(
     second: dict[str, str | None] = {}
     for shard in shards:
         transcripts = read_transcripts(out, shard)
+        # Known copies skipped before the teacher have no label to fit thresholds on.
+        transcripts = transcripts.filter(pc.invert(pc.starts_with(transcripts["finish_reason"], dedup.SKIPPED_FINISH)))
         if not transcripts.num_rows:
             continue
         features = read_table(out, layout.features_key(shard), FEATURE_SCHEMA)

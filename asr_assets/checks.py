@@ -15,7 +15,7 @@ import dagster as dg
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from asr_assets import failures, layout
+from asr_assets import dedup, failures, layout
 from asr_assets.assets import audio_wav, distilled_dataset, media_index, segment_features, transcripts, vad_segments
 from asr_assets.distill import MANIFEST_SCHEMA
 from asr_assets.records import (
@@ -173,12 +173,19 @@ def reconcile_features(out: ObjectStore, shard: str) -> Reconciliation:
 def reconcile_transcripts(out: ObjectStore, shard: str) -> Reconciliation:
     r = Reconciliation()
     features = read_table(out, layout.features_key(shard), FEATURE_SCHEMA)
-    labelled = read_transcripts(out, shard)["segment_id"].to_pylist()
+    table = read_transcripts(out, shard)
+    labelled = table["segment_id"].to_pylist()
     r.expect_unique("transcripts", labelled)
+    # Known copies (duplicates, evaluation-set matches) are an outcome of their own: never given to the teacher.
+    skipped = pc.starts_with(table["finish_reason"], dedup.SKIPPED_FINISH)
     r.expect_partition(
         "featured segments",
         set(features["segment_id"].to_pylist()),
-        {"transcribed": set(labelled), "dead_letter": set(_dead(out, "transcripts", shard, r))},
+        {
+            "transcribed": set(table.filter(pc.invert(skipped))["segment_id"].to_pylist()),
+            "skipped_duplicate": set(table.filter(skipped)["segment_id"].to_pylist()),
+            "dead_letter": set(_dead(out, "transcripts", shard, r)),
+        },
     )
     return r
 

@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import soundfile as sf
 
-from asr_assets import layout
+from asr_assets import dedup, layout
 from asr_assets.languages import (
     CHAR_RATE_LANGUAGES,
     TEXT_LID_LANGUAGES,
@@ -106,6 +106,11 @@ _SEGMENT_STRUCT = pa.struct(
         ("language", pa.string()),
         ("language_prob", pa.float64()),
         ("lid_model", pa.string()),
+        ("duplicate_of", pa.string()),
+        ("duplicate_of_uri", pa.string()),
+        ("similarity", pa.float64()),
+        ("duplicate_kind", pa.string()),
+        ("eval_set", pa.string()),
     ]
 )
 # Per-file transcripts (files.parquet in a build's folder): the same records as files.jsonl.
@@ -119,6 +124,9 @@ FILES_SCHEMA = pa.schema(
         ("segments", pa.list_(_SEGMENT_STRUCT)),
         ("failure", pa.struct([("stage", pa.string()), ("error_class", pa.string()), ("error", pa.string())])),
         ("language", pa.string()),
+        ("duplicate_of", pa.string()),
+        ("similarity", pa.float64()),
+        ("duplicate_kind", pa.string()),
     ]
 )
 
@@ -667,6 +675,7 @@ class ShardInputs:
     transcripts: pa.Table
     dead: dict[str, pa.Table]
     read_at: float
+    dedup: dict[str, dict] = field(default_factory=dict)  # dedup.shard_outcomes: duplicates, evaluation matches
 
 
 def read_inputs(out: ObjectStore, shard: str) -> ShardInputs:
@@ -681,6 +690,7 @@ def read_inputs(out: ObjectStore, shard: str) -> ShardInputs:
         transcripts=read_transcripts(out, shard).sort_by("segment_id"),
         dead={stage: layout.read_dead_letters(out, stage, shard) for stage in layout.STAGES},
         read_at=read_at,
+        dedup=dedup.shard_outcomes(out, shard),
     )
 
 
@@ -781,8 +791,12 @@ def write_build(
     # A replaced object's older version leaves the dataset (its newest version has its own samples) and the fitting.
     retired = layout.retired_media(inputs.index)
     is_retired = pc.is_in(inputs.transcripts["media_id"], value_set=pa.array(sorted(retired), pa.string()))
+    # Duplicates and evaluation-set copies go before the rules, and out of the shard-fitted thresholds too; so does a
+    # segment the teacher skipped as one (its reason stays, should the index no longer say so).
+    known = _known_copies(inputs)
+    is_dedup = pc.is_in(inputs.transcripts["segment_id"], value_set=pa.array(sorted(known), pa.string()))
     labelled, feats, segs, candidates = shard_candidates(
-        inputs.transcripts.filter(pc.invert(is_retired)), inputs.features, inputs.segments
+        inputs.transcripts.filter(pc.and_(pc.invert(is_retired), pc.invert(is_dedup))), inputs.features, inputs.segments
     )
     uris = dict(zip(inputs.index["media_id"].to_pylist(), inputs.index["uri"].to_pylist(), strict=True))
     decisions = [
@@ -791,6 +805,23 @@ def write_build(
     ]
     for _ in decisions:
         report.fail("superseded")
+    for t in inputs.transcripts.filter(pc.and_(pc.invert(is_retired), is_dedup)).to_pylist():
+        d = known[t["segment_id"]]
+        decisions.append(
+            DecisionRow(
+                t["segment_id"],
+                t["media_id"],
+                False,
+                d["reason"],
+                [d["reason"]],
+                None,
+                d.get("duplicate_of"),
+                d.get("similarity"),
+                d.get("duplicate_kind"),
+                d.get("eval_set"),
+            )
+        )
+        report.fail(d["reason"])
     kept_rows: list[dict] = []
     tar_keys: list[str] = []
     tar = None
@@ -1156,6 +1187,8 @@ def _fingerprint(inputs: ShardInputs, rules: list[Rule], pack: PackSettings) -> 
         h.update(json.dumps(sorted(table.select(columns).to_pylist(), key=lambda r: r["segment_id"])).encode())
     for stage in sorted(dead):
         h.update(json.dumps([stage, sorted(dead[stage]["item_id"].to_pylist())]).encode())
+    if inputs.dedup:  # (absent from builds made before dedup, which keep their ids)
+        h.update(json.dumps(inputs.dedup, sort_keys=True).encode())
     h.update(json.dumps([FILTER_VERSION, [(r.name, asdict(r)) for r in rules], asdict(pack)], default=str).encode())
     return h.hexdigest()
 
@@ -1190,11 +1223,12 @@ def _file_records(inputs: ShardInputs, decisions: list[DecisionRow], retired=fro
     seg_failed = _failures(dead, ("segment_features", "transcripts"))
     durations = dict(zip(audio["media_id"].to_pylist(), audio["duration_s"].to_pylist(), strict=True))
     vad_done = set(vad_media["media_id"].to_pylist())
-    # language_prob and lid_model are absent from tables written before language ID.
+    # language_prob and lid_model are absent from tables written before language ID; a segment skipped as a known
+    # copy has no label (null text), not an empty one.
     columns = ["segment_id", "text", "avg_logprob", "language", "language_prob", "lid_model"]
+    labelled = transcripts.filter(pc.invert(pc.starts_with(transcripts["finish_reason"], dedup.SKIPPED_FINISH)))
     texts = {
-        r["segment_id"]: r
-        for r in transcripts.select([c for c in columns if c in transcripts.column_names]).to_pylist()
+        r["segment_id"]: r for r in labelled.select([c for c in columns if c in transcripts.column_names]).to_pylist()
     }
     decided = {d.segment_id: d for d in decisions}
     by_media: dict[str, list[dict]] = {}
@@ -1207,6 +1241,7 @@ def _file_records(inputs: ShardInputs, decisions: list[DecisionRow], retired=fro
         else:
             status = "pending"
         t = texts.get(s["segment_id"], {})
+        dup = inputs.dedup.get(s["segment_id"], {})
         by_media.setdefault(s["media_id"], []).append(
             {
                 "segment_id": s["segment_id"],
@@ -1218,6 +1253,7 @@ def _file_records(inputs: ShardInputs, decisions: list[DecisionRow], retired=fro
                 "language": t.get("language"),
                 "language_prob": t.get("language_prob"),
                 "lid_model": t.get("lid_model"),
+                **{k: dup.get(k) for k in DEDUP_FIELDS},
             }
         )
     records = []
@@ -1245,9 +1281,38 @@ def _file_records(inputs: ShardInputs, decisions: list[DecisionRow], retired=fro
             "segments": segs,
             "failure": failure,
             "language": majority_language([(s["language"], s["end"] - s["start"]) for s in segs]),
+            **_file_duplicate(segs),
         }
         records.append(line)
     return records
+
+
+def _known_copies(inputs: ShardInputs) -> dict[str, dict]:
+    """``inputs.dedup``, plus the segments ``transcripts`` skipped as copies that it no longer lists."""
+    known = dict(inputs.dedup)
+    reasons = inputs.transcripts.select(["segment_id", "finish_reason"]).to_pylist()
+    for r in reasons:
+        if r["finish_reason"].startswith(dedup.SKIPPED_FINISH) and r["segment_id"] not in known:
+            known[r["segment_id"]] = {"reason": r["finish_reason"][len(dedup.SKIPPED_FINISH) :]}
+    return known
+
+
+# Per segment in files.jsonl: what dedup found (null where nothing).
+DEDUP_FIELDS = ("duplicate_of", "duplicate_of_uri", "similarity", "duplicate_kind", "eval_set")
+
+
+def _file_duplicate(segs: list[dict]) -> dict:
+    """A file whose every segment duplicates audio kept elsewhere is a duplicate file: ``duplicate_of`` names the
+    uri holding most of the kept copies, with the mean similarity and the commonest kind; otherwise nulls."""
+    dups = [s for s in segs if s["duplicate_of"] is not None]
+    if not segs or len(dups) != len(segs):
+        return {"duplicate_of": None, "similarity": None, "duplicate_kind": None}
+    uris = Counter(s["duplicate_of_uri"] for s in dups)
+    return {
+        "duplicate_of": uris.most_common(1)[0][0],
+        "similarity": round(sum(s["similarity"] for s in dups) / len(dups), 4),
+        "duplicate_kind": Counter(s["duplicate_kind"] for s in dups).most_common(1)[0][0],
+    }
 
 
 def _failures(dead: dict, stages: tuple[str, ...]) -> dict[str, dict]:

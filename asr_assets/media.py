@@ -17,6 +17,7 @@ import av
 import numpy as np
 import soundfile as sf
 
+from asr_assets.fingerprint import PcmHasher
 from asr_assets.records import SAMPLE_RATE
 
 # Container families recognised from the first bytes of a file. Order matters: more specific signatures first.
@@ -185,6 +186,7 @@ class DecodeResult:
         seconds: wall time spent.
         gap_s: seconds of silence filled in where the stream's timestamps jump ahead of its audio.
         skipped_packets: corrupt packets the decoder refused (their time is silence when the timestamps show it).
+        pcm_sha256: SHA-256 of the decoded 16 kHz samples as 16-bit integers (exact duplicates share it).
     """
 
     media_id: str
@@ -199,6 +201,7 @@ class DecodeResult:
     seconds: float = 0.0
     gap_s: float | None = None
     skipped_packets: int | None = None
+    pcm_sha256: str | None = None
 
 
 def _raise_if_disk_full(dst: Path, exc: BaseException) -> None:
@@ -280,11 +283,17 @@ def _decode_to_flac(job: DecodeJob, detected: str, info: dict[str, object]) -> N
         if probed is not None and probed > job.max_duration_s:
             raise TooLong(f"duration {probed:.0f} s is over the {job.max_duration_s:.0f} s limit")
         damage = _Damage()
-        written = _stream_to_flac(job, container, stream, damage)
+        hasher = PcmHasher()
+        written = _stream_to_flac(job, container, stream, damage, hasher)
         if written == 0:
             raise EmptyAudio("the audio stream decoded to no samples")
         duration = written / SAMPLE_RATE
-        info.update(duration_s=duration, gap_s=damage.gap_s, skipped_packets=damage.skipped_packets)
+        info.update(
+            duration_s=duration,
+            gap_s=damage.gap_s,
+            skipped_packets=damage.skipped_packets,
+            pcm_sha256=hasher.hexdigest(),
+        )
         damaged = damage.damaged_s()
         timeline = duration + damage.unseen_s + damage.pending_s  # lost time that left no gap is missing from both
         if damaged > job.max_damaged_fraction * timeline:
@@ -302,7 +311,11 @@ def _check_stream(sample_rate: int, channels: int) -> None:
 
 
 def _stream_to_flac(
-    job: DecodeJob, container: av.container.InputContainer, stream: av.AudioStream, damage: _Damage
+    job: DecodeJob,
+    container: av.container.InputContainer,
+    stream: av.AudioStream,
+    damage: _Damage,
+    hasher: PcmHasher | None = None,
 ) -> int:
     """Decodes, resamples and writes the stream; returns the samples written at 16 kHz."""
     # FFmpeg's resampler (swresample) converts any layout/rate to mono 16 kHz float; audio streams to the FLAC
@@ -316,11 +329,11 @@ def _stream_to_flac(
         with sf.SoundFile(job.dst, "w", samplerate=SAMPLE_RATE, channels=1, format="FLAC", subtype="PCM_16") as out:
             for chunk in _chunked(frames):
                 for converted in resampler.resample(_downmixed(chunk)):
-                    written += _write(out, converted)
+                    written += _write(out, converted, hasher)
                 if written > max_frames:
                     raise TooLong(f"decoded audio is over the {job.max_duration_s:.0f} s limit")
             for converted in resampler.resample(None):
-                written += _write(out, converted)
+                written += _write(out, converted, hasher)
     except (MediaError, MemoryError):
         raise
     except (av.FFmpegError, ValueError, RuntimeError) as exc:
@@ -459,9 +472,11 @@ def _downmixed(chunk: av.AudioFrame) -> av.AudioFrame:
     return frame
 
 
-def _write(out: sf.SoundFile, frame: av.AudioFrame) -> int:
+def _write(out: sf.SoundFile, frame: av.AudioFrame, hasher: PcmHasher | None = None) -> int:
     samples = frame.to_ndarray().reshape(-1).astype(np.float32, copy=False)
     out.write(np.clip(samples, -1.0, 1.0))
+    if hasher is not None:  # the samples are in memory here: hashing them costs no second read of the file
+        hasher.update(samples)
     return samples.shape[0]
 
 

@@ -80,6 +80,8 @@ class AudioRow:
         gap_s: seconds of silence filled in where the source's timestamps jump ahead of its audio (so times stay
             times in the source). None when the file did not decode, and in tables written before it existed.
         skipped_packets: corrupt packets the decoder dropped (None as for ``gap_s``).
+        pcm_sha256: SHA-256 of the decoded samples as 16-bit integers: files with equal audio share it (None as for
+            ``gap_s``).
     """
 
     media_id: str
@@ -97,6 +99,7 @@ class AudioRow:
     seconds: float
     gap_s: float | None = None
     skipped_packets: int | None = None
+    pcm_sha256: str | None = None
 
 
 AUDIO_SCHEMA = pa.schema(
@@ -116,6 +119,7 @@ AUDIO_SCHEMA = pa.schema(
         ("seconds", pa.float64()),
         ("gap_s", pa.float64()),
         ("skipped_packets", pa.int32()),
+        ("pcm_sha256", pa.string()),
     ]
 )
 
@@ -383,6 +387,10 @@ class DecisionRow:
         drop_reason: the first rule that dropped it (None when kept).
         would_drop: every rule that would have dropped it, in rule order.
         tar_key: the tar shard holding it (None when dropped).
+        duplicate_of: dropped as ``duplicate`` (or a copy found in an evaluation set too): the kept segment.
+        similarity: the share of its landmarks that matched the kept copy or the evaluation recording.
+        duplicate_kind: ``exact``, ``re_encode`` or ``contained_clip``.
+        eval_set: dropped as ``eval_contamination``: the evaluation set it was found in.
     """
 
     segment_id: str
@@ -391,6 +399,10 @@ class DecisionRow:
     drop_reason: str | None
     would_drop: list[str]
     tar_key: str | None
+    duplicate_of: str | None = None
+    similarity: float | None = None
+    duplicate_kind: str | None = None
+    eval_set: str | None = None
 
 
 DECISION_SCHEMA = pa.schema(
@@ -401,6 +413,10 @@ DECISION_SCHEMA = pa.schema(
         ("drop_reason", pa.string()),
         ("would_drop", pa.list_(pa.string())),
         ("tar_key", pa.string()),
+        ("duplicate_of", pa.string()),
+        ("similarity", pa.float64()),
+        ("duplicate_kind", pa.string()),
+        ("eval_set", pa.string()),
     ]
 )
 

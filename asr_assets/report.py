@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pyarrow.compute as pc
 
-from asr_assets import layout
+from asr_assets import dedup, layout
 from asr_assets.calibrate import audit_segments, label_errors
 from asr_assets.distill import FILES_SCHEMA, chars_per_s, voiced_seconds
 from asr_assets.languages import error_metric, majority_language
@@ -68,6 +68,8 @@ class Report:
             ``dropped_hours_by_reason``; each sums over the languages to the total above.
         error_rate_by_language: per language of the referenced files: ``metric`` (``wer`` or ``cer``), ``files``,
             ``all``, ``kept`` and ``files_kept_text`` (as ``wer_all``, ``wer_kept``, ``wer_files_kept_text``).
+        dedup: duplicates and evaluation-set matches (``dedup.summary``): segments and hours by duplicate kind,
+            teacher hours saved by skipping known copies, and the matches per evaluation set.
     """
 
     shards: int = 0
@@ -95,6 +97,7 @@ class Report:
     cer_files_kept_text: float | None = None
     languages: dict[str, dict] = field(default_factory=dict)
     error_rate_by_language: dict[str, dict] = field(default_factory=dict)
+    dedup: dict = field(default_factory=dict)
 
     def headline(self) -> str:
         """One line a person reads first."""
@@ -270,6 +273,7 @@ def build_report(
     report.dnsmos_scored = int(scored.sum())
     for part, mask in (("all", scored), ("kept", scored & dist.kept)):
         report.dnsmos_ovrl_median[part] = round(float(np.median(dist.dnsmos_ovrl[mask])), 3) if mask.any() else None
+    report.dedup = dedup.summary(out, shards)
     return report, dist
 
 

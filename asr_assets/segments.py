@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import soundfile as sf
 
-from asr_assets import dnsmos
+from asr_assets import dnsmos, fingerprint
 from asr_assets.dnsmos import DnsmosScore
 from asr_assets.logmel import log_mel, num_frames
 from asr_assets.records import MEL_SCHEMA, SAMPLE_RATE
@@ -85,6 +85,7 @@ class Measured:
         snr_db: RMS of the segment over RMS of the media's non-speech audio, in dB (None if too little non-speech).
         frames: its samples; in the scratch FLAC they follow the previous segment's.
         dnsmos: DNSMOS scores, when the segment is in the scored sample.
+        prints: its sampled landmark fingerprints on the media's timeline (``fingerprint.stored_prints``).
     """
 
     span: SegmentSpan
@@ -94,6 +95,7 @@ class Measured:
     snr_db: float | None
     frames: int
     dnsmos: DnsmosScore | None = None
+    prints: tuple[bytes, bytes, list[int]] | None = None
 
 
 def dbfs(value: float) -> float:
@@ -199,6 +201,8 @@ def _cut_and_measure(job: CutJob) -> list[Measured]:
                     snr_db=None if noise_rms is None else dbfs(seg_rms) - dbfs(noise_rms),
                     frames=x.shape[0],
                     dnsmos=dnsmos.score(x) if dnsmos.selected(span.segment_id, job.dnsmos_fraction) else None,
+                    # The samples are in memory here; the dedup index reads these instead of the audio.
+                    prints=fingerprint.stored_prints(x, round(start / fingerprint.HOP)),
                 )
             )
     return measured

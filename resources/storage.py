@@ -860,3 +860,7 @@ class StorageResource(dg.ConfigurableResource):
     def output(self) -> ObjectStore:
         """The output root; created when missing (a local folder)."""
         return open_store(self.output_root, must_exist=False, what="ASR_OUTPUT_ROOT", oss=self._oss())
+
+    def store_at(self, uri: str, what: str) -> ObjectStore:
+        """Another existing folder or OSS prefix (an evaluation set), with the same credentials."""
+        return open_store(uri, must_exist=True, what=what, oss=self._oss())

@@ -15,14 +15,15 @@ from tests.dagster_processes import DagsterProcesses
 ASSETS = {"media_index", "audio_wav", "vad_segments", "segment_features", "transcripts", "distilled_dataset"}
 REPORT = "distillation_report"
 REPORTS = {REPORT, "threshold_card"}  # unpartitioned, over every shard
+DEDUP = {"audio_fingerprints", "eval_sets"}  # unpartitioned too: one fingerprint index over every shard
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_defs_load_and_every_job_resolves() -> None:
     graph = defs.resolve_asset_graph()
-    assert {k.to_user_string() for k in graph.get_all_asset_keys()} == ASSETS | REPORTS
+    assert {k.to_user_string() for k in graph.get_all_asset_keys()} == ASSETS | REPORTS | DEDUP
     for key in graph.get_all_asset_keys():
-        expected = None if key.to_user_string() in REPORTS else shard_partitions
+        expected = None if key.to_user_string() in REPORTS | DEDUP else shard_partitions
         assert graph.get(key).partitions_def == expected
     assert {(c.asset_key.to_user_string(), c.name) for c in graph.asset_check_keys} == {
         ("media_index", "ids_unique"),
@@ -64,10 +65,12 @@ def test_webserver_loads_the_workspace_and_shows_assets_and_partitions(tmp_path:
             if nodes or time.monotonic() > deadline:
                 break
             time.sleep(1)
-        assert {"/".join(n["assetKey"]["path"]) for n in nodes} == ASSETS | REPORTS, data
+        assert {"/".join(n["assetKey"]["path"]) for n in nodes} == ASSETS | REPORTS | DEDUP, data
         for node in nodes:
             if node["assetKey"]["path"][0] in REPORTS:
                 assert node["groupName"] == "reports" and node["partitionKeys"] == []
+            elif node["assetKey"]["path"][0] in DEDUP:
+                assert node["groupName"] == "dedup" and node["partitionKeys"] == []
             else:
                 assert node["groupName"] == "asr"
                 assert node["partitionKeys"] == shard_partitions.get_partition_keys()

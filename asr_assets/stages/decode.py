@@ -256,4 +256,5 @@ def _audio_row(job: DecodeJob, result: DecodeResult, status: str, key: str | Non
         seconds=result.seconds,
         gap_s=result.gap_s,
         skipped_packets=result.skipped_packets,
+        pcm_sha256=result.pcm_sha256 if status == "decoded" else None,
     )

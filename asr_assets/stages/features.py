@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import soundfile as sf
 
-from asr_assets import dnsmos, failures, layout
+from asr_assets import dedup, dnsmos, failures, layout
 from asr_assets.failures import BugGuard
 from asr_assets.pool import PoolOutcome, run_pool
 from asr_assets.records import (
@@ -176,6 +176,7 @@ def features_shard(
     writer = _PackWriter(out, shard, settings=pack)
     rows: list[FeatureRow] = []
     dead: list[DeadLetterRow] = []
+    prints: list[pa.Table] = []  # fingerprint rows waiting for their feature rows' checkpoint
 
     def flush(final: bool) -> None:
         """Checkpoint: dead letters, then the feature rows whose packed part is already in the store."""
@@ -186,6 +187,11 @@ def features_shard(
             return
         layout.append_dead_letters(out, "segment_features", shard, dead)
         dead.clear()
+        # Fingerprints before the feature rows: a crash in between leaves rows that the re-cut segment replaces.
+        waiting = pa.concat_tables(prints) if prints else dedup.FINGERPRINT_SCHEMA.empty_table()
+        is_ready = pc.is_in(waiting["segment_id"], value_set=pa.array([r.segment_id for r in ready], pa.string()))
+        dedup.append_fingerprints(out, shard, waiting.filter(is_ready))
+        prints[:] = [waiting.filter(pc.invert(is_ready))]
         features = pa.concat_tables([features, to_table(ready, FEATURE_SCHEMA)])
         write_table(out, layout.features_key(shard), features)
         # After the rows that replace them: a crash in between leaves stale rows the next run removes.
@@ -230,6 +236,7 @@ def features_shard(
                     _remove_scratch(job)  # a failed or killed worker may have left them half written
                     failed(job, outcome, again)
                     continue
+                prints.append(dedup.fingerprint_rows(measured, job.media_id))
                 for m, (key, offset, mel_key) in zip(measured, _append_job(writer, job, measured), strict=True):
                     rows.append(_feature_row(job.media_id, m, key, offset, mel_key))
                     guard.ok()

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from asr_assets import layout
+from asr_assets import dedup, layout
 from asr_assets.failures import RetryBudget, TransientFailure
 from asr_assets.media import PartReader
 from asr_assets.records import (
@@ -99,6 +99,7 @@ def transcribe_shard(
     todo = features.filter(pc.invert(pc.is_in(features["segment_id"], value_set=pa.array(sorted(done), pa.string()))))
     # Storage order: each packed part is read front to back.
     todo = todo.sort_by([("audio_key", "ascending"), ("audio_offset", "ascending")]).to_pylist()
+    todo = _skip_known_copies(out, shard, todo, report)
     index = layout.read_index(out, shard)
     uris = dict(zip(index["media_id"].to_pylist(), index["uri"].to_pylist(), strict=True))
     teacher = engine() if todo else None
@@ -184,7 +185,13 @@ def transcribe_shard(
                 on_wave(report)
     finally:
         reader.close()
-    report.totals = {"featured": features.num_rows, "transcribed": existing.num_rows + report.succeeded}
+    skipped = report.totals.get("skipped", 0)
+    report.totals = {
+        "featured": features.num_rows,
+        "transcribed": existing.num_rows + report.succeeded,
+        "skipped_duplicates": skipped,
+        "teacher_seconds_saved": report.totals.get("teacher_seconds_saved", 0.0),
+    }
     if teacher is not None:
         report.totals.update({"model_id": teacher.model_id, "settings_hash": teacher.settings_hash})
     if second is not None:
@@ -196,6 +203,42 @@ def transcribe_shard(
             report.totals["mean_disagreement"] = ((pc.sum(judged).as_py() or 0.0) + stats.disagreement_sum) / count
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _skip_known_copies(out: ObjectStore, shard: str, todo: list[dict], report: StageReport) -> list[dict]:
+    """Segments the dedup index already knows as a duplicate or an evaluation-set copy never reach the teacher: each
+    gets a transcript row with no text and ``finish_reason`` ``skipped:{reason}`` (its recorded outcome; the
+    dataset drops it with that reason), written as its own part. Returns the segments left for the teacher."""
+    known = dedup.shard_outcomes(out, shard)
+    skipped = [r for r in todo if r["segment_id"] in known]
+    if not skipped:
+        return todo
+    rows = [
+        TranscriptRow(
+            segment_id=r["segment_id"],
+            media_id=r["media_id"],
+            text="",
+            language="",
+            num_tokens=0,
+            avg_logprob=None,
+            no_speech_prob=None,
+            compression_ratio=None,
+            finish_reason=dedup.SKIPPED_FINISH + known[r["segment_id"]]["reason"],
+            model_id="",
+            engine="dedup",
+            settings_hash="",
+            prompt_version="",
+        )
+        for r in skipped
+    ]
+    rows.sort(key=lambda r: r.segment_id)
+    key = layout.transcript_part_key(shard, rows[0].segment_id)
+    write_table(out, key, to_table(rows, TRANSCRIPT_SCHEMA))
+    report.outputs.append(key)
+    report.totals["skipped"] = len(rows)
+    report.totals["teacher_seconds_saved"] = sum(r["audio_frames"] for r in skipped) / SAMPLE_RATE
+    ids = {r.segment_id for r in rows}
+    return [r for r in todo if r["segment_id"] not in ids]
 
 
 def _read_segment(out: ObjectStore, reader: PartReader, row: dict, budget: RetryBudget, shard: str, pending: int):

@@ -1,0 +1,516 @@
+"""Deduplication across shards and the evaluation-set guard.
+
+``segment_features`` stores each segment's sampled landmark fingerprints
+(``segment_features/{shard}.fingerprints.parquet``). The
+``audio_fingerprints`` asset adds every shard's new segments to one global index (a generation per run: sorted
+``.npy`` parts under ``dedup/index/``, recomputing nothing already indexed) and decides which copy of a recording is
+kept: the first indexed (lowest generation), then the smallest uri (then the earliest start), so the decision does not
+depend on which shard ran first, and a copy once kept stays kept. A later copy is recorded in
+``dedup/duplicates-{generation}.parquet`` with the segment it duplicates, the similarity and the kind (``exact``: the
+decoded audio is identical; ``contained_clip``: its file is a shorter piece of the other's; ``re_encode``: the same
+audio otherwise: another codec, bitrate, gain or sample rate). Segments that match an evaluation set registered by
+``eval_sets`` are recorded in ``dedup/eval_matches.parquet``.
+
+``transcripts`` skips segments already recorded there (no teacher time) and ``distilled_dataset`` drops them with
+reason ``duplicate`` or ``eval_contamination``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from asr_assets import fingerprint as fp
+from asr_assets import layout
+from asr_assets.dedup_index import FingerprintIndex, Hit, build_index_arrays, is_match
+from asr_assets.records import AUDIO_SCHEMA, FEATURE_SCHEMA
+from resources.storage import ObjectStore, read_table, write_table
+
+DUPLICATE = "duplicate"
+EVAL_CONTAMINATION = "eval_contamination"
+KINDS = ("exact", "re_encode", "contained_clip")
+CLIP_RATIO = 0.9  # a file under this share of the kept copy's duration is a clip of it
+SKIPPED_FINISH = "skipped:"  # a transcript row's finish_reason prefix for segments never given to the teacher
+
+INDEX_PREFIX = "dedup/index/"
+STATE_KEY = "dedup/index/state.json"
+EVAL_INDEX_KEY = "dedup/eval/index.parquet"
+EVAL_MATCHES_KEY = "dedup/eval_matches.parquet"
+
+FINGERPRINT_SCHEMA = pa.schema(
+    [
+        ("segment_id", pa.string()),
+        ("media_id", pa.string()),
+        ("start_s", pa.float64()),
+        ("duration_s", pa.float64()),
+        ("hashes", pa.binary()),  # uint32 LE, the sampled landmarks of every query grid, grid by grid
+        ("times", pa.binary()),  # uint32 LE frames (32 ms) on the media's timeline
+        ("grid_sizes", pa.list_(pa.int32())),
+    ]
+)
+# One row per indexed segment; its row number over all generations is its reference number in the index parts.
+INDEXED_SCHEMA = pa.schema(
+    [
+        ("segment_id", pa.string()),
+        ("media_id", pa.string()),
+        ("shard", pa.string()),
+        ("uri", pa.string()),
+        ("start_s", pa.float64()),
+        ("duration_s", pa.float64()),
+        ("media_duration_s", pa.float64()),
+        ("pcm_sha256", pa.string()),
+        ("generation", pa.int32()),
+    ]
+)
+DUPLICATES_SCHEMA = pa.schema(
+    [
+        ("segment_id", pa.string()),
+        ("media_id", pa.string()),
+        ("shard", pa.string()),
+        ("duration_s", pa.float64()),
+        ("duplicate_of", pa.string()),  # the kept segment
+        ("duplicate_of_uri", pa.string()),
+        ("similarity", pa.float32()),
+        ("kind", pa.string()),
+    ]
+)
+# The registered evaluation recordings: the first grid's sampled landmarks of each whole file.
+EVAL_INDEX_SCHEMA = pa.schema(
+    [
+        ("eval_set", pa.string()),
+        ("uri", pa.string()),
+        ("duration_s", pa.float64()),
+        ("hashes", pa.binary()),
+        ("times", pa.binary()),
+    ]
+)
+EVAL_MATCHES_SCHEMA = pa.schema(
+    [
+        ("segment_id", pa.string()),
+        ("media_id", pa.string()),
+        ("shard", pa.string()),
+        ("uri", pa.string()),
+        ("duration_s", pa.float64()),
+        ("eval_set", pa.string()),
+        ("eval_uri", pa.string()),
+        ("similarity", pa.float32()),
+    ]
+)
+
+
+def fingerprints_key(shard: str) -> str:
+    return f"segment_features/{shard}.fingerprints.parquet"
+
+
+def duplicates_key(generation: int) -> str:
+    return f"{INDEX_PREFIX}duplicates-{generation:06d}.parquet"
+
+
+def indexed_key(generation: int) -> str:
+    return f"{INDEX_PREFIX}segments-{generation:06d}.parquet"
+
+
+def part_key(generation: int, column: str) -> str:
+    return f"{INDEX_PREFIX}part-{generation:06d}.{column}.npy"
+
+
+def fingerprint_rows(measured: list, media_id: str) -> pa.Table:
+    """The fingerprint rows of a worker's measured segments (``segments.Measured``)."""
+    rows = [
+        {
+            "segment_id": m.span.segment_id,
+            "media_id": media_id,
+            "start_s": m.span.start_s,
+            "duration_s": m.frames / fp.SAMPLE_RATE,
+            "hashes": m.prints[0],
+            "times": m.prints[1],
+            "grid_sizes": m.prints[2],
+        }
+        for m in measured
+        if m.prints is not None
+    ]
+    return pa.Table.from_pylist(rows, schema=FINGERPRINT_SCHEMA)
+
+
+def append_fingerprints(out: ObjectStore, shard: str, new: pa.Table) -> None:
+    """Adds rows to the shard's fingerprint table (a segment cut again replaces its row)."""
+    if not new.num_rows:
+        return
+    table = read_table(out, fingerprints_key(shard), FINGERPRINT_SCHEMA)
+    table = table.filter(pc.invert(pc.is_in(table["segment_id"], value_set=new["segment_id"])))
+    write_table(out, fingerprints_key(shard), pa.concat_tables([table, new]))
+
+
+def read_state(out: ObjectStore) -> dict:
+    if not out.exists(STATE_KEY):
+        return {"generations": 0, "eval_version": ""}
+    return json.loads(out.read_bytes(STATE_KEY))
+
+
+def _save_npy(out: ObjectStore, key: str, array: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    out.put_bytes(key, buf.getvalue())
+
+
+def _load_part(out: ObjectStore, generation: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    # Memory-mapped from the local file (or the download cache): a large index is paged in, not loaded.
+    return tuple(  # type: ignore[return-value]
+        np.load(out.local_path(part_key(generation, c)), mmap_mode="r") for c in ("hashes", "refs", "times")
+    )
+
+
+def _concat(out: ObjectStore, keys: list[str], schema: pa.Schema) -> pa.Table:
+    tables = [read_table(out, k, schema) for k in keys]
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def read_indexed(out: ObjectStore, state: dict | None = None) -> pa.Table:
+    state = state or read_state(out)
+    return _concat(out, [indexed_key(g) for g in range(1, state["generations"] + 1)], INDEXED_SCHEMA)
+
+
+def read_duplicates(out: ObjectStore, state: dict | None = None) -> pa.Table:
+    state = state or read_state(out)
+    return _concat(out, [duplicates_key(g) for g in range(1, state["generations"] + 1)], DUPLICATES_SCHEMA)
+
+
+@dataclass
+class IndexReport:
+    """What one ``audio_fingerprints`` run did."""
+
+    new_segments: int = 0
+    generation: int = 0
+    index_rows: int = 0
+    duplicates: Counter = field(default_factory=Counter)
+    duplicate_hours: Counter = field(default_factory=Counter)
+    eval_matches: Counter = field(default_factory=Counter)
+
+
+def _media_info(out: ObjectStore, shard: str) -> dict[str, dict]:
+    audio = read_table(out, layout.audio_manifest_key(shard), AUDIO_SCHEMA)
+    return {r["media_id"]: r for r in audio.select(["media_id", "uri", "duration_s", "pcm_sha256"]).to_pylist()}
+
+
+def _new_rows(out: ObjectStore, shards: list[str], known: set[str]) -> tuple[pa.Table, list[list[fp.Fingerprint]]]:
+    """This run's segments (not indexed yet) in keep-rule order (uri, then start), and their per-grid prints."""
+    rows = []
+    for shard in shards:
+        table = read_table(out, fingerprints_key(shard), FINGERPRINT_SCHEMA)
+        if not table.num_rows:
+            continue
+        media = _media_info(out, shard)
+        for r in table.to_pylist():
+            if r["segment_id"] in known or r["media_id"] not in media:
+                continue
+            m = media[r["media_id"]]
+            rows.append((m["uri"], r["start_s"], shard, r, m))
+    rows.sort(key=lambda x: (x[0], x[1], x[3]["segment_id"]))
+    table = pa.Table.from_pylist(
+        [
+            {
+                "segment_id": r["segment_id"],
+                "media_id": r["media_id"],
+                "shard": shard,
+                "uri": uri,
+                "start_s": start,
+                "duration_s": r["duration_s"],
+                "media_duration_s": m["duration_s"],
+                "pcm_sha256": m["pcm_sha256"],
+                "generation": 0,
+            }
+            for uri, start, shard, r, m in rows
+        ],
+        schema=INDEXED_SCHEMA,
+    )
+    prints = [fp.unpack_prints(r["hashes"], r["times"], r["grid_sizes"]) for _, _, _, r, _ in rows]
+    return table, prints
+
+
+def _best(index: FingerprintIndex, grids: list[fp.Fingerprint], allowed) -> Hit | None:
+    """The best matching group over the query's grids among those ``allowed`` accepts."""
+    found = [h for q in grids for h in index.hits(q, limit=16) if is_match(h) and allowed(h.ref)]
+    return max(found, key=lambda h: (h.votes, -h.ref), default=None)
+
+
+def update_index(out: ObjectStore, shards: list[str], eval_sets: pa.Table | None = None) -> IndexReport:
+    """Adds every shard's not-yet-indexed segments to the global index as a new generation, records which of them
+    duplicate an earlier copy, and (re)checks segments against the evaluation sets. The state file is the commit:
+    a run killed before it leaves files the next run overwrites."""
+    report = IndexReport()
+    state = read_state(out)
+    indexed = read_indexed(out, state)
+    duplicates = read_duplicates(out, state)
+    new, prints = _new_rows(out, shards, set(indexed["segment_id"].to_pylist()))
+    generation = state["generations"] + (1 if new.num_rows else 0)
+    report.generation, report.new_segments = generation, new.num_rows
+    parts = [_load_part(out, g) for g in range(1, state["generations"] + 1)]
+    if new.num_rows:
+        new = new.set_column(
+            new.schema.get_field_index("generation"), "generation", pa.array([generation] * new.num_rows, pa.int32())
+        )
+        part = build_index_arrays([p[0] for p in prints], first_ref=indexed.num_rows)
+        parts.append(part)
+        for column, array in zip(("hashes", "refs", "times"), part, strict=True):
+            _save_npy(out, part_key(generation, column), array)
+    everything = pa.concat_tables([indexed, new])
+    # Columns, not rows: the index may hold millions of segments; only this run's new ones become Python objects.
+    # Votes are counted per media file on its timeline, so a query segment that straddles two of the other copy's
+    # segments (VAD cut them elsewhere) still collects all its votes.
+    group = pc.dictionary_encode(everything["media_id"]).combine_chunks().indices.to_numpy().astype(np.int64)
+    _, first_of_group = np.unique(group, return_index=True)  # first appearance = keep-rule order of the files
+    members = np.argsort(group, kind="stable")
+    bounds = np.searchsorted(group[members], np.arange(len(first_of_group) + 1))
+    starts = everything["start_s"].to_numpy()
+    durations = everything["duration_s"].to_numpy()
+    index = FingerprintIndex(parts, group=group)
+    report.index_rows = index.rows
+    # A kept segment's own root (when it is itself a copy of something earlier): chains resolve to the first copy.
+    root = {
+        r["segment_id"]: (r["duplicate_of"], r["duplicate_of_uri"])
+        for r in duplicates.select(["segment_id", "duplicate_of", "duplicate_of_uri"]).to_pylist()
+    }
+    new_dups = []
+    for k, (mine, grids) in enumerate(zip(new.to_pylist(), prints, strict=True)):
+        me = indexed.num_rows + k
+        # Only earlier copies can be kept over this one: every segment of an earlier file in keep-rule order.
+        hit = _best(index, grids, lambda g, me=me, own=group[me]: g != own and first_of_group[g] < me)
+        if hit is None:
+            continue
+        segs = members[bounds[hit.ref] : bounds[hit.ref + 1]]
+        kept = _overlapping_segment(segs, starts, durations, mine["start_s"] + hit.offset * fp.FRAME_S, mine)
+        kept_id = everything["segment_id"][kept].as_py()
+        kept_id, kept_uri = root.get(kept_id, (kept_id, everything["uri"][kept].as_py()))
+        root[mine["segment_id"]] = (kept_id, kept_uri)
+        kind = _kind(mine, everything["pcm_sha256"][kept].as_py(), everything["media_duration_s"][kept].as_py())
+        new_dups.append(
+            {
+                "segment_id": mine["segment_id"],
+                "media_id": mine["media_id"],
+                "shard": mine["shard"],
+                "duration_s": mine["duration_s"],
+                "duplicate_of": kept_id,
+                "duplicate_of_uri": kept_uri,
+                "similarity": min(1.0, hit.similarity),
+                "kind": kind,
+            }
+        )
+        report.duplicates[kind] += 1
+        report.duplicate_hours[kind] += mine["duration_s"] / 3600
+    if new.num_rows:
+        write_table(out, indexed_key(generation), new)
+        write_table(out, duplicates_key(generation), pa.Table.from_pylist(new_dups, schema=DUPLICATES_SCHEMA))
+    eval_version = _eval_version(eval_sets)
+    if eval_sets is not None and (new.num_rows or eval_version != state.get("eval_version")):
+        _check_eval(out, everything, eval_sets, report)
+    state = {"generations": generation, "eval_version": eval_version, "index_rows": report.index_rows}
+    out.put_bytes(STATE_KEY, json.dumps(state, sort_keys=True).encode())
+    return report
+
+
+def _overlapping_segment(segs: np.ndarray, starts: np.ndarray, durations: np.ndarray, start: float, mine: dict) -> int:
+    """Of the matched file's segments, the one that overlaps most with the query segment placed at ``start`` (its
+    start moved by the matched offset) on that file's timeline."""
+    end = start + mine["duration_s"]
+    overlap = np.minimum(end, starts[segs] + durations[segs]) - np.maximum(start, starts[segs])
+    return int(segs[int(np.argmax(overlap))])
+
+
+def _kind(mine: dict, kept_pcm: str | None, kept_media_s: float | None) -> str:
+    if mine["pcm_sha256"] and mine["pcm_sha256"] == kept_pcm:
+        return "exact"
+    if (mine["media_duration_s"] or 0) < CLIP_RATIO * (kept_media_s or 0):
+        return "contained_clip"
+    return "re_encode"
+
+
+def _eval_version(eval_sets: pa.Table | None) -> str:
+    if eval_sets is None or not eval_sets.num_rows:
+        return ""
+    return json.dumps(sorted(zip(eval_sets["eval_set"].to_pylist(), eval_sets["uri"].to_pylist(), strict=True)))
+
+
+def _check_eval(out: ObjectStore, everything: pa.Table, eval_sets: pa.Table, report: IndexReport) -> None:
+    """Every indexed segment against the evaluation sets' fingerprints (both ways: a segment inside an evaluation
+    file, and an evaluation clip inside a segment); writes ``dedup/eval_matches.parquet``."""
+    evals = eval_sets.to_pylist()
+    eval_prints = [fp.Fingerprint.from_bytes(e["hashes"], e["times"]) for e in evals]
+    index = FingerprintIndex([build_index_arrays(eval_prints)])
+    matches = []
+    shards = sorted(set(everything["shard"].to_pylist()))
+    for shard in shards:
+        table = read_table(out, fingerprints_key(shard), FINGERPRINT_SCHEMA)
+        info = {r["segment_id"]: r for r in everything.filter(pc.equal(everything["shard"], shard)).to_pylist()}
+        for r in table.to_pylist():
+            if r["segment_id"] not in info:
+                continue
+            grids = fp.unpack_prints(r["hashes"], r["times"], r["grid_sizes"])
+            hit = _best(index, grids, lambda g: True)
+            if hit is None:
+                continue
+            e = evals[hit.ref]
+            matches.append(
+                {
+                    "segment_id": r["segment_id"],
+                    "media_id": r["media_id"],
+                    "shard": shard,
+                    "uri": info[r["segment_id"]]["uri"],
+                    "duration_s": r["duration_s"],
+                    "eval_set": e["eval_set"],
+                    "eval_uri": e["uri"],
+                    "similarity": min(1.0, hit.similarity),
+                }
+            )
+            report.eval_matches[e["eval_set"]] += 1
+    write_table(out, EVAL_MATCHES_KEY, pa.Table.from_pylist(matches, schema=EVAL_MATCHES_SCHEMA))
+
+
+def shard_outcomes(out: ObjectStore, shard: str) -> dict[str, dict]:
+    """Segment id -> what dedup decided for it on this shard: ``reason`` (``eval_contamination`` first, then
+    ``duplicate``), ``duplicate_of``, ``duplicate_of_uri``, ``similarity``, ``duplicate_kind``, ``eval_set``,
+    ``eval_uri``. Empty before the first ``audio_fingerprints`` run."""
+    state = read_state(out)
+    decided: dict[str, dict] = {}
+    dups = read_duplicates(out, state)
+    for r in dups.filter(pc.equal(dups["shard"], shard)).to_pylist():
+        decided[r["segment_id"]] = {
+            "reason": DUPLICATE,
+            "duplicate_of": r["duplicate_of"],
+            "duplicate_of_uri": r["duplicate_of_uri"],
+            "similarity": round(float(r["similarity"]), 4),
+            "duplicate_kind": r["kind"],
+        }
+    evals = read_table(out, EVAL_MATCHES_KEY, EVAL_MATCHES_SCHEMA)
+    for r in evals.filter(pc.equal(evals["shard"], shard)).to_pylist():
+        # Contamination wins: a copy of an evaluation recording must go even where it is also a duplicate.
+        decided[r["segment_id"]] = {
+            **decided.get(r["segment_id"], {}),
+            "reason": EVAL_CONTAMINATION,
+            "eval_set": r["eval_set"],
+            "eval_uri": r["eval_uri"],
+            "similarity": round(float(r["similarity"]), 4),
+        }
+    return decided
+
+
+def parse_eval_sets(spec: str) -> dict[str, str]:
+    """``name=uri;name=uri`` (a folder, ``file://`` or ``oss://`` uri, or a ``.txt`` manifest of keys under its
+    folder) as a dict; names must be unique."""
+    sets: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in spec.split(";"))):
+        name, sep, uri = item.partition("=")
+        if not sep or not name.strip() or not uri.strip():
+            raise ValueError(f"ASR_EVAL_SETS: {item!r} is not name=uri")
+        if name.strip() in sets:
+            raise ValueError(f"ASR_EVAL_SETS: evaluation set {name.strip()!r} is named twice")
+        sets[name.strip()] = uri.strip()
+    return sets
+
+
+def eval_keys(store: ObjectStore, manifest: str | None) -> list[str]:
+    """The audio keys of an evaluation set: every non-hidden file of its store, or the keys a manifest lists."""
+    if manifest:
+        lines = store.read_bytes(manifest).decode().splitlines()
+        return sorted({line.strip() for line in lines if line.strip() and not line.startswith("#")})
+    return sorted(i.key for i in store.list() if not i.key.rsplit("/", 1)[-1].startswith("."))
+
+
+def fingerprint_file(path, scratch) -> tuple[float, fp.Fingerprint]:
+    """Decodes a file as the pipeline does (16 kHz mono) and returns its duration and sampled first-grid landmarks.
+
+    Raises:
+        ValueError: the file does not decode (the message names the reason).
+    """
+    from asr_assets.media import DecodeJob, decode_media, read_audio
+
+    dst = scratch / "eval.flac"
+    result = decode_media(DecodeJob("eval", str(path), path, dst, 1 << 40, 24 * 3600.0))
+    if result.error_class is not None:
+        raise ValueError(f"{result.error_class}: {result.error}")
+    try:
+        x = read_audio(dst)
+    finally:
+        dst.unlink(missing_ok=True)
+    return len(x) / fp.SAMPLE_RATE, fp.sampled(fp.fingerprint(x))
+
+
+def register_eval_sets(out: ObjectStore, sets: dict[str, tuple[ObjectStore, list[str]]]) -> tuple[pa.Table, list[str]]:
+    """Fingerprints every evaluation file not registered yet (set, uri) and writes the registry; sets no longer
+    configured are dropped from it. Returns the registry and the files that could not be decoded (with the reason):
+    an evaluation file that cannot be checked is reported, never silently skipped."""
+    old = read_table(out, EVAL_INDEX_KEY, EVAL_INDEX_SCHEMA)
+    have = {(r["eval_set"], r["uri"]): r for r in old.to_pylist()}
+    rows, problems = [], []
+    scratch = out.scratch_dir()
+    for name, (store, keys) in sorted(sets.items()):
+        for key in keys:
+            uri = store.uri_of(key)
+            if (name, uri) in have:
+                rows.append(have[(name, uri)])
+                continue
+            try:
+                duration, print_ = fingerprint_file(store.local_path(key), scratch)
+            except (ValueError, OSError) as exc:
+                problems.append(f"{name}: {uri}: {exc}")
+                continue
+            hashes, times = print_.to_bytes()
+            rows.append({"eval_set": name, "uri": uri, "duration_s": duration, "hashes": hashes, "times": times})
+    table = pa.Table.from_pylist(rows, schema=EVAL_INDEX_SCHEMA)
+    write_table(out, EVAL_INDEX_KEY, table)
+    return table, problems
+
+
+def read_eval_sets(out: ObjectStore) -> pa.Table | None:
+    return read_table(out, EVAL_INDEX_KEY, EVAL_INDEX_SCHEMA) if out.exists(EVAL_INDEX_KEY) else None
+
+
+def summary(out: ObjectStore, shards: list[str], examples: int = 20) -> dict:
+    """For the distillation report: duplicate segments and hours by kind, teacher hours saved (segments skipped before
+    the teacher), and per evaluation set the matching segments (count, hours, a few examples)."""
+    from asr_assets.stages import read_transcripts
+
+    dups = read_duplicates(out)
+    by_kind = {
+        kind: {
+            "segments": int(pc.sum(pc.equal(dups["kind"], kind)).as_py() or 0),
+            "hours": round((pc.sum(dups.filter(pc.equal(dups["kind"], kind))["duration_s"]).as_py() or 0.0) / 3600, 6),
+        }
+        for kind in KINDS
+    }
+    saved_s = 0.0
+    for shard in shards:
+        table = read_transcripts(out, shard)
+        skipped = table.filter(pc.starts_with(table["finish_reason"], SKIPPED_FINISH))["segment_id"]
+        if len(skipped):
+            features = read_table(out, layout.features_key(shard), FEATURE_SCHEMA)
+            chosen = features.filter(pc.is_in(features["segment_id"], value_set=skipped))
+            saved_s += pc.sum(chosen["duration_s"]).as_py() or 0.0
+    evals = read_table(out, EVAL_MATCHES_KEY, EVAL_MATCHES_SCHEMA)
+    per_set: dict[str, dict] = {}
+    for r in evals.sort_by([("eval_set", "ascending"), ("uri", "ascending")]).to_pylist():
+        entry = per_set.setdefault(r["eval_set"], {"segments": 0, "hours": 0.0, "examples": []})
+        entry["segments"] += 1
+        entry["hours"] += r["duration_s"] / 3600
+        if len(entry["examples"]) < examples:
+            entry["examples"].append(
+                {
+                    "segment_id": r["segment_id"],
+                    "uri": r["uri"],
+                    "eval_uri": r["eval_uri"],
+                    "similarity": round(float(r["similarity"]), 4),
+                }
+            )
+    for entry in per_set.values():
+        entry["hours"] = round(entry["hours"], 6)
+    return {
+        "duplicates_by_kind": by_kind,
+        "duplicate_hours": round(sum(v["hours"] for v in by_kind.values()), 6),
+        "teacher_hours_saved": round(saved_s / 3600, 6),
+        "eval_matches": per_set,
+    }

@@ -1,0 +1,260 @@
+"""Deduplication and the evaluation-set guard: real ffmpeg variants of espeak-ng speech, the keep rule, and a pipeline
+run where a re-encoded copy and a copy of an evaluation recording get their outcomes and every count reconciles."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from asr_assets import dedup, layout
+from asr_assets import fingerprint as fp
+from asr_assets.checks import (
+    reconcile_audio,
+    reconcile_distilled,
+    reconcile_features,
+    reconcile_transcripts,
+    reconcile_vad,
+)
+from asr_assets.dedup_index import FingerprintIndex, build_index_arrays
+from asr_assets.definitions import all_assets, all_checks
+from asr_assets.media import DecodeJob, decode_media, read_audio
+from asr_assets.records import AUDIO_SCHEMA
+from asr_assets.report import build_report
+from partitions import shard_partitions
+from resources.storage import LocalStore, StorageResource, write_table
+from resources.teachers import TeacherResource
+
+TEXT = (
+    "The ancient captain repaired the narrow bridge before dawn, and the village doctor measured the river after "
+    "the storm. A golden letter crossed the market at noon while the quiet teacher watched the forest."
+)
+OTHER = "Seven heavy engines followed the silver train through the hollow valley while the children sang loudly."
+EVAL_TEXT = "Our evaluation speaker reads this held out sentence about crimson windows and rapid gardens slowly."
+
+
+def _run(cmd: list[str]) -> None:
+    subprocess.run(cmd, check=True, capture_output=True)
+
+
+def speak(dst: Path, text: str, voice: str = "en-us") -> Path:
+    _run(["espeak-ng", "-v", voice, "-s", "160", "-w", str(dst), text])
+    return dst
+
+
+def ffmpeg(src: Path, dst: Path, *args: str) -> Path:
+    _run(["ffmpeg", "-v", "error", "-y", "-i", str(src), *args, str(dst)])
+    return dst
+
+
+def decoded(path: Path, tmp: Path) -> np.ndarray:
+    """The file decoded as the pipeline decodes it."""
+    dst = tmp / f"{path.name}.flac"
+    result = decode_media(DecodeJob("m", str(path), path, dst, 1 << 30, 3600.0))
+    assert result.error_class is None, result.error
+    assert result.pcm_sha256 == fp.pcm_sha256(read_audio(dst))
+    return read_audio(dst)
+
+
+@pytest.fixture(scope="module")
+def speech(tmp_path_factory: pytest.TempPathFactory) -> dict[str, np.ndarray]:
+    """An original, its ffmpeg variants, a 6 s clip of it re-encoded, and other voices reading the same text."""
+    tmp = tmp_path_factory.mktemp("speech")
+    src = speak(tmp / "orig.wav", TEXT)
+    files = {
+        "orig": src,
+        "mp3-32k": ffmpeg(src, tmp / "v.mp3", "-c:a", "libmp3lame", "-b:a", "32k"),
+        "aac-48k": ffmpeg(src, tmp / "v.m4a", "-c:a", "aac", "-b:a", "48k"),
+        "opus-16k": ffmpeg(src, tmp / "v.opus", "-c:a", "libopus", "-b:a", "16k"),
+        "gain+6": ffmpeg(src, tmp / "g6.wav", "-af", "volume=6dB"),
+        "gain-6": ffmpeg(src, tmp / "gm6.wav", "-af", "volume=-6dB"),
+        "8khz": ffmpeg(src, tmp / "r8.wav", "-ar", "8000"),
+        "44khz": ffmpeg(src, tmp / "r44.wav", "-ar", "44100"),
+        "clip": ffmpeg(src, tmp / "clip.mp3", "-ss", "3.3", "-t", "6", "-c:a", "libmp3lame", "-b:a", "64k"),
+    }
+    for voice in ("en-gb", "en-029", "en-us+f3"):
+        files[f"voice:{voice}"] = speak(tmp / f"{voice}.wav", TEXT, voice)
+    return {name: decoded(path, tmp) for name, path in files.items()}
+
+
+def _index(prints: dict[str, fp.Fingerprint]) -> FingerprintIndex:
+    names = list(prints)
+    return FingerprintIndex([build_index_arrays([prints[n] for n in names])], names=names)
+
+
+def test_variants_and_a_contained_clip_match_their_original(speech) -> None:
+    index = _index({"orig": fp.fingerprint(speech["orig"]), "other": fp.fingerprint(decoded_other(speech))})
+    for name in ("mp3-32k", "aac-48k", "opus-16k", "gain+6", "gain-6", "8khz", "44khz", "clip"):
+        hit = index.lookup(fp.query_prints(speech[name]))
+        assert hit is not None and hit.name == "orig", (name, index.hits(fp.sampled(fp.fingerprint(speech[name]))))
+    clip = index.lookup(fp.query_prints(speech["clip"]))
+    # The clip starts 3.3 s in: the matched offset places it there (32 ms frames).
+    assert abs(clip.offset * fp.FRAME_S - 3.3) < 0.1
+
+
+def decoded_other(speech) -> np.ndarray:
+    """Unrelated speech in the same voice: the index holds more than one recording."""
+    return speech["voice:en-gb"][::-1].copy()  # time-reversed: the same spectrum statistics, no shared landmarks
+
+
+def test_other_voices_saying_the_same_words_do_not_match(speech) -> None:
+    index = _index({"orig": fp.fingerprint(speech["orig"])})
+    for name in [n for n in speech if n.startswith("voice:")]:
+        assert index.lookup(fp.query_prints(speech[name])) is None, (name, index.best(fp.fingerprint(speech[name])))
+
+
+def test_exact_hash_is_equal_only_for_identical_audio(speech) -> None:
+    assert fp.pcm_sha256(speech["orig"]) == fp.pcm_sha256(speech["orig"].copy())
+    assert fp.pcm_sha256(speech["orig"]) != fp.pcm_sha256(speech["gain-6"])
+
+
+def _fake_shard(out: LocalStore, shard: str, uri: str, media_id: str, x: np.ndarray) -> None:
+    """A shard holding one decoded file cut into 5 s segments, with its fingerprint rows, as segment_features
+    leaves them."""
+    audio = {f.name: None for f in AUDIO_SCHEMA} | {
+        "media_id": media_id,
+        "uri": uri,
+        "status": "decoded",
+        "duration_s": len(x) / fp.SAMPLE_RATE,
+        "detected_format": "wav",
+        "seconds": 0.0,
+        "pcm_sha256": fp.pcm_sha256(x),
+    }
+    write_table(out, layout.audio_manifest_key(shard), pa.Table.from_pylist([audio], schema=AUDIO_SCHEMA))
+    rows = []
+    step = 5 * fp.SAMPLE_RATE
+    for i, start in enumerate(range(0, len(x) - fp.SAMPLE_RATE, step)):
+        seg = x[start : start + step]
+        hashes, times, sizes = fp.stored_prints(seg, round(start / fp.HOP))
+        rows.append(
+            {
+                "segment_id": f"{media_id}-{i}",
+                "media_id": media_id,
+                "start_s": start / fp.SAMPLE_RATE,
+                "duration_s": len(seg) / fp.SAMPLE_RATE,
+                "hashes": hashes,
+                "times": times,
+                "grid_sizes": sizes,
+            }
+        )
+    dedup.append_fingerprints(out, shard, pa.Table.from_pylist(rows, schema=dedup.FINGERPRINT_SCHEMA))
+
+
+@pytest.mark.parametrize("order", [("shard-00000", "shard-00001"), ("shard-00001", "shard-00000")])
+def test_keep_rule_does_not_depend_on_which_shard_ran_first(speech, tmp_path: Path, order) -> None:
+    out = LocalStore(tmp_path)
+    copies = {
+        "shard-00000": ("file:///z/copy.mp3", "m-z", speech["mp3-32k"]),
+        "shard-00001": ("file:///a/orig.wav", "m-a", speech["orig"]),
+    }
+    for shard in order:  # the shards' features are written in either order before the index runs
+        _fake_shard(out, shard, *copies[shard])
+    report = dedup.update_index(out, list(order))
+    dups = dedup.read_duplicates(out).to_pylist()
+    assert report.duplicates["re_encode"] == len(dups) > 0
+    # The smallest uri is kept, whichever shard came first; the copy's segments point at the original's.
+    assert {d["media_id"] for d in dups} == {"m-z"}
+    assert {d["duplicate_of_uri"] for d in dups} == {"file:///a/orig.wav"}
+    assert all(d["duplicate_of"].startswith("m-a-") and d["kind"] == "re_encode" for d in dups)
+    # A later run adds nothing and recomputes nothing.
+    again = dedup.update_index(out, list(order))
+    assert again.new_segments == 0 and len(dedup.read_duplicates(out)) == len(dups)
+
+
+def _materialize(out: Path, media: Path, selection: list[str], partition: str | None = None, config=None):
+    return dg.materialize(
+        [*all_assets, *all_checks],
+        selection=selection,
+        resources={
+            "storage": StorageResource(source_uri=str(media), output_root=str(out)),
+            "teacher": TeacherResource(second_opinion="off"),
+        },
+        partition_key=partition,
+        run_config=config or {},
+    )
+
+
+def test_pipeline_skips_known_copies_and_drops_them_with_their_reason(tmp_path: Path) -> None:
+    media = tmp_path / "media"
+    media.mkdir()
+    evals = tmp_path / "eval"
+    evals.mkdir()
+    orig = speak(media / "a_orig.wav", TEXT)
+    ffmpeg(orig, media / "b_copy.mp3", "-c:a", "libmp3lame", "-b:a", "64k")
+    speak(media / "c_other.wav", OTHER, "en-gb")
+    held_out = speak(evals / "held_out.wav", EVAL_TEXT, "en-gb-scotland")
+    ffmpeg(held_out, media / "d_leaked.opus", "-c:a", "libopus", "-b:a", "32k")
+    out = tmp_path / "out"
+    shards = shard_partitions.get_partition_keys()
+    cpu = ["media_index", "audio_wav", "vad_segments", "segment_features"]
+    for shard in shards:
+        assert _materialize(out, media, cpu, shard).success
+    config = {"ops": {"eval_sets": {"config": {"eval_sets": f"heldout={evals}"}}}}
+    assert _materialize(out, media, ["eval_sets", "audio_fingerprints"], config=config).success
+    for shard in shards:
+        result = _materialize(out, media, ["transcripts", "distilled_dataset"], shard)
+        assert result.success
+        assert all(c.passed for c in result.get_asset_check_evaluations())
+
+    store = LocalStore(out)
+    files, decisions, skipped = {}, {}, {}
+    for shard in shards:
+        for reconcile in (
+            reconcile_audio,
+            reconcile_vad,
+            reconcile_features,
+            reconcile_transcripts,
+            reconcile_distilled,
+        ):
+            assert reconcile(store, shard).passed, (shard, reconcile.__name__, reconcile(store, shard).problems)
+        build = layout.current_build(store, shard)
+        if build is None:
+            continue
+        for line in (out / layout.files_key(shard, build)).read_text().splitlines():
+            rec = json.loads(line)
+            files[rec["uri"].rsplit("/", 1)[-1]] = rec
+        for d in pq.read_table(out / layout.decisions_key(shard, build)).to_pylist():
+            decisions[d["segment_id"]] = d
+        for part in (out / "transcripts" / shard).glob("*.parquet"):
+            for t in pq.read_table(part).to_pylist():
+                skipped[t["segment_id"]] = t["finish_reason"]
+
+    copy, leaked, kept = files["b_copy.mp3"], files["d_leaked.opus"], files["a_orig.wav"]
+    assert copy["duplicate_of"] == kept["uri"] and copy["duplicate_kind"] == "re_encode" and copy["similarity"] > 0.2
+    assert {s["status"] for s in copy["segments"]} == {"dropped:duplicate"}
+    assert {s["status"] for s in leaked["segments"]} == {"dropped:eval_contamination"}
+    assert {s["eval_set"] for s in leaked["segments"]} == {"heldout"}
+    assert kept["duplicate_of"] is None and "kept" in {s["status"] for s in kept["segments"]}
+    assert "kept" in {s["status"] for s in files["c_other.wav"]["segments"]}
+    # Never given to the teacher: their outcome is the skip, and the decision carries what dedup found.
+    for s in copy["segments"]:
+        assert skipped[s["segment_id"]] == "skipped:duplicate" and s["text"] is None  # no label, not an empty one
+        d = decisions[s["segment_id"]]
+        assert d["drop_reason"] == "duplicate" and d["duplicate_of"] and d["duplicate_kind"] == "re_encode"
+    for s in leaked["segments"]:
+        assert skipped[s["segment_id"]] == "skipped:eval_contamination"
+    for s in kept["segments"]:
+        assert not skipped[s["segment_id"]].startswith("skipped:")
+
+    report, _ = build_report(store, shards)
+    assert report.dedup["teacher_hours_saved"] > 0
+    assert report.dedup["duplicates_by_kind"]["re_encode"]["segments"] == len(copy["segments"])
+    assert report.dedup["eval_matches"]["heldout"]["segments"] == len(leaked["segments"])
+    assert report.dropped_by_reason["duplicate"] == len(copy["segments"])
+    assert report.dropped_by_reason["eval_contamination"] == len(leaked["segments"])
+
+
+def test_identical_audio_is_exact_and_a_clip_is_contained(speech, tmp_path: Path) -> None:
+    out = LocalStore(tmp_path)
+    _fake_shard(out, "shard-00000", "file:///a/orig.wav", "m-a", speech["orig"])
+    _fake_shard(out, "shard-00001", "file:///b/same.flac", "m-b", speech["orig"].copy())
+    _fake_shard(out, "shard-00002", "file:///c/clip.mp3", "m-c", speech["clip"])
+    dedup.update_index(out, ["shard-00000", "shard-00001", "shard-00002"])
+    kinds = {(d["media_id"], d["kind"], d["duplicate_of_uri"]) for d in dedup.read_duplicates(out).to_pylist()}
+    assert kinds == {("m-b", "exact", "file:///a/orig.wav"), ("m-c", "contained_clip", "file:///a/orig.wav")}
