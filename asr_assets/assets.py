@@ -376,7 +376,10 @@ def transcripts(
     range of shards labels them one after another with one loaded engine."""
     engine = teacher.engine_class()
     settings = TranscribeSettings(
-        config.wave_size or engine.wave_size, config.batch_size or engine.batch_size, teacher.language
+        config.wave_size or engine.wave_size,
+        config.batch_size or engine.batch_size,
+        teacher.language,
+        teacher.min_language_prob,
     )
     second = None
     if teacher.second_opinion_spec() is not None:
@@ -402,7 +405,9 @@ def transcripts(
 
         try:
             with layout.step_output(storage, "transcripts", shard, context.run.run_id) as out:
-                report = transcribe_shard(out, shard, teacher.load, settings, on_wave=progress, second=second)
+                report = transcribe_shard(
+                    out, shard, teacher.load, settings, on_wave=progress, second=second, lid=teacher.load_lid
+                )
         except LeaseHeld as exc:
             if len(context.partition_keys) == 1:
                 raise

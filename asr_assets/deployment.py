@@ -156,6 +156,8 @@ def teacher(name: str) -> TeacherResource:
     second = {
         "second_opinion": _env("ASR_SECOND_OPINION", DEFAULT_SECOND_OPINION),
         "second_opinion_fraction": second_opinion_fraction(engine),
+        "language": _env("ASR_LANGUAGE", "auto"),
+        "languages": _env("ASR_LANGUAGES", ""),
     }
     if name == "k8s":
         return TeacherResource(

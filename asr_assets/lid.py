@@ -25,10 +25,12 @@ MAX_FRAMES = 3000
 
 @dataclass(frozen=True)
 class Detected:
-    """A segment's language (ISO 639-1, Whisper's code) and its probability, among ``allowed`` languages when set."""
+    """A segment's language (ISO 639-1, Whisper's code) and its probability, among ``allowed`` languages when set;
+    ``probs``: the five most probable languages and their probabilities."""
 
     language: str
     prob: float
+    probs: dict[str, float]
 
 
 class SpokenLanguageId:
@@ -83,8 +85,9 @@ class SpokenLanguageId:
             probs = {lang: p for lang, p in probs.items() if lang in self._allowed}
             total = sum(probs.values()) or 1.0
             probs = {lang: p / total for lang, p in probs.items()}
-        language = max(probs, key=probs.__getitem__)
-        return Detected(language, float(probs[language]))
+        top = dict(sorted(probs.items(), key=lambda kv: -kv[1])[:5])
+        language = next(iter(top))
+        return Detected(language, float(top[language]), {k: float(v) for k, v in top.items()})
 
     def close(self) -> None:
         del self._model

@@ -334,6 +334,9 @@ class TranscriptRow:
         second_model_id: the second opinion's model (None when ``second_text`` is None).
         disagreement: normalized error rate of ``second_text`` against ``text`` in [0, 1] (WER; CER for zh, ja, ko,
             th; 0 = the same words, 1 = nothing in common); None without a second opinion.
+        language_prob: probability of ``language`` from spoken language ID (``ASR_LANGUAGE=auto``); None when the
+            language was fixed.
+        lid_model: the language ID model (None when the language was fixed).
     """
 
     segment_id: str
@@ -352,6 +355,8 @@ class TranscriptRow:
     second_text: str | None = None
     second_model_id: str | None = None
     disagreement: float | None = None
+    language_prob: float | None = None
+    lid_model: str | None = None
 
 
 TRANSCRIPT_SCHEMA = pa.schema(
@@ -372,6 +377,8 @@ TRANSCRIPT_SCHEMA = pa.schema(
         ("second_text", pa.string()),
         ("second_model_id", pa.string()),
         ("disagreement", pa.float32()),
+        ("language_prob", pa.float32()),
+        ("lid_model", pa.string()),
     ]
 )
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -69,7 +70,12 @@ def corpus_wer(refs: dict[str, str], hyps: dict[str, str]) -> float:
     return jiwer.process_words(truth, [canonical_text(hyps.get(p, "")) for p in paths]).wer
 
 
-def run_ours(media: Path, work: Path, env_extra: dict[str, str]) -> float:
+STEP_DONE = re.compile(r'Finished execution of step "(\w+)" in ([\dhms.]+)\.')
+UNITS = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def run_ours(media: Path, work: Path, env_extra: dict[str, str], steps: dict[str, float]) -> float:
+    """Materializes every shard as ``make demo`` does; adds each step's seconds (from Dagster's log) to ``steps``."""
     out, home = work / "out", work / "dagster-home"
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(home, ignore_errors=True)
@@ -86,16 +92,27 @@ def run_ours(media: Path, work: Path, env_extra: dict[str, str]) -> float:
         done = subprocess.run([*cmd, "--partition", shard], env=env, capture_output=True, text=True, cwd=ROOT)
         if done.returncode != 0:
             raise RuntimeError(f"{shard} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        for step, duration in STEP_DONE.findall(done.stdout + done.stderr):
+            seconds = sum(float(v) * UNITS[u] for v, u in re.findall(r"([\d.]+)(ms|h|m|s)", duration))
+            steps[step] = round(steps.get(step, 0.0) + seconds, 1)
     return time.perf_counter() - started
 
 
 def our_texts(out: Path, media: Path) -> tuple[dict[str, str], dict[str, str]]:
-    """Per file: every label in time order, and the kept ones."""
+    """Per file, from the current dataset build's files.jsonl: every label in time order, and the kept ones."""
+    from asr_assets import layout
+    from partitions import shard_partitions
+    from resources.storage import LocalStore
+
+    store = LocalStore(out)
     all_texts, kept = {}, {}
-    for files in sorted((out / "distilled").glob("*.files.jsonl")):
-        for line in files.read_text().splitlines():
+    for shard in shard_partitions.get_partition_keys():
+        build = layout.current_build(store, shard)
+        if build is None:
+            continue
+        for line in (out / layout.files_key(shard, build)).read_text().splitlines():
             rec = json.loads(line)
-            path = str(Path(rec["uri"]).relative_to(media))
+            path = str(Path(rec["uri"].removeprefix("file://")).relative_to(media))
             segs = sorted(rec.get("segments") or [], key=lambda s: s["start"])
             all_texts[path] = " ".join(s["text"] for s in segs if s.get("text"))
             kept[path] = " ".join(s["text"] for s in segs if s.get("text") and s["status"] == "kept")
@@ -137,9 +154,11 @@ def main() -> None:
     refs = {r["path"]: r["text"] for r in records}
     files = [media / r["path"] for r in records]
     audio_s = sum(r["duration_s"] for r in records)
-    env_extra = dict(kv.split("=", 1) for kv in args.env)
+    # The peer's model is English-only tiny.en: ours is told the language too (ASR_LANGUAGE=auto would detect it).
+    env_extra = {"ASR_LANGUAGE": "en", **dict(kv.split("=", 1) for kv in args.env)}
 
-    seconds = run_ours(media, work, env_extra)
+    steps: dict[str, float] = {}
+    seconds = run_ours(media, work, env_extra, steps)
     peer_seconds, peer_texts = run_peer(files, args.peer_threads)
     all_texts, kept = our_texts(work / "out", media)
     kept_refs = {p: t for p, t in refs.items() if kept.get(p)}
@@ -155,6 +174,7 @@ def main() -> None:
                 "peer_wer": round(corpus_wer(refs, peer_texts), 4),
                 "wer_kept": round(corpus_wer(kept_refs, kept), 4),
                 "peer_wer_same_files": round(corpus_wer(kept_refs, peer_texts), 4),
+                "step_seconds": steps,
                 "env": env_extra,
             }
         )

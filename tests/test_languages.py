@@ -43,7 +43,6 @@ from asr_assets.records import (
     VAD_MEDIA_SCHEMA,
 )
 from asr_assets.report import build_report, render_plots
-from asr_assets.stages import transcribe
 from resources.storage import LocalStore, write_table
 from resources.teachers.base import compression_ratio
 
@@ -227,15 +226,6 @@ MEDIA = [
 ]
 
 
-def _lid_schema() -> pa.Schema:
-    """The transcripts schema with the LID columns (added by the transcripts stage where it runs language ID)."""
-    schema = TRANSCRIPT_SCHEMA
-    for name, kind in (("language_prob", pa.float32()), ("lid_model", pa.string())):
-        if name not in schema.names:
-            schema = schema.append(pa.field(name, kind))
-    return schema
-
-
 def _write_shard(store: LocalStore) -> None:
     rows: dict[str, list] = {name: [] for name in ("index", "audio", "vad", "segments", "features", "transcripts")}
     rng = np.random.default_rng(0)
@@ -284,13 +274,12 @@ def _write_shard(store: LocalStore) -> None:
         (layout.features_key(SHARD), FEATURE_SCHEMA, "features"),
     ):
         write_table(store, key, pa.Table.from_pylist(rows[name], schema))
-    transcripts = pa.Table.from_pylist(rows["transcripts"], _lid_schema())
+    transcripts = pa.Table.from_pylist(rows["transcripts"], TRANSCRIPT_SCHEMA)
     write_table(store, layout.transcript_part_key(SHARD, 0), transcripts)
 
 
 @pytest.fixture
-def built(tmp_path: Path, monkeypatch) -> LocalStore:
-    monkeypatch.setattr(transcribe, "TRANSCRIPT_SCHEMA", _lid_schema())
+def built(tmp_path: Path) -> LocalStore:
     store = LocalStore(tmp_path / "out")
     _write_shard(store)
     distill_shard(store, SHARD, build_rules(), PackSettings())

@@ -136,7 +136,8 @@ def test_an_engine_that_fails_on_every_segment_fails_the_step_instead_of_dead_le
     from asr_assets.stages import _transcribe_checked
 
     engine = create_engine("faster-whisper", TeacherSettings(threads=1))  # its own: the model gets broken below
-    monkeypatch.setattr(engine._model, "model", _DeadModel(engine._model.model))
+    model, _ = engine._model_for("en")
+    monkeypatch.setattr(model, "model", _DeadModel(model.model))
     batch = [TeacherInput(f"seg-{i}", np.zeros(16000, np.float32), "en") for i in range(8)]
     with pytest.raises(TeacherBroken, match="every one of 8 segments.*device lost"):
         _transcribe_checked(engine, batch)

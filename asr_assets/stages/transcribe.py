@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -51,6 +52,7 @@ class TranscribeSettings:
     wave_size: int = 256
     batch_size: int = 16
     language: str = "en"
+    min_language_prob: float = 0.5
 
 
 def read_transcripts(out: ObjectStore, shard: str) -> pa.Table:
@@ -67,6 +69,7 @@ def transcribe_shard(
     on_wave: Callable[[StageReport], None] | None = None,
     second: SecondOpinion | None = None,
     budget: RetryBudget | None = None,
+    lid: Callable[[], Any] | None = None,
 ) -> StageReport:
     """Labels every featured segment without a transcript or final dead letter, writing one part per wave.
 
@@ -86,6 +89,9 @@ def transcribe_shard(
         on_wave: called after each wave is written (progress logging).
         second: the second opinion, if any (its engine is loaded only when a sampled segment has a label).
         budget: how long a failed audio read is retried (default: ``ASR_TRANSIENT_DEADLINE_S``).
+        lid: returns the spoken language ID (``asr_assets.lid.SpokenLanguageId``), called on first use; required
+            when ``settings.language`` is ``auto``: each segment's language is detected before the teacher sees it,
+            and a detection less probable than ``settings.min_language_prob`` leaves the language to the teacher.
     """
     started = time.perf_counter()
     budget = budget or RetryBudget()
@@ -105,6 +111,7 @@ def transcribe_shard(
     teacher = engine() if todo else None
     window_of = window_keys(features, teacher.window_s) if teacher is not None else {}
     second_engine: TeacherEngine | None = None
+    lid_engine = None
     stats = SecondOpinionStats()
     reader = PartReader()
     try:
@@ -116,14 +123,19 @@ def transcribe_shard(
             for windows in _waves(wave, settings.batch_size):
                 batch = [r for w in windows for r in w]
                 pending = len(todo) - report.processed
+                audio = [_read_segment(out, reader, r, budget, shard, pending) for r in batch]
+                detected = None
+                if settings.language == "auto":
+                    lid_engine = lid_engine or lid()
+                    detected = lid_engine.detect(audio)
                 inputs = [
                     TeacherInput(
                         r["segment_id"],
-                        _read_segment(out, reader, r, budget, shard, pending),
-                        settings.language,
+                        a,
+                        _language(settings, detected[k] if detected else None),
                         window_of.get(r["segment_id"], ""),
                     )
-                    for r in batch
+                    for k, (r, a) in enumerate(zip(batch, audio, strict=True))
                 ]
                 results = _transcribe_checked(teacher, inputs)
                 opinions: dict[str, tuple[str, str, float]] = {}
@@ -136,7 +148,7 @@ def transcribe_shard(
                     if sampled:
                         second_engine = second_engine or second.engine()
                         opinions = _second_opinions(second_engine, sampled, stats)
-                for row, result in zip(batch, results, strict=True):
+                for k, (row, result) in enumerate(zip(batch, results, strict=True)):
                     if isinstance(result, TeacherError):
                         # EngineCallFailed is suspect: its row stays pending until the third attempt fails too.
                         attempt = attempts.get(row["segment_id"], 0) + 1
@@ -157,13 +169,13 @@ def transcribe_shard(
                             segment_id=row["segment_id"],
                             media_id=row["media_id"],
                             text=result.text,
-                            language=result.language,
+                            **_language_columns(result, detected[k] if detected else None, lid_engine),
                             num_tokens=result.num_tokens,
                             avg_logprob=result.avg_logprob,
                             no_speech_prob=result.no_speech_prob,
                             compression_ratio=result.compression_ratio,
                             finish_reason=result.finish_reason,
-                            model_id=teacher.model_id,
+                            model_id=result.model_id or teacher.model_id,
                             engine=teacher.name,
                             settings_hash=teacher.settings_hash,
                             prompt_version=teacher.prompt_version,
@@ -203,6 +215,23 @@ def transcribe_shard(
             report.totals["mean_disagreement"] = ((pc.sum(judged).as_py() or 0.0) + stats.disagreement_sum) / count
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _language(settings: TranscribeSettings, detected: Any) -> str:
+    """The language the teacher is asked for: the fixed one, or the detected one when probable enough ("" lets the
+    teacher decide)."""
+    if detected is None:
+        return settings.language
+    return detected.language if detected.prob >= settings.min_language_prob else ""
+
+
+def _language_columns(result: TeacherOutput, detected: Any, lid: Any) -> dict[str, Any]:
+    """A label's language (what its text was transcribed in; with detection unsure and a teacher that does not
+    say, the detected one) and that language's detected probability."""
+    if detected is None:
+        return {"language": result.language, "language_prob": None, "lid_model": None}
+    language = result.language or detected.language
+    return {"language": language, "language_prob": detected.probs.get(language, 0.0), "lid_model": lid.model_id}
 
 
 def _skip_known_copies(out: ObjectStore, shard: str, todo: list[dict], report: StageReport) -> list[dict]:

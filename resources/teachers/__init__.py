@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import dagster as dg
 from pydantic import Field, PrivateAttr
 
@@ -24,7 +26,24 @@ class TeacherResource(dg.ConfigurableResource):
     model: str = Field(
         default="", description="Local model directory; empty for the engine's default. Env: ASR_TEACHER_MODEL."
     )
-    language: str = Field(default="en", description="Language to transcribe in (ISO 639-1).")
+    language: str = Field(
+        default="auto",
+        description="'auto': every segment's language is detected (spoken language ID, before the teacher) and "
+        "the teacher transcribes it in that language; or one ISO 639-1 code for every segment (no detection). "
+        "Env: ASR_LANGUAGE.",
+    )
+    languages: str = Field(
+        default="",
+        description="With auto: the languages the collection holds, comma-separated (e.g. 'zh,en'); detection "
+        "chooses among them. Empty: any language Whisper knows. Env: ASR_LANGUAGES.",
+    )
+    min_language_prob: float = Field(
+        default=0.5,
+        ge=0.0,
+        le=1.0,
+        description="With auto: a segment whose detected language is less probable than this is transcribed "
+        "without a language (Whisper detects it over its window; Qwen3-Omni gets a language-neutral instruction).",
+    )
     beam_size: int = Field(default=5, description="Beam size (faster-whisper); 1 is greedy.")
     threads: int = Field(default=0, description="CPU threads for the engine; 0 uses every usable core.")
     pack_window_s: float = Field(
@@ -58,6 +77,22 @@ class TeacherResource(dg.ConfigurableResource):
 
     _engine: TeacherEngine | None = PrivateAttr(default=None)
     _second: TeacherEngine | None = PrivateAttr(default=None)
+    _lid: Any = PrivateAttr(default=None)
+
+    @property
+    def detects_language(self) -> bool:
+        return self.language == "auto"
+
+    def allowed_languages(self) -> tuple[str, ...]:
+        return tuple(sorted({code.strip() for code in self.languages.split(",") if code.strip()}))
+
+    def load_lid(self) -> Any:
+        """The spoken language ID (``asr_assets.lid.SpokenLanguageId``), loaded on first use."""
+        if self._lid is None:
+            from asr_assets.lid import SpokenLanguageId
+
+            self._lid = SpokenLanguageId(self.allowed_languages(), self.threads)
+        return self._lid
 
     def settings(self) -> TeacherSettings:
         uses_vllm = issubclass(TEACHERS.get(self.engine, TeacherEngine), VllmTeacher)
@@ -92,6 +127,8 @@ class TeacherResource(dg.ConfigurableResource):
                 f"ASR_SECOND_OPINION={self.second_opinion!r}: {spec[0]!r} is not a registered engine (expected "
                 f"ENGINE:MODEL, '' or 'off'); known: {', '.join(sorted(TEACHERS))}"
             )
+        if self.language != "auto" and not (len(self.language) in (2, 3) and self.language.isalpha()):
+            raise ValueError(f"ASR_LANGUAGE={self.language!r}: expected 'auto' or an ISO 639-1 code such as en or zh")
 
     def load(self) -> TeacherEngine:
         """The loaded engine; loaded on first use so steps that do not need the teacher never pay for it."""
@@ -121,7 +158,7 @@ class TeacherResource(dg.ConfigurableResource):
         return self._second
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
-        for engine in (self._engine, self._second):
+        for engine in (self._engine, self._second, self._lid):
             if engine is not None:
                 engine.close()
-        self._engine = self._second = None
+        self._engine = self._second = self._lid = None

@@ -28,7 +28,8 @@ class TeacherSettings:
 
     Attributes:
         model: local path of the model (weights are never downloaded at run time); "" for the engine's default.
-        language: ISO 639-1 code the teacher is asked to transcribe in.
+        language: ISO 639-1 code the teacher is asked to transcribe in, or ``auto``: each segment comes with its
+            detected language (``TeacherInput.language``; "" where detection was unsure).
         beam_size: beams for decoding (1 = greedy).
         threads: CPU threads for the engine (0 = all usable cores).
         options: engine-specific settings, recorded in the settings hash.
@@ -65,6 +66,7 @@ class TeacherOutput:
         no_speech_prob: engine's no-speech probability, when it has one.
         compression_ratio: zlib ratio of the text (high means repetition), None for empty text.
         finish_reason: ``stop`` or ``length``.
+        model_id: the model that wrote it, for an engine that picks a model per language (None: ``model_id``).
     """
 
     text: str
@@ -74,6 +76,7 @@ class TeacherOutput:
     no_speech_prob: float | None
     compression_ratio: float | None
     finish_reason: str
+    model_id: str | None = None
 
 
 class TeacherError(Exception):

@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -177,7 +177,8 @@ class VllmTeacher(TeacherEngine):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.options.engine.cpu_kv_cache_gib))
-        self.instruction(settings.language)  # an unsupported language is a configuration error: fail before loading
+        if settings.language != "auto":
+            self.instruction(settings.language)  # an unsupported language is a configuration error: fail before loading
         self._model_id = f"{path.name}@{model_fingerprint(path)}"
         self.stats = EngineStats()
         started = time.perf_counter()
@@ -210,8 +211,18 @@ class VllmTeacher(TeacherEngine):
     # -- model-specific: how a request is phrased ----------------------------------------------------------------
 
     def instruction(self, language: str) -> str:
-        """The text that follows the audio in the user turn, for a language code."""
+        """The text that follows the audio in the user turn, for a language code ("": language-neutral, for a
+        segment whose language detection was unsure)."""
         raise NotImplementedError
+
+    def supports(self, language: str) -> bool:
+        """Whether ``instruction`` names this language (with ``auto``, a detected language it does not name gets the
+        language-neutral instruction)."""
+        try:
+            self.instruction(language)
+        except ValueError:
+            return False
+        return True
 
     def messages(self, language: str) -> list[dict[str, Any]]:
         """The chat for one segment: one user turn holding the audio, then the instruction."""
@@ -247,6 +258,8 @@ class VllmTeacher(TeacherEngine):
     def transcribe(self, batch: Sequence[TeacherInput]) -> list[TeacherOutput | TeacherError]:
         if not batch:
             return []
+        # With auto, a detected language the instruction cannot name is asked for language-neutrally.
+        batch = [item if self.supports(item.language) else replace(item, language="") for item in batch]
         prompts = {language: self.prompt(language) for language in {item.language for item in batch}}
         requests = [
             {"prompt": prompts[item.language], "multi_modal_data": {"audio": (item.audio, SAMPLE_RATE)}}
@@ -418,6 +431,8 @@ class Qwen3OmniTeacher(VllmTeacher):
     default_model = "/models/Qwen3-Omni-30B-A3B-Instruct"
 
     def instruction(self, language: str) -> str:
+        if not language:
+            return "Transcribe the audio into text."
         if language == "zh":
             return "请将这段中文语音转换为纯文本。"
         if language not in LANGUAGE_NAMES:

@@ -178,17 +178,36 @@ class FasterWhisperTeacher(TeacherEngine):
 
     def __init__(self, settings: TeacherSettings) -> None:
         super().__init__(settings)
-        from faster_whisper import WhisperModel
-
-        shipped = SHIPPED_MODELS.get(settings.model)
-        path = shipped() if shipped else Path(settings.model)
-        if not (path / "model.bin").is_file():
-            raise FileNotFoundError(f"teacher model not found: {path} has no model.bin (a CTranslate2 Whisper model)")
         # One single-threaded replica per core, windows fed from as many Python threads (CTranslate2 releases the
         # GIL): on 2 cores 1.6-1.9x the windows per second of one replica with 2 intra-op threads (bench/RESULTS.md).
         self._workers = settings.threads or len(os.sched_getaffinity(0))
+        self._window_s = float(settings.options.get("pack_window_s", 30.0))
+        auto = settings.language == "auto"
+        # With auto and the default model: tiny.en for English (faster), multilingual Whisper base for the rest.
+        names = ["tiny.en", "whisper-base"] if auto and settings.model in ("", "tiny.en") else [settings.model]
+        self._models: dict[str, object] = {}
+        ids = []
+        for name in names:
+            model, model_id = self._load(name)
+            multilingual = model.model.is_multilingual
+            if not multilingual and (len(names) == 1 and settings.language != "en"):
+                raise ValueError(
+                    f"teacher model {name or 'tiny.en'} is English-only; language={settings.language!r} needs a "
+                    "multilingual one (ASR_TEACHER_MODEL=whisper-base) or ASR_LANGUAGE=en"
+                )
+            self._models["*" if multilingual or len(names) == 1 else "en"] = (model, model_id)
+            ids.append(model_id)
+        self._model_id = "+".join(ids)
+
+    def _load(self, name: str):
+        from faster_whisper import WhisperModel
+
+        shipped = SHIPPED_MODELS.get(name)
+        path = shipped() if shipped else Path(name)
+        if not (path / "model.bin").is_file():
+            raise FileNotFoundError(f"teacher model not found: {path} has no model.bin (a CTranslate2 Whisper model)")
         # local_files_only: a mistyped path must fail here, not be taken for a hub repo name and downloaded.
-        self._model = WhisperModel(
+        model = WhisperModel(
             str(path),
             device="cpu",
             compute_type="int8",
@@ -196,14 +215,13 @@ class FasterWhisperTeacher(TeacherEngine):
             num_workers=self._workers,
             local_files_only=True,
         )
-        if not self._model.model.is_multilingual and settings.language != "en":
-            raise ValueError(
-                f"teacher model {path} is English-only; language={settings.language!r} needs another model"
-            )
         with open(path / "model.bin", "rb") as f:
             digest = hashlib.sha256(f.read(1 << 20)).hexdigest()[:12]  # first MiB: cheap and distinctive
-        self._model_id = f"{path.name}@{digest}"
-        self._window_s = float(settings.options.get("pack_window_s", 30.0))
+        return model, f"{path.name}@{digest}"
+
+    def _model_for(self, language: str):
+        """(model, model id) that transcribes ``language`` ("" : unknown, a multilingual model detects it)."""
+        return self._models.get(language) or self._models["*"]
 
     @property
     def model_id(self) -> str:
@@ -234,10 +252,12 @@ class FasterWhisperTeacher(TeacherEngine):
     def _window(self, items: Sequence[TeacherInput]) -> list[TeacherOutput]:
         return self._packed(items) if len(items) > 1 else [self._one(items[0])]
 
-    def _decode(self, audio, language: str, word_timestamps: bool = False) -> list:
-        pieces, _ = self._model.transcribe(
+    def _decode(self, audio, language: str, word_timestamps: bool = False) -> tuple[list, str, str]:
+        """Whisper's segments for ``audio``, the language it transcribed in and the model's id."""
+        model, model_id = self._model_for(language)
+        pieces, info = model.transcribe(
             audio,
-            language=language,
+            language=language or None,
             beam_size=self.settings.beam_size,
             temperature=0.0,
             condition_on_previous_text=False,
@@ -245,21 +265,22 @@ class FasterWhisperTeacher(TeacherEngine):
             word_timestamps=word_timestamps,
             vad_filter=False,
         )
-        return list(pieces)
+        return list(pieces), language or info.language, model_id
 
     def _one(self, item: TeacherInput) -> TeacherOutput:
-        pieces = self._decode(item.audio, item.language)
+        pieces, language, model_id = self._decode(item.audio, item.language)
         text = " ".join(p.text.strip() for p in pieces if p.text.strip())
         num_tokens = sum(len(p.tokens) for p in pieces)
         avg_logprob = sum(p.avg_logprob * len(p.tokens) for p in pieces) / num_tokens if num_tokens else None
         return TeacherOutput(
             text=text,
-            language=item.language,
+            language=language,
             num_tokens=num_tokens,
             avg_logprob=avg_logprob,
             no_speech_prob=max((p.no_speech_prob for p in pieces), default=None),
             compression_ratio=compression_ratio(text),
             finish_reason="stop",
+            model_id=model_id,
         )
 
     def _packed(self, items: Sequence[TeacherInput]) -> list[TeacherOutput]:
@@ -273,7 +294,8 @@ class FasterWhisperTeacher(TeacherEngine):
             parts += [item.audio, gap]
             pos += item.audio.shape[0] + gap.shape[0]
         words = []
-        for piece in self._decode(np.concatenate(parts[:-1]), items[0].language, word_timestamps=True):
+        pieces, language, model_id = self._decode(np.concatenate(parts[:-1]), items[0].language, word_timestamps=True)
+        for piece in pieces:
             piece_words = piece.words or []
             for w in piece_words:
                 words.append(
@@ -289,11 +311,12 @@ class FasterWhisperTeacher(TeacherEngine):
         assigned: list[list[_Word]] = [[] for _ in items]
         for w in words:
             assigned[_nearest(bounds, w.mid)].append(w)
-        return [self._output(item, ws) for item, ws in zip(items, assigned, strict=True)]
+        model = self._model_for(items[0].language)[0]
+        return [self._output(model, ws, language, model_id) for ws in assigned]
 
-    def _output(self, item: TeacherInput, words: list[_Word]) -> TeacherOutput:
+    def _output(self, model, words: list[_Word], language: str, model_id: str) -> TeacherOutput:
         text = " ".join("".join(w.text for w in words).split())
-        num_tokens = len(self._model.hf_tokenizer.encode(" " + text, add_special_tokens=False).ids) if text else 0
+        num_tokens = len(model.hf_tokenizer.encode(" " + text, add_special_tokens=False).ids) if text else 0
         weights = [w.segment_tokens / max(w.segment_words, 1) for w in words]
         avg_logprob = (
             sum(w.segment_logprob * wt for w, wt in zip(words, weights, strict=True)) / sum(weights)
@@ -302,16 +325,17 @@ class FasterWhisperTeacher(TeacherEngine):
         )
         return TeacherOutput(
             text=text,
-            language=item.language,
+            language=language,
             num_tokens=num_tokens,
             avg_logprob=avg_logprob,
             no_speech_prob=max((w.no_speech_prob for w in words), default=None),
             compression_ratio=compression_ratio(text),
             finish_reason="stop",
+            model_id=model_id,
         )
 
     def close(self) -> None:
-        del self._model
+        self._models.clear()
 
 
 def _nearest(bounds: Sequence[tuple[int, int]], sample: float) -> int:
