@@ -49,6 +49,31 @@ def test_prompts_come_from_the_processor_chat_template(engine: VllmTeacher) -> N
     assert engine.prompt_version == "qwen3-omni-asr-v1"
 
 
+def test_each_segment_gets_the_instruction_of_its_detected_language(engine: VllmTeacher) -> None:
+    """With ASR_LANGUAGE=auto the segments of one batch come in different languages: each request's prompt carries
+    its own language's instruction, and a segment whose detection was unsure (language "") or whose language the
+    instructions do not name gets the language-neutral one."""
+    assert engine.prompt("es").endswith("Transcribe the Spanish audio into text.<|im_end|>\n<|im_start|>assistant\n")
+    assert "请将这段中文语音转换为纯文本。" in engine.prompt("zh")
+    assert "Transcribe the audio into text.<|im_end|>" in engine.prompt("")
+    seen: list[str] = []
+    generate = engine._llm.generate
+
+    def spy(requests, params, **kwargs):
+        seen.extend(r["prompt"] for r in requests)
+        return generate(requests, params, **kwargs)
+
+    engine._llm.generate = spy
+    try:
+        languages = ["es", "zh", "", "xx", "de"]
+        batch = [TeacherInput(f"l-{k}", _noise(1.5, k), lang) for k, lang in enumerate(languages)]
+        results = engine.transcribe(batch)
+    finally:
+        engine._llm.generate = generate
+    assert seen == [engine.prompt(lang) for lang in ["es", "zh", "", "", "de"]]
+    assert [r.language for r in results] == ["es", "zh", "", "", "de"]
+
+
 def test_a_batch_of_mixed_lengths_returns_one_result_per_segment_in_order(engine: VllmTeacher) -> None:
     durations = [3.0, 0.5, 6.0, 1.5, 9.0, 2.0]
     batch = [TeacherInput(f"seg-{i}", _noise(d, i), "en") for i, d in enumerate(durations)]

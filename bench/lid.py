@@ -1,0 +1,217 @@
+"""Language ID per segment and labels in every language, against whole-file multilingual faster-whisper.
+
+The corpus holds real human speech (the Asterisk prompts in English, Spanish, French and Russian from Debian packages,
+``asr_assets.real_speech``), espeak-ng speech in Spanish, French, German, Russian and Mandarin plus a ~70-s file whose
+speakers switch language at every turn (``asr_assets.multilingual_corpus``), and long real recordings made of Asterisk
+prompts of two languages alternating. Ours is the whole asset graph with ``ASR_LANGUAGE=auto`` (per-segment language
+ID, tiny.en for English, Whisper base for the rest); the peer is Whisper base on each whole file with its own language
+detection (from the first 30 s) and its own VAD, beam 5 for both.
+
+- ``lid_accuracy``: single-language files whose language (ours: the majority of its segments' detected languages,
+  by duration; the peer: its detection) is the reference's.
+- ``turn_lid_accuracy``: turns of the mixed-language files whose segments carry the turn's language (a segment
+  belongs to the turn it overlaps most; a turn with no segment counts as wrong).
+- ``x_realtime_per_core``: seconds of audio per second of language ID per core, timed on the corpus's segments in
+  this process.
+- ``wer_by_language``: label error rate per reference language (CER for zh), all labels before filtering, ours and
+  the peer's on the same files.
+
+    .venv/bin/python bench/lid.py [--per-language 15] [--work data/bench-lid]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from e2e import our_texts, run_ours  # noqa: E402
+
+from asr_assets.calibrate import label_errors  # noqa: E402
+from asr_assets.languages import error_metric  # noqa: E402
+from asr_assets.multilingual_corpus import generate_multilingual_corpus  # noqa: E402
+from asr_assets.real_speech import SAMPLE_RATE, _encode, asterisk_utterances, select  # noqa: E402
+
+REAL_LANGUAGES = ("en", "es", "fr", "ru")
+
+
+def real_files(media: Path, cache: Path, per_language: int) -> tuple[list[dict], list[dict]]:
+    """Short real prompts per language as files, and two long files alternating two languages every prompt."""
+    records, turns = [], []
+    pools = {lang: select(asterisk_utterances(cache, lang), per_language * 3) for lang in REAL_LANGUAGES}
+    for lang, pool in pools.items():
+        for u in pool[:per_language]:
+            name = f"real-{u.uid}.flac"
+            if not (media / name).exists():
+                _encode(u.audio, media / name, ["-c:a", "flac"], 16_000)
+            records.append({"path": name, "text": u.text, "language": lang})
+    rng = np.random.default_rng(1)
+    for n, (a, b) in enumerate((("en", "es"), ("fr", "ru"))):
+        name = f"real-mixed-{a}-{b}.m4a"
+        pieces, pos = [], 0.0
+        for k in range(12):
+            lang = (a, b)[k % 2]
+            u = pools[lang][per_language + k // 2 + n * 6]
+            pause = np.zeros(int(rng.uniform(0.6, 1.2) * SAMPLE_RATE), np.float32)
+            turns.append(
+                {"path": name, "start_s": pos, "end_s": pos + u.audio.shape[0] / SAMPLE_RATE, "language": lang}
+            )
+            turns[-1]["text"] = u.text
+            pieces += [u.audio, pause]
+            pos += (u.audio.shape[0] + pause.shape[0]) / SAMPLE_RATE
+        if not (media / name).exists():
+            _encode(np.concatenate(pieces), media / name, ["-c:a", "aac", "-b:a", "64k"], 16_000)
+    return records, turns
+
+
+def segments_by_file(out: Path, media: Path) -> dict[str, list[dict]]:
+    from asr_assets import layout
+    from partitions import shard_partitions
+    from resources.storage import LocalStore
+
+    store, files = LocalStore(out), {}
+    for shard in shard_partitions.get_partition_keys():
+        build = layout.current_build(store, shard)
+        if build is None:
+            continue
+        for line in (out / layout.files_key(shard, build)).read_text().splitlines():
+            rec = json.loads(line)
+            files[str(Path(rec["uri"].removeprefix("file://")).relative_to(media))] = rec
+    return files
+
+
+def majority(segments: list[dict]) -> str | None:
+    weight: dict[str, float] = {}
+    for s in segments:
+        if s.get("language"):
+            weight[s["language"]] = weight.get(s["language"], 0.0) + s["end"] - s["start"]
+    return max(weight, key=weight.__getitem__) if weight else None
+
+
+def turn_accuracy(turns: list[dict], files: dict[str, dict]) -> float:
+    right = 0
+    for t in turns:
+        segs = (files.get(t["path"]) or {}).get("segments") or []
+        mine = [
+            s
+            for s in segs
+            if max(turns, key=lambda u: _overlap(u, s) if u["path"] == t["path"] else -1.0) is t and _overlap(t, s) > 0
+        ]
+        right += bool(mine) and all(s.get("language") == t["language"] for s in mine)
+    return right / max(len(turns), 1)
+
+
+def _overlap(turn: dict, seg: dict) -> float:
+    return min(turn["end_s"], seg["end"]) - max(turn["start_s"], seg["start"])
+
+
+def run_peer(media: Path, paths: list[str]) -> dict[str, tuple[str, str]]:
+    from faster_whisper import WhisperModel
+
+    from resources.teachers.whisper import multilingual_base_path
+
+    model = WhisperModel(str(multilingual_base_path()), device="cpu", compute_type="int8", local_files_only=True)
+    out = {}
+    for path in paths:
+        pieces, info = model.transcribe(str(media / path), beam_size=5, vad_filter=True)
+        out[path] = (info.language, " ".join(p.text.strip() for p in pieces))
+    return out
+
+
+def lid_speed(files: dict[str, dict], media: Path) -> float:
+    """Seconds of audio per second of language ID per core, on the corpus's VAD segments."""
+    from asr_assets.lid import SpokenLanguageId
+    from asr_assets.real_speech import _decode
+
+    clips = []
+    for path, rec in files.items():
+        audio = _decode(media / path)
+        clips += [audio[int(s["start"] * SAMPLE_RATE) : int(s["end"] * SAMPLE_RATE)] for s in rec.get("segments") or []]
+    lid = SpokenLanguageId()
+    started = time.process_time()
+    lid.detect(clips)
+    cpu = time.process_time() - started
+    return sum(c.shape[0] for c in clips) / SAMPLE_RATE / max(cpu, 1e-9)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--per-language", type=int, default=15, help="real prompts per language as files")
+    parser.add_argument("--work", type=Path, default=Path("data/bench-lid"))
+    parser.add_argument("--cache", type=Path, default=Path("data/cache-debs"))
+    args = parser.parse_args()
+    work = args.work.resolve()
+    media = work / "corpus" / "media"
+    synthetic = generate_multilingual_corpus(work / "corpus")
+    turns = [json.loads(line) for line in (work / "corpus" / "turns.jsonl").read_text().splitlines()]
+    records, real_turns = real_files(media, args.cache.resolve(), args.per_language)
+    records += [r for r in synthetic if r.get("language")]
+    turns += real_turns
+    mixed = sorted({t["path"] for t in turns})
+    references = {r["path"]: (r["language"], r["text"]) for r in records}
+    for path in mixed:  # the mixed files' references: their turns' texts in order
+        texts = [t for t in turns if t["path"] == path]
+        references[path] = ("mixed", " ".join(t["text"] for t in texts))
+
+    started = time.perf_counter()
+    run_ours(media, work, {"ASR_LANGUAGE": "auto"}, {})
+    seconds = time.perf_counter() - started
+    files = segments_by_file(work / "out", media)
+    texts, _ = our_texts(work / "out", media)
+    peer = run_peer(media, sorted(references))
+
+    single = [p for p, (lang, _) in references.items() if lang != "mixed"]
+    ours_right = sum(majority((files.get(p) or {}).get("segments") or []) == references[p][0] for p in single)
+    peer_right = sum(peer[p][0] == references[p][0] for p in single)
+    by_language: dict[str, dict] = {}
+    for path in single:
+        lang, ref = references[path]
+        entry = by_language.setdefault(lang, {"metric": error_metric(lang), "files": 0, "e": 0, "pe": 0, "n": 0})
+        e, n = label_errors(ref, texts.get(path, ""), lang)
+        pe, _ = label_errors(ref, peer[path][1], lang)
+        entry["files"] += 1
+        entry["e"], entry["pe"], entry["n"] = entry["e"] + e, entry["pe"] + pe, entry["n"] + n
+    wer_by_language = {
+        lang: {
+            "metric": v["metric"],
+            "files": v["files"],
+            "ours": round(v["e"] / v["n"], 4),
+            "peer": round(v["pe"] / v["n"], 4),
+        }
+        for lang, v in sorted(by_language.items())
+    }
+    mixed_errors = [label_errors(references[p][1], texts.get(p, ""), "en") for p in mixed]
+    peer_mixed = [label_errors(references[p][1], peer[p][1], "en") for p in mixed]
+    print(
+        json.dumps(
+            {
+                "files": len(references),
+                "audio_s": round(sum(r.get("duration_s") or 0 for r in files.values()), 1),
+                "lid_accuracy": round(ours_right / len(single), 4),
+                "peer_lid_accuracy": round(peer_right / len(single), 4),
+                "turn_lid_accuracy": round(turn_accuracy(turns, files), 4),
+                "turns": len(turns),
+                "x_realtime_per_core": round(lid_speed(files, media), 1),
+                "wer_by_language": wer_by_language,
+                "mixed_files_wer": {
+                    "ours": round(sum(e for e, _ in mixed_errors) / max(sum(n for _, n in mixed_errors), 1), 4),
+                    "peer": round(sum(e for e, _ in peer_mixed) / max(sum(n for _, n in peer_mixed), 1), 4),
+                },
+                "seconds": round(seconds, 1),
+                "cores": len(os.sched_getaffinity(0)),
+            },
+            ensure_ascii=False,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
