@@ -169,8 +169,16 @@ def main() -> None:
     peer = run_peer(media, sorted(references))
 
     single = [p for p, (lang, _) in references.items() if lang != "mixed"]
-    ours_right = sum(majority((files.get(p) or {}).get("segments") or []) == references[p][0] for p in single)
-    peer_right = sum(peer[p][0] == references[p][0] for p in single)
+
+    def file_accuracy(paths: list[str], ours: bool) -> float:
+        right = sum(
+            (majority((files.get(p) or {}).get("segments") or []) if ours else peer[p][0]) == references[p][0]
+            for p in paths
+        )
+        return round(right / max(len(paths), 1), 4)
+
+    real = [p for p in single if p.startswith("real-")]
+    espeak = [p for p in single if not p.startswith("real-")]
     by_language: dict[str, dict] = {}
     for path in single:
         lang, ref = references[path]
@@ -195,9 +203,15 @@ def main() -> None:
             {
                 "files": len(references),
                 "audio_s": round(sum(r.get("duration_s") or 0 for r in files.values()), 1),
-                "lid_accuracy": round(ours_right / len(single), 4),
-                "peer_lid_accuracy": round(peer_right / len(single), 4),
+                "lid_accuracy": file_accuracy(single, True),
+                "peer_lid_accuracy": file_accuracy(single, False),
+                "lid_accuracy_real": file_accuracy(real, True),
+                "peer_lid_accuracy_real": file_accuracy(real, False),
+                "lid_accuracy_espeak": file_accuracy(espeak, True),
+                "peer_lid_accuracy_espeak": file_accuracy(espeak, False),
                 "turn_lid_accuracy": round(turn_accuracy(turns, files), 4),
+                "turn_lid_accuracy_real": round(turn_accuracy(real_turns, files), 4),
+                "turn_lid_accuracy_espeak": round(turn_accuracy([t for t in turns if t not in real_turns], files), 4),
                 "turns": len(turns),
                 "x_realtime_per_core": round(lid_speed(files, media), 1),
                 "wer_by_language": wer_by_language,

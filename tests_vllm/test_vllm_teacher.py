@@ -22,6 +22,7 @@ from asr_assets.sample_corpus import Corpus
 from asr_assets.stages import TranscribeSettings, _transcribe, read_transcripts, transcribe_shard
 from partitions import NUM_SHARDS, shard_key, shard_of
 from resources.storage import LocalStore, StorageResource, read_table
+from resources.teachers import TeacherResource
 from resources.teachers.base import TeacherError, TeacherInput, TeacherOutput, create_engine
 from resources.teachers.vllm_engine import VllmTeacher
 from tests.conftest import uri_of
@@ -128,7 +129,9 @@ def test_a_bad_configuration_fails_before_the_engine_loads(tiny_model: Path, tmp
 
 def _cpu_stages(corpus: Corpus, out: Path, shard: str) -> None:
     storage = StorageResource(source_uri=str(corpus.media_dir), output_root=str(out))
-    dg.materialize(CPU_STAGES, resources={"storage": storage}, partition_key=shard, raise_on_error=True)
+    # The faster-whisper resource: its vad_segments default keeps the VAD's own segments (no merging), as counted below.
+    resources = {"storage": storage, "teacher": TeacherResource(language="en")}
+    dg.materialize(CPU_STAGES, resources=resources, partition_key=shard, raise_on_error=True)
 
 
 class Killed(Exception):

@@ -237,7 +237,8 @@ class FasterWhisperTeacher(TeacherEngine):
         windows: dict[tuple[str, str], list[int]] = {}
         for k, item in enumerate(batch):
             # One language per window: Whisper is told the language once per window.
-            window = item.window if self._window_s > 0 and item.window else item.segment_id
+            # A segment without a language (detection unsure) goes alone: Whisper detects it once per window.
+            window = item.window if self._window_s > 0 and item.window and item.language else item.segment_id
             windows.setdefault((window, item.language), []).append(k)
         groups = list(windows.values())
         results: list[TeacherOutput | TeacherError] = [None] * len(batch)  # type: ignore[list-item]
