@@ -230,6 +230,26 @@ def build_corpus(
     return records
 
 
+def mixed_recording(
+    utterances: dict[str, list[Utterance]], order: list[str], seed: int = 0
+) -> tuple[np.ndarray, list[dict]]:
+    """One recording whose turns follow ``order`` (a language per turn), each turn the next unused prompt of its
+    language from ``utterances``, with 0.6-1.2 s pauses between turns (as between two speakers on a call). Returns the
+    samples and the turns: ``start_s``, ``end_s``, ``language``, ``text``."""
+    rng = np.random.default_rng(seed)
+    used = dict.fromkeys(utterances, 0)
+    pieces, turns, pos = [], [], 0.0
+    for language in order:
+        u = utterances[language][used[language]]
+        used[language] += 1
+        pause = np.zeros(int(rng.uniform(0.6, 1.2) * SAMPLE_RATE), np.float32)
+        end = pos + u.audio.shape[0] / SAMPLE_RATE
+        turns.append({"start_s": round(pos, 3), "end_s": round(end, 3), "language": language, "text": u.text})
+        pieces += [u.audio, pause]
+        pos = end + pause.shape[0] / SAMPLE_RATE
+    return np.concatenate(pieces), turns
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)

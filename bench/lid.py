@@ -28,8 +28,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -38,7 +36,7 @@ from e2e import our_texts, run_ours  # noqa: E402
 from asr_assets.calibrate import label_errors  # noqa: E402
 from asr_assets.languages import error_metric  # noqa: E402
 from asr_assets.multilingual_corpus import generate_multilingual_corpus  # noqa: E402
-from asr_assets.real_speech import SAMPLE_RATE, _encode, asterisk_utterances, select  # noqa: E402
+from asr_assets.real_speech import SAMPLE_RATE, _encode, asterisk_utterances, mixed_recording, select  # noqa: E402
 
 REAL_LANGUAGES = ("en", "es", "fr", "ru")
 
@@ -53,22 +51,13 @@ def real_files(media: Path, cache: Path, per_language: int) -> tuple[list[dict],
             if not (media / name).exists():
                 _encode(u.audio, media / name, ["-c:a", "flac"], 16_000)
             records.append({"path": name, "text": u.text, "language": lang})
-    rng = np.random.default_rng(1)
     for n, (a, b) in enumerate((("en", "es"), ("fr", "ru"))):
         name = f"real-mixed-{a}-{b}.m4a"
-        pieces, pos = [], 0.0
-        for k in range(12):
-            lang = (a, b)[k % 2]
-            u = pools[lang][per_language + k // 2 + n * 6]
-            pause = np.zeros(int(rng.uniform(0.6, 1.2) * SAMPLE_RATE), np.float32)
-            turns.append(
-                {"path": name, "start_s": pos, "end_s": pos + u.audio.shape[0] / SAMPLE_RATE, "language": lang}
-            )
-            turns[-1]["text"] = u.text
-            pieces += [u.audio, pause]
-            pos += (u.audio.shape[0] + pause.shape[0]) / SAMPLE_RATE
+        rest = {lang: pools[lang][per_language + 6 * n :] for lang in (a, b)}
+        audio, mine = mixed_recording(rest, [a, b] * 6, seed=n)
+        turns += [{"path": name, **t} for t in mine]
         if not (media / name).exists():
-            _encode(np.concatenate(pieces), media / name, ["-c:a", "aac", "-b:a", "64k"], 16_000)
+            _encode(audio, media / name, ["-c:a", "aac", "-b:a", "64k"], 16_000)
     return records, turns
 
 
