@@ -106,9 +106,10 @@ class VadConfig(PoolConfig):
     merge_gap_s: float | None = Field(
         default=None,
         description="Merge neighbouring segments across pauses up to this long into training-length segments "
-        "(within max_segment_s, cut at the longest pauses); 0: off. Default: by teacher: 1.0 for vLLM teachers, "
-        "which transcribe one segment per request (a short one pays the prompt template and a request for a few "
-        "seconds of audio), 0 for faster-whisper, which packs short segments into full windows itself.",
+        "(within max_segment_s, cut at the longest pauses); 0: off. Default: by teacher, with a fixed ASR_LANGUAGE: "
+        "1.0 for vLLM teachers, which transcribe one segment per request (a short one pays the prompt template and "
+        "a request for a few seconds of audio), 0 for faster-whisper, which packs short segments into full windows "
+        "itself; 0 with ASR_LANGUAGE=auto (a merged segment could hold two languages).",
     )
 
     def params(self, teacher_merge_gap_s: float = 0.0) -> VadParams:
@@ -334,7 +335,9 @@ def vad_segments(
     context: dg.AssetExecutionContext, config: VadConfig, storage: StorageResource, teacher: TeacherResource
 ) -> dg.MaterializeResult:
     """Speech segments (at most 30 s) found by Silero VAD, with the model hash and parameters."""
-    params = config.params(teacher.engine_class().merge_gap_s)
+    # With language detection, merging would put two speakers' languages in one segment (a turn change is a short
+    # pause), and a segment gets one language: the teacher's merge default applies only with a fixed language.
+    params = config.params(0.0 if teacher.detects_language else teacher.engine_class().merge_gap_s)
     with layout.step_output(storage, "vad_segments", context.partition_key, context.run.run_id) as out:
         report = vad_shard(out, context.partition_key, params, silero_model_path(), config.pool())
         metrics.record_stage("vad_segments", context.partition_key, report)

@@ -10,25 +10,25 @@ a seventh of a full window. Windows run in parallel, one single-threaded model r
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
+from asr_assets.pool import default_workers
+
 MIN_FRAMES = 500
-"""Log-mel frames (10 ms each) a segment is padded to at least. On 160 real prompts in four languages (1-15 s):
-accuracy 0.944 at 300 frames, 0.969 at 500, 0.963 at 1000, 0.969 at 3000 (a full window), at 34, 28, 16 and 4
-seconds of audio per CPU-second (bench/RESULTS.md, "Language ID")."""
+"""Log-mel frames (10 ms each) a segment is padded to at least: on real prompts, as accurate as a full window at a
+seventh of its cost, where 300 frames lose accuracy (bench/lid.py --sweep; bench/RESULTS.md, "Language ID")."""
 MAX_FRAMES = 3000
 """Whisper's window: 30 s."""
 
 
 @dataclass(frozen=True)
 class Detected:
-    """A segment's language (ISO 639-1, Whisper's code) and its probability, among ``allowed`` languages when set;
-    ``probs``: the five most probable languages and their probabilities."""
+    """A segment's language (ISO 639-1, Whisper's code) and its probability (over every language Whisper knows, even
+    when the choice is among ``allowed`` ones); ``probs``: the five most probable candidates and their probabilities."""
 
     language: str
     prob: float
@@ -49,7 +49,7 @@ class SpokenLanguageId:
 
         from resources.teachers.whisper import MULTILINGUAL_BASE_SHA256, multilingual_base_path
 
-        self._workers = workers or len(os.sched_getaffinity(0))
+        self._workers = workers or default_workers()
         self._model = WhisperModel(
             str(multilingual_base_path()),
             device="cpu",
@@ -84,9 +84,9 @@ class SpokenLanguageId:
         ranked = self._model.model.detect_language(view)[0]
         probs = {token.strip("<|>"): prob for token, prob in ranked}
         if self._allowed:
+            # Chosen among the allowed languages, but with their probabilities over every language: renormalized
+            # over two, the top one would always be >= 0.5 and noise or a third language would look certain.
             probs = {lang: p for lang, p in probs.items() if lang in self._allowed}
-            total = sum(probs.values()) or 1.0
-            probs = {lang: p / total for lang, p in probs.items()}
         top = dict(sorted(probs.items(), key=lambda kv: -kv[1])[:5])
         language = next(iter(top))
         return Detected(language, float(top[language]), {k: float(v) for k, v in top.items()})

@@ -17,6 +17,7 @@ detection (from the first 30 s) and its own VAD, beam 5 for both.
   the peer's on the same files.
 
     .venv/bin/python bench/lid.py [--per-language 15] [--work data/bench-lid]
+    .venv/bin/python bench/lid.py --sweep     # accuracy and cost of the LID input length (asr_assets.lid.MIN_FRAMES)
 """
 
 from __future__ import annotations
@@ -131,12 +132,40 @@ def lid_speed(files: dict[str, dict], media: Path) -> float:
     return sum(c.shape[0] for c in clips) / SAMPLE_RATE / max(cpu, 1e-9)
 
 
+def sweep(cache: Path) -> dict:
+    """Language ID accuracy and seconds of audio per CPU-second against the shortest input (``MIN_FRAMES``), on 40
+    real prompts in each of four languages, one replica."""
+    import asr_assets.lid as lid_module
+
+    clips, truth = [], []
+    for lang in REAL_LANGUAGES:
+        for u in select(asterisk_utterances(cache, lang), 45)[:40]:
+            clips.append(u.audio)
+            truth.append(lang)
+    out = {}
+    for frames in (300, 500, 1000, 3000):
+        lid_module.MIN_FRAMES = frames
+        lid = lid_module.SpokenLanguageId(workers=1)
+        started = time.process_time()
+        found = lid.detect(clips)
+        cpu = time.process_time() - started
+        out[frames] = {
+            "accuracy": round(sum(d.language == t for d, t in zip(found, truth, strict=True)) / len(truth), 4),
+            "x_realtime_per_core": round(sum(c.shape[0] for c in clips) / SAMPLE_RATE / cpu, 1),
+        }
+    return {"prompts": len(clips), "min_frames": out}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--per-language", type=int, default=15, help="real prompts per language as files")
     parser.add_argument("--work", type=Path, default=Path("data/bench-lid"))
     parser.add_argument("--cache", type=Path, default=Path("data/cache-debs"))
+    parser.add_argument("--sweep", action="store_true", help="only the LID input-length sweep")
     args = parser.parse_args()
+    if args.sweep:
+        print(json.dumps(sweep(args.cache.resolve())))
+        return
     work = args.work.resolve()
     media = work / "corpus" / "media"
     synthetic = generate_multilingual_corpus(work / "corpus")

@@ -42,7 +42,13 @@ def test_missing_model_fails_fast_without_a_download(tmp_path) -> None:
 
 def test_english_only_model_refuses_other_languages() -> None:
     with pytest.raises(ValueError, match="English-only"):
-        create_engine("faster-whisper", TeacherSettings(language="de"))
+        create_engine("faster-whisper", TeacherSettings(model="tiny.en", language="de"))
+    # The default model with another fixed language is multilingual Whisper base; a code it does not know is refused.
+    german = create_engine("faster-whisper", TeacherSettings(language="de", threads=1))
+    assert german.model_id.startswith("whisper-base-")
+    german.close()
+    with pytest.raises(ValueError, match="'xx' is not one it knows"):
+        create_engine("faster-whisper", TeacherSettings(language="xx", threads=1))
 
 
 def test_transcribes_speech_and_keeps_batch_order(engine, corpus: Corpus, tmp_path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import dagster as dg
@@ -127,8 +128,11 @@ class TeacherResource(dg.ConfigurableResource):
                 f"ASR_SECOND_OPINION={self.second_opinion!r}: {spec[0]!r} is not a registered engine (expected "
                 f"ENGINE:MODEL, '' or 'off'); known: {', '.join(sorted(TEACHERS))}"
             )
-        if self.language != "auto" and not (len(self.language) in (2, 3) and self.language.isalpha()):
+        if self.language != "auto" and not re.fullmatch(r"[a-z]{2,3}", self.language):
             raise ValueError(f"ASR_LANGUAGE={self.language!r}: expected 'auto' or an ISO 639-1 code such as en or zh")
+        bad = [code for code in self.allowed_languages() if not re.fullmatch(r"[a-z]{2,3}", code)]
+        if bad:
+            raise ValueError(f"ASR_LANGUAGES={self.languages!r}: {bad} are not ISO 639-1 codes such as en or zh")
 
     def load(self) -> TeacherEngine:
         """The loaded engine; loaded on first use so steps that do not need the teacher never pay for it."""

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from asr_assets.pool import default_workers
 from resources.packaged import package_file
 from resources.teachers.base import (
     PACK_GAP_S,
@@ -180,11 +181,17 @@ class FasterWhisperTeacher(TeacherEngine):
         super().__init__(settings)
         # One single-threaded replica per core, windows fed from as many Python threads (CTranslate2 releases the
         # GIL): on 2 cores 1.6-1.9x the windows per second of one replica with 2 intra-op threads (bench/RESULTS.md).
-        self._workers = settings.threads or len(os.sched_getaffinity(0))
+        self._workers = settings.threads or default_workers()
         self._window_s = float(settings.options.get("pack_window_s", 30.0))
         auto = settings.language == "auto"
         # With auto and the default model: tiny.en for English (faster), multilingual Whisper base for the rest.
-        names = ["tiny.en", "whisper-base"] if auto and settings.model in ("", "tiny.en") else [settings.model]
+        # A fixed language other than English with the default model: Whisper base.
+        if auto and settings.model in ("", "tiny.en"):
+            names = ["tiny.en", "whisper-base"]
+        elif settings.model == "" and settings.language != "en":
+            names = ["whisper-base"]
+        else:
+            names = [settings.model]
         self._models: dict[str, object] = {}
         ids = []
         for name in names:
@@ -195,6 +202,8 @@ class FasterWhisperTeacher(TeacherEngine):
                     f"teacher model {name or 'tiny.en'} is English-only; language={settings.language!r} needs a "
                     "multilingual one (ASR_TEACHER_MODEL=whisper-base) or ASR_LANGUAGE=en"
                 )
+            if not auto and multilingual and settings.language not in model.supported_languages:
+                raise ValueError(f"teacher model {name}: language={settings.language!r} is not one it knows")
             self._models["*" if multilingual or len(names) == 1 else "en"] = (model, model_id)
             ids.append(model_id)
         self._model_id = "+".join(ids)
