@@ -145,6 +145,13 @@ SHIPPED_MODELS: dict[str, Callable[[], Path]] = {
 """``model`` names that select a model shipped in a wheel; any other ``model`` is a local CTranslate2 folder."""
 
 
+LOOP_COMPRESSION_RATIO = 2.4
+"""Whisper's own threshold for a repetition loop (zlib ratio of a decoded piece's text)."""
+GAP_TOLERANCE_S = 0.4
+"""How far outside its segment a packed word's midpoint may fall (timestamps are off by a word's edge); farther, it
+lies in the silence between segments (``PACK_GAP_S``) or after the audio."""
+
+
 @dataclass(frozen=True)
 class _Word:
     """A word of a packed window's transcript: its text (with its leading space), midpoint in samples, and the
@@ -305,6 +312,9 @@ class FasterWhisperTeacher(TeacherEngine):
             pos += item.audio.shape[0] + gap.shape[0]
         words = []
         pieces, language, model_id = self._decode(np.concatenate(parts[:-1]), items[0].language, word_timestamps=True)
+        if any((p.compression_ratio or 0.0) > LOOP_COMPRESSION_RATIO for p in pieces):
+            # A repetition loop would spill into neighbouring segments or pile onto the last one: each alone instead.
+            return [self._one(item) for item in items]
         for piece in pieces:
             piece_words = piece.words or []
             for w in piece_words:
@@ -320,7 +330,10 @@ class FasterWhisperTeacher(TeacherEngine):
                 )
         assigned: list[list[_Word]] = [[] for _ in items]
         for w in words:
-            assigned[_nearest(bounds, w.mid)].append(w)
+            k = _nearest(bounds, w.mid)
+            # A word in the middle of a gap or past the audio's end is Whisper writing over silence: dropped.
+            if _distance(bounds[k], w.mid) <= GAP_TOLERANCE_S * SAMPLE_RATE:
+                assigned[k].append(w)
         model = self._model_for(items[0].language)[0]
         return [self._output(model, ws, language, model_id) for ws in assigned]
 
@@ -346,6 +359,10 @@ class FasterWhisperTeacher(TeacherEngine):
 
     def close(self) -> None:
         self._models.clear()
+
+
+def _distance(bound: tuple[int, int], sample: float) -> float:
+    return 0.0 if bound[0] <= sample <= bound[1] else min(abs(sample - b) for b in bound)
 
 
 def _nearest(bounds: Sequence[tuple[int, int]], sample: float) -> int:
