@@ -25,8 +25,10 @@ from asr_assets.checks import (
 from asr_assets.dedup_index import FingerprintIndex, build_index_arrays
 from asr_assets.definitions import all_assets, all_checks
 from asr_assets.media import DecodeJob, decode_media, read_audio
-from asr_assets.records import AUDIO_SCHEMA
+from asr_assets.records import AUDIO_SCHEMA, FEATURE_SCHEMA
 from asr_assets.report import build_report
+from asr_assets.stages.common import dead_letter_state
+from asr_assets.stages.transcribe import TranscribeSettings, read_transcripts, transcribe_shard
 from partitions import shard_partitions
 from resources.storage import LocalStore, StorageResource, write_table
 from resources.teachers import TeacherResource
@@ -258,3 +260,48 @@ def test_identical_audio_is_exact_and_a_clip_is_contained(speech, tmp_path: Path
     dedup.update_index(out, ["shard-00000", "shard-00001", "shard-00002"])
     kinds = {(d["media_id"], d["kind"], d["duplicate_of_uri"]) for d in dedup.read_duplicates(out).to_pylist()}
     assert kinds == {("m-b", "exact", "file:///a/orig.wav"), ("m-c", "contained_clip", "file:///a/orig.wav")}
+
+
+def _features_of(out: LocalStore, shard: str, ids: set[str]) -> None:
+    """Writes a feature row for each of these fingerprinted segments of the shard, as segment_features would."""
+    prints = pq.read_table(out.local_path(dedup.fingerprints_key(shard))).to_pylist()
+    rows = [
+        {f.name: None for f in FEATURE_SCHEMA}
+        | {
+            "segment_id": r["segment_id"],
+            "media_id": r["media_id"],
+            "start_s": r["start_s"],
+            "end_s": r["start_s"] + r["duration_s"],
+            "duration_s": r["duration_s"],
+            "audio_key": f"segment_features/{shard}/audio-part-0.flac",
+            "audio_offset": i,
+            "audio_frames": round(r["duration_s"] * fp.SAMPLE_RATE),
+        }
+        for i, r in enumerate(p for p in prints if p["segment_id"] in ids)
+    ]
+    write_table(out, layout.features_key(shard), pa.Table.from_pylist(rows, schema=FEATURE_SCHEMA))
+
+
+def test_a_skipped_copy_loses_its_retried_dead_letter(speech, tmp_path: Path) -> None:
+    out = LocalStore(tmp_path)
+    _fake_shard(out, "shard-00000", "file:///a/orig.wav", "m-a", speech["orig"])
+    _fake_shard(out, "shard-00001", "file:///z/copy.mp3", "m-z", speech["mp3-32k"])
+    dedup.update_index(out, ["shard-00000", "shard-00001"])
+    copies = {d["segment_id"] for d in dedup.read_duplicates(out).to_pylist()}
+    assert copies
+    _features_of(out, "shard-00001", copies)
+    # An earlier run failed on these segments (pending: the next run retries them), and they are known copies now.
+    letters = [layout.dead_letter(i, "file:///z/copy.mp3", "transcripts", "EngineCallFailed", "boom") for i in copies]
+    layout.append_dead_letters(out, "transcripts", "shard-00001", letters)
+    assert dead_letter_state(out, "transcripts", "shard-00001", set()).retried == copies
+
+    def no_teacher():
+        raise AssertionError("a known copy never reaches the teacher")
+
+    report = transcribe_shard(out, "shard-00001", no_teacher, TranscribeSettings())
+    assert report.totals["skipped_duplicates"] == len(copies)
+    # One outcome each: the skip row, and no dead letter left beside it.
+    assert set(read_transcripts(out, "shard-00001")["segment_id"].to_pylist()) == copies
+    assert layout.read_dead_letters(out, "transcripts", "shard-00001").num_rows == 0
+    check = reconcile_transcripts(out, "shard-00001")
+    assert check.passed, check.problems
