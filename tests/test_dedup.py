@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from datetime import UTC, datetime
 from pathlib import Path
 
 import dagster as dg
@@ -25,7 +26,7 @@ from asr_assets.checks import (
 from asr_assets.dedup_index import FingerprintIndex, build_index_arrays
 from asr_assets.definitions import all_assets, all_checks
 from asr_assets.media import DecodeJob, decode_media, read_audio
-from asr_assets.records import AUDIO_SCHEMA, FEATURE_SCHEMA
+from asr_assets.records import AUDIO_SCHEMA, FEATURE_SCHEMA, MEDIA_SCHEMA
 from asr_assets.report import build_report
 from asr_assets.stages.common import dead_letter_state
 from asr_assets.stages.transcribe import TranscribeSettings, read_transcripts, transcribe_shard
@@ -119,7 +120,12 @@ def test_exact_hash_is_equal_only_for_identical_audio(speech) -> None:
 def _fake_shard(out: LocalStore, shard: str, uri: str, media_id: str, x: np.ndarray) -> None:
     """A shard holding one decoded file cut into 5 s segments, with its fingerprint rows, as segment_features
     leaves them."""
-    audio = {f.name: None for f in AUDIO_SCHEMA} | {
+    write_table(out, layout.audio_manifest_key(shard), pa.Table.from_pylist([_audio(uri, media_id, x)], AUDIO_SCHEMA))
+    dedup.append_fingerprints(out, shard, _print_rows(media_id, x))
+
+
+def _audio(uri: str, media_id: str, x: np.ndarray) -> dict:
+    return {f.name: None for f in AUDIO_SCHEMA} | {
         "media_id": media_id,
         "uri": uri,
         "status": "decoded",
@@ -128,7 +134,9 @@ def _fake_shard(out: LocalStore, shard: str, uri: str, media_id: str, x: np.ndar
         "seconds": 0.0,
         "pcm_sha256": fp.pcm_sha256(x),
     }
-    write_table(out, layout.audio_manifest_key(shard), pa.Table.from_pylist([audio], schema=AUDIO_SCHEMA))
+
+
+def _print_rows(media_id: str, x: np.ndarray) -> pa.Table:
     rows = []
     step = 5 * fp.SAMPLE_RATE
     for i, start in enumerate(range(0, len(x) - fp.SAMPLE_RATE, step)):
@@ -145,7 +153,7 @@ def _fake_shard(out: LocalStore, shard: str, uri: str, media_id: str, x: np.ndar
                 "grid_sizes": sizes,
             }
         )
-    dedup.append_fingerprints(out, shard, pa.Table.from_pylist(rows, schema=dedup.FINGERPRINT_SCHEMA))
+    return pa.Table.from_pylist(rows, schema=dedup.FINGERPRINT_SCHEMA)
 
 
 @pytest.mark.parametrize("order", [("shard-00000", "shard-00001"), ("shard-00001", "shard-00000")])
@@ -305,3 +313,27 @@ def test_a_skipped_copy_loses_its_retried_dead_letter(speech, tmp_path: Path) ->
     assert layout.read_dead_letters(out, "transcripts", "shard-00001").num_rows == 0
     check = reconcile_transcripts(out, "shard-00001")
     assert check.passed, check.problems
+
+
+@pytest.mark.parametrize("live", ["m-1", "m-2"])
+def test_a_replaced_object_is_not_a_duplicate_of_its_older_version(speech, tmp_path: Path, live: str) -> None:
+    out = LocalStore(tmp_path)
+    uri, old = "file:///a/talk.mp3", ({"m-1", "m-2"} - {live}).pop()
+    # The object was replaced by a re-encode of itself: two versions of one uri, the older one retired.
+    versions = {old: speech["orig"], live: speech["mp3-32k"]}
+    index = [
+        {f.name: None for f in MEDIA_SCHEMA}
+        | {"media_id": m, "uri": uri, "discovered_at": datetime(2026, 1, day, tzinfo=UTC)}
+        for day, m in ((1, old), (2, live))
+    ]
+    write_table(out, layout.index_part_key("shard-00000", old), pa.Table.from_pylist(index, schema=MEDIA_SCHEMA))
+    assert layout.retired_media(layout.read_index(out, "shard-00000")) == {old}
+    audio = [_audio(uri, m, x) for m, x in versions.items()]
+    write_table(out, layout.audio_manifest_key("shard-00000"), pa.Table.from_pylist(audio, schema=AUDIO_SCHEMA))
+    dedup.append_fingerprints(out, "shard-00000", pa.concat_tables([_print_rows(m, x) for m, x in versions.items()]))
+    dedup.update_index(out, ["shard-00000"])
+    dups = dedup.read_duplicates(out).to_pylist()
+    # The live version keeps every segment; nothing is a duplicate of itself or of its own file.
+    assert not [d for d in dups if d["media_id"] == live]
+    assert all(d["duplicate_of"] != d["segment_id"] and not d["duplicate_of"].startswith(d["media_id"]) for d in dups)
+    assert all(d["duplicate_of"].startswith(live) for d in dups)
