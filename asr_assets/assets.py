@@ -647,8 +647,10 @@ def audio_fingerprints(context: dg.AssetExecutionContext, storage: StorageResour
     """The global fingerprint index over every shard: adds the segments fingerprinted since the last run (nothing is
     recomputed), records each later copy of a recording as a duplicate of the kept one (first indexed, then smallest
     uri) and the segments that match an evaluation set. transcripts skips them; distilled_dataset drops them."""
-    out = storage.output()
-    report = dedup.update_index(out, shard_partitions.get_partition_keys(), dedup.read_eval_sets(out))
+    # One writer at a time: two runs would both write generation N+1. The index is global, so its lease is held
+    # under a pseudo-shard; a second run fails fast naming the holder (or waits, per ASR_LEASE_WAIT_S).
+    with layout.step_output(storage, "audio_fingerprints", dedup.INDEX_LEASE_SHARD, context.run.run_id) as out:
+        report = dedup.update_index(out, shard_partitions.get_partition_keys(), dedup.read_eval_sets(out))
     context.log.info(
         f"generation {report.generation}: {report.new_segments} new segments, duplicates {dict(report.duplicates)}, "
         f"evaluation-set matches {dict(report.eval_matches)}"

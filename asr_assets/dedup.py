@@ -40,6 +40,8 @@ CLIP_RATIO = 0.9  # a file under this share of the kept copy's duration is a cli
 SKIPPED_FINISH = "skipped:"  # a transcript row's finish_reason prefix for segments never given to the teacher
 
 INDEX_PREFIX = "dedup/index/"
+# The global index's lease (``asr_assets.lease``) is kept under this pseudo-shard: one audio_fingerprints writer.
+INDEX_LEASE_SHARD = "global"
 STATE_KEY = "dedup/index/state.json"
 EVAL_INDEX_KEY = "dedup/eval/index.parquet"
 EVAL_MATCHES_KEY = "dedup/eval_matches.parquet"

@@ -206,6 +206,7 @@ FOLDERS = {
     "segment_features": "segment_features",
     "transcripts": "transcripts",
     "distilled_dataset": "distilled",
+    "audio_fingerprints": "dedup",
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from asr_assets import dedup, layout
+from asr_assets import dedup, layout, lease
 from asr_assets import fingerprint as fp
 from asr_assets.checks import (
     reconcile_audio,
@@ -177,7 +178,9 @@ def test_keep_rule_does_not_depend_on_which_shard_ran_first(speech, tmp_path: Pa
     assert again.new_segments == 0 and len(dedup.read_duplicates(out)) == len(dups)
 
 
-def _materialize(out: Path, media: Path, selection: list[str], partition: str | None = None, config=None):
+def _materialize(
+    out: Path, media: Path, selection: list[str], partition: str | None = None, config=None, raise_on_error=True
+):
     return dg.materialize(
         [*all_assets, *all_checks],
         selection=selection,
@@ -187,6 +190,7 @@ def _materialize(out: Path, media: Path, selection: list[str], partition: str | 
         },
         partition_key=partition,
         run_config=config or {},
+        raise_on_error=raise_on_error,
     )
 
 
@@ -337,3 +341,32 @@ def test_a_replaced_object_is_not_a_duplicate_of_its_older_version(speech, tmp_p
     assert not [d for d in dups if d["media_id"] == live]
     assert all(d["duplicate_of"] != d["segment_id"] and not d["duplicate_of"].startswith(d["media_id"]) for d in dups)
     assert all(d["duplicate_of"].startswith(live) for d in dups)
+
+
+def test_a_second_index_writer_is_refused_while_one_holds_the_index(speech, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    store = LocalStore(out)
+    _fake_shard(store, "shard-00000", "file:///a/orig.wav", "m-a", speech["orig"])
+    taken, done = threading.Event(), threading.Event()
+
+    def first_writer() -> None:
+        # Another thread is another writer (leases are re-entrant per thread only): it holds the index's lease.
+        with lease.hold(store, dedup.INDEX_LEASE_SHARD, "audio_fingerprints", "first-run"):
+            taken.set()
+            done.wait(60)
+
+    thread = threading.Thread(target=first_writer)
+    thread.start()
+    try:
+        assert taken.wait(60)
+        result = _materialize(out, tmp_path, ["audio_fingerprints"], raise_on_error=False)
+        assert not result.success
+        failure = str(result.get_step_failure_events()[0].event_specific_data.error)
+        assert "LeaseHeld" in failure and "first-run" in failure
+        assert dedup.read_state(store)["generations"] == 0  # the refused run wrote nothing
+    finally:
+        done.set()
+        thread.join()
+    # Once the first writer is done, the next run indexes.
+    assert _materialize(out, tmp_path, ["audio_fingerprints"]).success
+    assert dedup.read_state(store)["generations"] == 1
