@@ -206,7 +206,6 @@ FOLDERS = {
     "segment_features": "segment_features",
     "transcripts": "transcripts",
     "distilled_dataset": "distilled",
-    "audio_fingerprints": "dedup",
 }
 
 
