@@ -370,3 +370,19 @@ def test_a_second_index_writer_is_refused_while_one_holds_the_index(speech, tmp_
     # Once the first writer is done, the next run indexes.
     assert _materialize(out, tmp_path, ["audio_fingerprints"]).success
     assert dedup.read_state(store)["generations"] == 1
+
+
+def test_a_skipped_copy_stands_in_with_its_kept_label_when_references_are_split() -> None:
+    from asr_assets.calibrate import audit_segments
+    from asr_assets.report import _stand_in_copies
+
+    reference = "the cat sat on the mat please turn off the lights"
+    segs_of = {
+        "file:///a": [("a-0", "please turn off the lights", "en")],
+        "file:///b": [("b-0", "the cat sat on the mat", "en"), ("b-1", None, "en")],
+    }
+    stand_ins = _stand_in_copies(segs_of, {"b-1": "a-0"})
+    assert stand_ins == {"b-1"} and segs_of["file:///b"][1] == ("b-1", "please turn off the lights", "en")
+    audited = audit_segments(segs_of, {"file:///b": reference})
+    # The labelled segment is measured against its own words only: no deletions borrowed from the skipped copy.
+    assert audited["b-0"].errors == 0 and audited["b-0"].ref_words == 6
