@@ -386,3 +386,31 @@ def test_a_skipped_copy_stands_in_with_its_kept_label_when_references_are_split(
     audited = audit_segments(segs_of, {"file:///b": reference})
     # The labelled segment is measured against its own words only: no deletions borrowed from the skipped copy.
     assert audited["b-0"].errors == 0 and audited["b-0"].ref_words == 6
+
+
+def test_a_new_version_is_not_dropped_through_a_copy_of_the_version_it_replaced(speech, tmp_path: Path) -> None:
+    out = LocalStore(tmp_path)
+    uri = "file:///a/talk.wav"
+    versions = {"m-old": speech["orig"], "m-new": speech["gain-6"]}
+
+    def index_row(media_id: str, day: int) -> dict:
+        row = {f.name: None for f in MEDIA_SCHEMA}
+        return row | {"media_id": media_id, "uri": uri, "discovered_at": datetime(2026, 1, day, tzinfo=UTC)}
+
+    write_table(
+        out, layout.index_part_key("shard-00000", "m-old"), pa.Table.from_pylist([index_row("m-old", 1)], MEDIA_SCHEMA)
+    )
+    _fake_shard(out, "shard-00000", uri, "m-old", versions["m-old"])
+    _fake_shard(out, "shard-00001", "file:///z/copy.mp3", "m-z", speech["mp3-32k"])
+    dedup.update_index(out, ["shard-00000", "shard-00001"])
+    assert {d["media_id"] for d in dedup.read_duplicates(out).to_pylist()} == {"m-z"}  # a copy of the old version
+    # The object is replaced: the old version is retired, the copy's chain now ends at a version no longer kept.
+    write_table(
+        out, layout.index_part_key("shard-00000", "m-new"), pa.Table.from_pylist([index_row("m-new", 2)], MEDIA_SCHEMA)
+    )
+    audio = [_audio(uri, m, x) for m, x in versions.items()]
+    write_table(out, layout.audio_manifest_key("shard-00000"), pa.Table.from_pylist(audio, schema=AUDIO_SCHEMA))
+    dedup.append_fingerprints(out, "shard-00000", _print_rows("m-new", versions["m-new"]))
+    report = dedup.update_index(out, ["shard-00000", "shard-00001"])
+    assert report.new_segments > 0
+    assert "m-new" not in {d["media_id"] for d in dedup.read_duplicates(out).to_pylist()}
