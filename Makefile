@@ -49,12 +49,23 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 	mkdir -p $(DAGSTER_HOME)
 	cp dagster.yaml $@
 
+# The demo runs in three passes so that copies are skipped before the teacher: every shard's CPU stages, then the
+# global dedup index (group:dedup: eval_sets, audio_fingerprints), then each shard's transcripts and dataset.
+CPU_STAGES := media_index,audio_wav,vad_segments,segment_features
+
 demo: install $(DAGSTER_HOME)/dagster.yaml
 	$(VPY) -m asr_assets.sample_corpus --out $(SAMPLE_DIR)
-	@for shard in $$($(VPY) -c 'from partitions import shard_partitions as p; print(*p.get_partition_keys())'); do \
-	  echo "== materializing $$shard"; \
-	  $(VENV)/bin/dagster asset materialize -m asr_assets.definitions --select 'group:asr' --partition $$shard \
-	    > $(DAGSTER_HOME)/demo-$$shard.log 2>&1 || { tail -50 $(DAGSTER_HOME)/demo-$$shard.log; exit 1; }; \
+	@shards="$$($(VPY) -c 'from partitions import shard_partitions as p; print(*p.get_partition_keys())')"; \
+	run() { log=$(DAGSTER_HOME)/demo-$$1.log; shift; \
+	  $(VENV)/bin/dagster asset materialize -m asr_assets.definitions "$$@" >> $$log 2>&1 || { tail -50 $$log; exit 1; }; }; \
+	rm -f $(DAGSTER_HOME)/demo-*.log; \
+	for shard in $$shards; do \
+	  echo "== CPU stages of $$shard"; run $$shard --select '$(CPU_STAGES)' --partition $$shard; \
+	done; \
+	echo "== dedup index (group:dedup)"; run dedup --select 'group:dedup'; \
+	for shard in $$shards; do \
+	  echo "== transcripts and dataset of $$shard"; \
+	  run $$shard --select 'transcripts,distilled_dataset' --partition $$shard; \
 	done
 	@echo "== distillation_report"
 	@$(VENV)/bin/dagster asset materialize -m asr_assets.definitions --select distillation_report \

@@ -11,7 +11,7 @@ import dagster as dg
 import pydantic
 from pydantic import Field
 
-from asr_assets import dedup, layout, metrics
+from asr_assets import dedup, layout, lease, metrics
 from asr_assets.calibrate import CARD_FIELDS, CARD_KEY, audit_segments, card_overrides, collect, fit_card
 from asr_assets.deployment import GPU_POOL, step_tags
 from asr_assets.distill import (
@@ -650,8 +650,12 @@ def audio_fingerprints(context: dg.AssetExecutionContext, storage: StorageResour
     """The global fingerprint index over every shard: adds the segments fingerprinted since the last run (nothing is
     recomputed), records each later copy of a recording as a duplicate of the kept one (first indexed, then smallest
     uri) and the segments that match an evaluation set. transcripts skips them; distilled_dataset drops them."""
-    out = storage.output()
-    report = dedup.update_index(out, shard_partitions.get_partition_keys(), dedup.read_eval_sets(out))
+    # One writer at a time: two runs would both write generation N+1. The index is global, so its lease is held
+    # under a pseudo-shard; a second run fails fast naming the holder (or waits, per ASR_LEASE_WAIT_S).
+    store = layout.dataset_output(storage)
+    with lease.hold(store, dedup.INDEX_LEASE_SHARD, "audio_fingerprints", context.run.run_id) as held:
+        out = lease.GuardedStore(store, held.check)  # every write checks the lease is still ours
+        report = dedup.update_index(out, shard_partitions.get_partition_keys(), dedup.read_eval_sets(out))
     context.log.info(
         f"generation {report.generation}: {report.new_segments} new segments, duplicates {dict(report.duplicates)}, "
         f"evaluation-set matches {dict(report.eval_matches)}"

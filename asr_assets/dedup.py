@@ -5,7 +5,8 @@
 ``audio_fingerprints`` asset adds every shard's new segments to one global index (a generation per run: sorted
 ``.npy`` parts under ``dedup/index/``, recomputing nothing already indexed) and decides which copy of a recording is
 kept: the first indexed (lowest generation), then the smallest uri (then the earliest start), so the decision does not
-depend on which shard ran first, and a copy once kept stays kept. A later copy is recorded in
+depend on which shard ran first, and a copy once kept stays kept; a replaced object's older version
+(``layout.retired_media``) is never kept. A later copy is recorded in
 ``dedup/duplicates-{generation}.parquet`` with the segment it duplicates, the similarity and the kind (``exact``: the
 decoded audio is identical; ``contained_clip``: its file is a shorter piece of the other's; ``re_encode``: the same
 audio otherwise: another codec, bitrate, gain or sample rate). Segments that match an evaluation set registered by
@@ -39,6 +40,8 @@ CLIP_RATIO = 0.9  # a file under this share of the kept copy's duration is a cli
 SKIPPED_FINISH = "skipped:"  # a transcript row's finish_reason prefix for segments never given to the teacher
 
 INDEX_PREFIX = "dedup/index/"
+# The global index's lease (``asr_assets.lease``) is kept under this pseudo-shard: one audio_fingerprints writer.
+INDEX_LEASE_SHARD = "global"
 STATE_KEY = "dedup/index/state.json"
 EVAL_INDEX_KEY = "dedup/eval/index.parquet"
 EVAL_MATCHES_KEY = "dedup/eval_matches.parquet"
@@ -199,7 +202,8 @@ def _media_info(out: ObjectStore, shard: str) -> dict[str, dict]:
 
 
 def _new_rows(out: ObjectStore, shards: list[str], known: set[str]) -> tuple[pa.Table, list[list[fp.Fingerprint]]]:
-    """This run's segments (not indexed yet) in keep-rule order (uri, then start), and their per-grid prints."""
+    """This run's segments (not indexed yet) in keep-rule order (uri, then media, then start: two versions of one
+    replaced object do not interleave), and their per-grid prints."""
     rows = []
     for shard in shards:
         table = read_table(out, fingerprints_key(shard), FINGERPRINT_SCHEMA)
@@ -211,7 +215,7 @@ def _new_rows(out: ObjectStore, shards: list[str], known: set[str]) -> tuple[pa.
                 continue
             m = media[r["media_id"]]
             rows.append((m["uri"], r["start_s"], shard, r, m))
-    rows.sort(key=lambda x: (x[0], x[1], x[3]["segment_id"]))
+    rows.sort(key=lambda x: (x[0], x[3]["media_id"], x[1], x[3]["segment_id"]))
     table = pa.Table.from_pylist(
         [
             {
@@ -233,10 +237,20 @@ def _new_rows(out: ObjectStore, shards: list[str], known: set[str]) -> tuple[pa.
     return table, prints
 
 
+def _ranked(index: FingerprintIndex, grids: list[fp.Fingerprint], allowed) -> list[Hit]:
+    """The matching groups over the query's grids among those ``allowed`` accepts, best first."""
+    found = [h for q in grids for h in index.hits(q, limit=16) if is_match(h) and allowed(h.ref)]
+    return sorted(found, key=lambda h: (-h.votes, h.ref))
+
+
 def _best(index: FingerprintIndex, grids: list[fp.Fingerprint], allowed) -> Hit | None:
     """The best matching group over the query's grids among those ``allowed`` accepts."""
-    found = [h for q in grids for h in index.hits(q, limit=16) if is_match(h) and allowed(h.ref)]
-    return max(found, key=lambda h: (h.votes, -h.ref), default=None)
+    return next(iter(_ranked(index, grids, allowed)), None)
+
+
+def _retired(out: ObjectStore, shards: list[str]) -> set[str]:
+    """Media ids of replaced object versions (``layout.retired_media``) on these shards: never a kept copy."""
+    return set().union(*(layout.retired_media(layout.read_index(out, shard)) for shard in shards))
 
 
 def update_index(out: ObjectStore, shards: list[str], eval_sets: pa.Table | None = None) -> IndexReport:
@@ -263,31 +277,29 @@ def update_index(out: ObjectStore, shards: list[str], eval_sets: pa.Table | None
     # Columns, not rows: the index may hold millions of segments; only this run's new ones become Python objects.
     # Votes are counted per media file on its timeline, so a query segment that straddles two of the other copy's
     # segments (VAD cut them elsewhere) still collects all its votes.
-    group = pc.dictionary_encode(everything["media_id"]).combine_chunks().indices.to_numpy().astype(np.int64)
+    encoded = pc.dictionary_encode(everything["media_id"]).combine_chunks()
+    group = encoded.indices.to_numpy().astype(np.int64)
+    # A replaced version is never kept: its newer version (same uri, another media id) would become its duplicate.
+    retired = _retired(out, sorted(set(shards) | set(everything["shard"].to_pylist())))
+    keepable = ~pc.is_in(encoded.dictionary, value_set=pa.array(sorted(retired), pa.string())).to_numpy(False)
     _, first_of_group = np.unique(group, return_index=True)  # first appearance = keep-rule order of the files
     members = np.argsort(group, kind="stable")
     bounds = np.searchsorted(group[members], np.arange(len(first_of_group) + 1))
-    starts = everything["start_s"].to_numpy()
-    durations = everything["duration_s"].to_numpy()
     index = FingerprintIndex(parts, group=group)
     report.index_rows = index.rows
     # A kept segment's own root (when it is itself a copy of something earlier): chains resolve to the first copy.
-    root = {
-        r["segment_id"]: (r["duplicate_of"], r["duplicate_of_uri"])
-        for r in duplicates.select(["segment_id", "duplicate_of", "duplicate_of_uri"]).to_pylist()
-    }
+    root = _roots(everything, duplicates)
+    files = _Files(everything, members, bounds)
     new_dups = []
     for k, (mine, grids) in enumerate(zip(new.to_pylist(), prints, strict=True)):
         me = indexed.num_rows + k
-        # Only earlier copies can be kept over this one: every segment of an earlier file in keep-rule order.
-        hit = _best(index, grids, lambda g, me=me, own=group[me]: g != own and first_of_group[g] < me)
-        if hit is None:
+        # Only earlier copies can be kept over this one: every segment of a live earlier file in keep-rule order.
+        allowed = lambda g, me=me, own=group[me]: g != own and keepable[g] and first_of_group[g] < me  # noqa: E731
+        found = _kept_copy(files, _ranked(index, grids, allowed), root, retired, mine)
+        if found is None:
             continue
-        segs = members[bounds[hit.ref] : bounds[hit.ref + 1]]
-        kept = _overlapping_segment(segs, starts, durations, mine["start_s"] + hit.offset * fp.FRAME_S, mine)
-        kept_id = everything["segment_id"][kept].as_py()
-        kept_id, kept_uri = root.get(kept_id, (kept_id, everything["uri"][kept].as_py()))
-        root[mine["segment_id"]] = (kept_id, kept_uri)
+        hit, kept, kept_root = found
+        kept_id, kept_uri, _ = root[mine["segment_id"]] = kept_root
         kind = _kind(mine, everything["pcm_sha256"][kept].as_py(), everything["media_duration_s"][kept].as_py())
         new_dups.append(
             {
@@ -314,12 +326,53 @@ def update_index(out: ObjectStore, shards: list[str], eval_sets: pa.Table | None
     return report
 
 
-def _overlapping_segment(segs: np.ndarray, starts: np.ndarray, durations: np.ndarray, start: float, mine: dict) -> int:
-    """Of the matched file's segments, the one that overlaps most with the query segment placed at ``start`` (its
-    start moved by the matched offset) on that file's timeline."""
-    end = start + mine["duration_s"]
-    overlap = np.minimum(end, starts[segs] + durations[segs]) - np.maximum(start, starts[segs])
-    return int(segs[int(np.argmax(overlap))])
+@dataclass
+class _Files:
+    """The indexed segments grouped by media file (a group's rows: ``members[bounds[g] : bounds[g + 1]]``)."""
+
+    everything: pa.Table
+    members: np.ndarray
+    bounds: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.starts = self.everything["start_s"].to_numpy()
+        self.durations = self.everything["duration_s"].to_numpy()
+
+    def overlapping_segment(self, hit: Hit, mine: dict) -> int:
+        """Of the matched file's segments, the row of the one that overlaps most with the query segment placed on
+        that file's timeline (its start moved by the matched offset)."""
+        segs = self.members[self.bounds[hit.ref] : self.bounds[hit.ref + 1]]
+        start = mine["start_s"] + hit.offset * fp.FRAME_S
+        end = start + mine["duration_s"]
+        overlap = np.minimum(end, self.starts[segs] + self.durations[segs]) - np.maximum(start, self.starts[segs])
+        return int(segs[int(np.argmax(overlap))])
+
+
+def _roots(everything: pa.Table, duplicates: pa.Table) -> dict[str, tuple[str, str, str]]:
+    """Each recorded duplicate's kept segment, ``(segment id, uri, media id)``: chains resolve to the first copy."""
+    kept = pa.array(sorted(set(duplicates["duplicate_of"].to_pylist())), pa.string())
+    chosen = everything.filter(pc.is_in(everything["segment_id"], value_set=kept))
+    media_of = dict(zip(chosen["segment_id"].to_pylist(), chosen["media_id"].to_pylist(), strict=True))
+    return {
+        r["segment_id"]: (r["duplicate_of"], r["duplicate_of_uri"], media_of.get(r["duplicate_of"]))
+        for r in duplicates.select(["segment_id", "duplicate_of", "duplicate_of_uri"]).to_pylist()
+    }
+
+
+def _kept_copy(
+    files: _Files, hits: list[Hit], root: dict, retired: set[str], mine: dict
+) -> tuple[Hit, int, tuple[str, str, str]] | None:
+    """The best hit whose kept segment (followed to the first copy of a chain) is live and not in the query's own
+    file: ``(hit, matched row, (kept segment id, uri, media id))``, or None. A chain can end at a version replaced
+    since it was kept, or come back to the query's file; such a hit is passed over."""
+    for hit in hits:
+        row = files.overlapping_segment(hit, mine)
+        matched = files.everything["segment_id"][row].as_py()
+        own = (matched, files.everything["uri"][row].as_py(), files.everything["media_id"][row].as_py())
+        kept = root.get(matched, own)
+        if kept[0] != mine["segment_id"] and kept[2] != mine["media_id"] and kept[2] not in retired:
+            return hit, row, kept
+    return None
 
 
 def _kind(mine: dict, kept_pcm: str | None, kept_media_s: float | None) -> str:

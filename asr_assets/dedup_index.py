@@ -134,25 +134,35 @@ def is_match(hit: Hit) -> bool:
     return hit.votes >= MIN_VOTES and hit.similarity >= MIN_SIMILARITY
 
 
-def synthetic_index(segments: int, folder: Path, seed: int = 0, rows_per_segment: int = 50) -> tuple[int, float]:
-    """Lookup time at scale: an index of ``segments`` synthetic segments (``rows_per_segment`` sampled landmarks each,
-    uniform hashes: what a well-mixed index looks like) in memory-mapped .npy files, queried with segment-sized
-    fingerprints (one planted copy among them must be found). Returns (rows, mean milliseconds per lookup)."""
+def synthetic_index(
+    segments: int, folder: Path, hash_values: np.ndarray, seed: int = 0, rows_per_segment: int = 50
+) -> tuple[int, float]:
+    """Lookup time at scale: an index of ``segments`` synthetic segments (``rows_per_segment`` sampled landmarks each)
+    in memory-mapped .npy files, queried with segment-sized fingerprints (one planted copy among them must be found).
+    Returns (rows, mean milliseconds per lookup).
+
+    Hashes are drawn from ``hash_values``, the landmark hashes of real fingerprints (with their repetitions): landmarks
+    carry ~21 bits and speech favours some, so real posting lists are far longer than a uniform draw over the sampled
+    hash space would give, and lookups slower. The index draws from the sampled ones, the queries from all."""
     import time
 
     folder.mkdir(parents=True, exist_ok=True)
     rows = segments * rows_per_segment
     rng = np.random.default_rng(seed)
+    values, freq = np.unique(hash_values[hash_values < fp.SAMPLE_LIMIT], return_counts=True)
+    # How many rows each real hash value gets, in proportion to how often it occurs: already in sorted order.
+    counts = rng.multinomial(rows, freq / freq.sum())
     paths = {name: folder / f"{name}.npy" for name in ("hashes", "refs", "times")}
     arrays = {
         name: np.lib.format.open_memmap(path, mode="w+", dtype=np.uint32, shape=(rows,)) for name, path in paths.items()
     }
     chunks = 256
-    step = fp.SAMPLE_LIMIT // chunks
-    edges = np.linspace(0, rows, chunks + 1).astype(np.int64)
-    for c in range(chunks):  # sorted uniform hashes, one slice of the hash space at a time
-        a, b = edges[c], edges[c + 1]
-        arrays["hashes"][a:b] = np.sort(rng.integers(c * step, (c + 1) * step, b - a, dtype=np.uint32))
+    edges = np.linspace(0, len(values), chunks + 1).astype(np.int64)
+    ends = np.concatenate([[0], np.cumsum(counts)])
+    for c in range(chunks):  # one slice of the hash values at a time (bounded memory at 500 million rows)
+        lo, hi = edges[c], edges[c + 1]
+        a, b = ends[lo], ends[hi]
+        arrays["hashes"][a:b] = np.repeat(values[lo:hi], counts[lo:hi])
         arrays["refs"][a:b] = rng.integers(0, segments, b - a, dtype=np.uint32)
         arrays["times"][a:b] = rng.integers(0, 1 << 20, b - a, dtype=np.uint32)
     # A planted copy: 40 landmarks of reference 7 at consistent times, scattered through the index.
@@ -167,11 +177,11 @@ def synthetic_index(segments: int, folder: Path, seed: int = 0, rows_per_segment
     index = FingerprintIndex(parts)  # type: ignore[arg-type]
     # Queries: an 8 s segment on four frame grids (~70 landmarks a second each, an eighth of them in the sample).
     queries = [
-        [fp.Fingerprint(rng.integers(0, 1 << 32, 560, dtype=np.uint32), np.arange(560, dtype=np.uint32))] * 4
+        [fp.Fingerprint(rng.choice(hash_values, 560), np.arange(560, dtype=np.uint32)) for _ in range(4)]
         for _ in range(200)
     ]
     planted_query = fp.Fingerprint(
-        np.concatenate([query_hashes, rng.integers(0, 1 << 32, 120, dtype=np.uint32)]),
+        np.concatenate([query_hashes, rng.choice(hash_values, 120)]),
         np.concatenate([np.arange(40, dtype=np.uint32), np.arange(200, 320, dtype=np.uint32)]),
     )
     index.lookup(queries[0])  # warm the pages the first binary searches touch

@@ -172,6 +172,7 @@ def build_report(
     files_by_language: Counter = Counter()
     hours_by_language: Counter = Counter()
     segs_of: dict[str, list[tuple[str, str, str]]] = {}
+    copy_of: dict[str, str] = {}  # a known copy skipped before the teacher (no label) -> the segment it copies
     kept_ids: set[str] = set()
     for shard in shards:
         index = layout.read_index(out, shard)
@@ -249,15 +250,22 @@ def build_report(
                 file_language[f["uri"]] = language or ("en" if labelled else None)
                 files_by_language[file_language[f["uri"]] or "und"] += 1
                 hours_by_language[file_language[f["uri"]] or "und"] += (f["duration_s"] or 0.0) / 3600
-                segs_of[f["uri"]] = [(s["segment_id"], s["text"], s["language"] or "en") for s in labelled]
+                copies = {s["segment_id"]: s["duplicate_of"] for s in f["segments"] if s["text"] is None}
+                copy_of.update({sid: kept for sid, kept in copies.items() if kept is not None})
+                segs_of[f["uri"]] = [
+                    (s["segment_id"], s["text"], s["language"] or "en")
+                    for s in f["segments"]
+                    if s["text"] is not None or s["segment_id"] in copy_of
+                ]
                 kept_ids.update(s["segment_id"] for s in labelled if s["status"] == "kept")
     report.dropped_by_reason = dict(sorted(drops.items()))
     report.dropped_hours_by_reason = {k: round(v / 3600, 5) for k, v in sorted(drop_s.items())}
+    stand_ins = _stand_in_copies(segs_of, copy_of)
     if references:
         covered = [uri for uri in references if uri in all_text or uri in kept_text]
         if covered:
             report.referenced_files = len(covered)
-            _error_rates(report, covered, references, kept_text, segs_of, kept_ids, file_language)
+            _error_rates(report, covered, references, kept_text, segs_of, kept_ids, file_language, stand_ins)
     dist = Distributions(
         np.array(kept_flags, bool),
         np.array(durations, float),
@@ -285,6 +293,7 @@ def _error_rates(
     segs_of: dict[str, list[tuple[str, str, str]]],
     kept_ids: set[str],
     file_language: dict[str, str | None],
+    stand_ins: set[str],
 ) -> None:
     """Fills the report's label error rates: overall WER (word languages) and CER (zh/ja/ko/th), and per language.
 
@@ -293,6 +302,7 @@ def _error_rates(
     """
     languages = {uri: file_language.get(uri) or "en" for uri in covered}
     audited = audit_segments(segs_of, {u: references[u] for u in covered})
+    audited = {sid: a for sid, a in audited.items() if sid not in stand_ins}
     file_errors = {u: label_errors(references[u], kept_text.get(u, ""), languages[u]) for u in covered}
     for language in sorted(set(languages.values())):
         files = {u for u in covered if languages[u] == language}
@@ -312,6 +322,21 @@ def _error_rates(
         setattr(report, f"{metric}_all", _segment_wer(mine))
         setattr(report, f"{metric}_kept", _segment_wer((sid, a) for sid, a in mine if sid in kept_ids))
         setattr(report, f"{metric}_files_kept_text", _ratio([file_errors[u] for u in files]))
+
+
+def _stand_in_copies(segs_of: dict[str, list[tuple[str, str | None, str]]], copy_of: dict[str, str]) -> set[str]:
+    """A known copy skipped before the teacher has no label: its file's reference is split over the segments with the
+    kept copy's label in its place (else its words would count as deletions of its neighbours). Puts those labels in
+    (dropping a copy whose kept segment has none) and returns the ids standing in so: they are not measured."""
+    text_of = {sid: text for segs in segs_of.values() for sid, text, _ in segs if text is not None}
+    stand_ins = {sid for sid in copy_of if copy_of[sid] in text_of}
+    for uri, segs in segs_of.items():
+        segs_of[uri] = [
+            (sid, text_of[copy_of[sid]] if sid in stand_ins else text, lang)
+            for sid, text, lang in segs
+            if text is not None or sid in stand_ins
+        ]
+    return stand_ins
 
 
 def _ratio(counts: list[tuple[int, int]]) -> float | None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
+from datetime import UTC, datetime
 from pathlib import Path
 
 import dagster as dg
@@ -13,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from asr_assets import dedup, layout
+from asr_assets import dedup, layout, lease
 from asr_assets import fingerprint as fp
 from asr_assets.checks import (
     reconcile_audio,
@@ -25,8 +27,10 @@ from asr_assets.checks import (
 from asr_assets.dedup_index import FingerprintIndex, build_index_arrays
 from asr_assets.definitions import all_assets, all_checks
 from asr_assets.media import DecodeJob, decode_media, read_audio
-from asr_assets.records import AUDIO_SCHEMA
+from asr_assets.records import AUDIO_SCHEMA, FEATURE_SCHEMA, MEDIA_SCHEMA
 from asr_assets.report import build_report
+from asr_assets.stages.common import dead_letter_state
+from asr_assets.stages.transcribe import TranscribeSettings, read_transcripts, transcribe_shard
 from partitions import shard_partitions
 from resources.storage import LocalStore, StorageResource, write_table
 from resources.teachers import TeacherResource
@@ -117,7 +121,12 @@ def test_exact_hash_is_equal_only_for_identical_audio(speech) -> None:
 def _fake_shard(out: LocalStore, shard: str, uri: str, media_id: str, x: np.ndarray) -> None:
     """A shard holding one decoded file cut into 5 s segments, with its fingerprint rows, as segment_features
     leaves them."""
-    audio = {f.name: None for f in AUDIO_SCHEMA} | {
+    write_table(out, layout.audio_manifest_key(shard), pa.Table.from_pylist([_audio(uri, media_id, x)], AUDIO_SCHEMA))
+    dedup.append_fingerprints(out, shard, _print_rows(media_id, x))
+
+
+def _audio(uri: str, media_id: str, x: np.ndarray) -> dict:
+    return {f.name: None for f in AUDIO_SCHEMA} | {
         "media_id": media_id,
         "uri": uri,
         "status": "decoded",
@@ -126,7 +135,9 @@ def _fake_shard(out: LocalStore, shard: str, uri: str, media_id: str, x: np.ndar
         "seconds": 0.0,
         "pcm_sha256": fp.pcm_sha256(x),
     }
-    write_table(out, layout.audio_manifest_key(shard), pa.Table.from_pylist([audio], schema=AUDIO_SCHEMA))
+
+
+def _print_rows(media_id: str, x: np.ndarray) -> pa.Table:
     rows = []
     step = 5 * fp.SAMPLE_RATE
     for i, start in enumerate(range(0, len(x) - fp.SAMPLE_RATE, step)):
@@ -143,7 +154,7 @@ def _fake_shard(out: LocalStore, shard: str, uri: str, media_id: str, x: np.ndar
                 "grid_sizes": sizes,
             }
         )
-    dedup.append_fingerprints(out, shard, pa.Table.from_pylist(rows, schema=dedup.FINGERPRINT_SCHEMA))
+    return pa.Table.from_pylist(rows, schema=dedup.FINGERPRINT_SCHEMA)
 
 
 @pytest.mark.parametrize("order", [("shard-00000", "shard-00001"), ("shard-00001", "shard-00000")])
@@ -167,7 +178,9 @@ def test_keep_rule_does_not_depend_on_which_shard_ran_first(speech, tmp_path: Pa
     assert again.new_segments == 0 and len(dedup.read_duplicates(out)) == len(dups)
 
 
-def _materialize(out: Path, media: Path, selection: list[str], partition: str | None = None, config=None):
+def _materialize(
+    out: Path, media: Path, selection: list[str], partition: str | None = None, config=None, raise_on_error=True
+):
     return dg.materialize(
         [*all_assets, *all_checks],
         selection=selection,
@@ -177,6 +190,7 @@ def _materialize(out: Path, media: Path, selection: list[str], partition: str | 
         },
         partition_key=partition,
         run_config=config or {},
+        raise_on_error=raise_on_error,
     )
 
 
@@ -258,3 +272,145 @@ def test_identical_audio_is_exact_and_a_clip_is_contained(speech, tmp_path: Path
     dedup.update_index(out, ["shard-00000", "shard-00001", "shard-00002"])
     kinds = {(d["media_id"], d["kind"], d["duplicate_of_uri"]) for d in dedup.read_duplicates(out).to_pylist()}
     assert kinds == {("m-b", "exact", "file:///a/orig.wav"), ("m-c", "contained_clip", "file:///a/orig.wav")}
+
+
+def _features_of(out: LocalStore, shard: str, ids: set[str]) -> None:
+    """Writes a feature row for each of these fingerprinted segments of the shard, as segment_features would."""
+    prints = pq.read_table(out.local_path(dedup.fingerprints_key(shard))).to_pylist()
+    rows = [
+        {f.name: None for f in FEATURE_SCHEMA}
+        | {
+            "segment_id": r["segment_id"],
+            "media_id": r["media_id"],
+            "start_s": r["start_s"],
+            "end_s": r["start_s"] + r["duration_s"],
+            "duration_s": r["duration_s"],
+            "audio_key": f"segment_features/{shard}/audio-part-0.flac",
+            "audio_offset": i,
+            "audio_frames": round(r["duration_s"] * fp.SAMPLE_RATE),
+        }
+        for i, r in enumerate(p for p in prints if p["segment_id"] in ids)
+    ]
+    write_table(out, layout.features_key(shard), pa.Table.from_pylist(rows, schema=FEATURE_SCHEMA))
+
+
+def test_a_skipped_copy_loses_its_retried_dead_letter(speech, tmp_path: Path) -> None:
+    out = LocalStore(tmp_path)
+    _fake_shard(out, "shard-00000", "file:///a/orig.wav", "m-a", speech["orig"])
+    _fake_shard(out, "shard-00001", "file:///z/copy.mp3", "m-z", speech["mp3-32k"])
+    dedup.update_index(out, ["shard-00000", "shard-00001"])
+    copies = {d["segment_id"] for d in dedup.read_duplicates(out).to_pylist()}
+    assert copies
+    _features_of(out, "shard-00001", copies)
+    # An earlier run failed on these segments (pending: the next run retries them), and they are known copies now.
+    letters = [layout.dead_letter(i, "file:///z/copy.mp3", "transcripts", "EngineCallFailed", "boom") for i in copies]
+    layout.append_dead_letters(out, "transcripts", "shard-00001", letters)
+    assert dead_letter_state(out, "transcripts", "shard-00001", set()).retried == copies
+
+    def no_teacher():
+        raise AssertionError("a known copy never reaches the teacher")
+
+    report = transcribe_shard(out, "shard-00001", no_teacher, TranscribeSettings())
+    assert report.totals["skipped_duplicates"] == len(copies)
+    # One outcome each: the skip row, and no dead letter left beside it.
+    assert set(read_transcripts(out, "shard-00001")["segment_id"].to_pylist()) == copies
+    assert layout.read_dead_letters(out, "transcripts", "shard-00001").num_rows == 0
+    check = reconcile_transcripts(out, "shard-00001")
+    assert check.passed, check.problems
+
+
+@pytest.mark.parametrize("live", ["m-1", "m-2"])
+def test_a_replaced_object_is_not_a_duplicate_of_its_older_version(speech, tmp_path: Path, live: str) -> None:
+    out = LocalStore(tmp_path)
+    uri, old = "file:///a/talk.mp3", ({"m-1", "m-2"} - {live}).pop()
+    # The object was replaced by a re-encode of itself: two versions of one uri, the older one retired.
+    versions = {old: speech["orig"], live: speech["mp3-32k"]}
+    index = [
+        {f.name: None for f in MEDIA_SCHEMA}
+        | {"media_id": m, "uri": uri, "discovered_at": datetime(2026, 1, day, tzinfo=UTC)}
+        for day, m in ((1, old), (2, live))
+    ]
+    write_table(out, layout.index_part_key("shard-00000", old), pa.Table.from_pylist(index, schema=MEDIA_SCHEMA))
+    assert layout.retired_media(layout.read_index(out, "shard-00000")) == {old}
+    audio = [_audio(uri, m, x) for m, x in versions.items()]
+    write_table(out, layout.audio_manifest_key("shard-00000"), pa.Table.from_pylist(audio, schema=AUDIO_SCHEMA))
+    dedup.append_fingerprints(out, "shard-00000", pa.concat_tables([_print_rows(m, x) for m, x in versions.items()]))
+    dedup.update_index(out, ["shard-00000"])
+    dups = dedup.read_duplicates(out).to_pylist()
+    # The live version keeps every segment; nothing is a duplicate of itself or of its own file.
+    assert not [d for d in dups if d["media_id"] == live]
+    assert all(d["duplicate_of"] != d["segment_id"] and not d["duplicate_of"].startswith(d["media_id"]) for d in dups)
+    assert all(d["duplicate_of"].startswith(live) for d in dups)
+
+
+def test_a_second_index_writer_is_refused_while_one_holds_the_index(speech, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    store = LocalStore(out)
+    _fake_shard(store, "shard-00000", "file:///a/orig.wav", "m-a", speech["orig"])
+    taken, done = threading.Event(), threading.Event()
+
+    def first_writer() -> None:
+        # Another thread is another writer (leases are re-entrant per thread only): it holds the index's lease.
+        with lease.hold(store, dedup.INDEX_LEASE_SHARD, "audio_fingerprints", "first-run"):
+            taken.set()
+            done.wait(60)
+
+    thread = threading.Thread(target=first_writer)
+    thread.start()
+    try:
+        assert taken.wait(60)
+        result = _materialize(out, tmp_path, ["audio_fingerprints"], raise_on_error=False)
+        assert not result.success
+        failure = str(result.get_step_failure_events()[0].event_specific_data.error)
+        assert "LeaseHeld" in failure and "first-run" in failure
+        assert dedup.read_state(store)["generations"] == 0  # the refused run wrote nothing
+    finally:
+        done.set()
+        thread.join()
+    # Once the first writer is done, the next run indexes.
+    assert _materialize(out, tmp_path, ["audio_fingerprints"]).success
+    assert dedup.read_state(store)["generations"] == 1
+
+
+def test_a_skipped_copy_stands_in_with_its_kept_label_when_references_are_split() -> None:
+    from asr_assets.calibrate import audit_segments
+    from asr_assets.report import _stand_in_copies
+
+    reference = "the cat sat on the mat please turn off the lights"
+    segs_of = {
+        "file:///a": [("a-0", "please turn off the lights", "en")],
+        "file:///b": [("b-0", "the cat sat on the mat", "en"), ("b-1", None, "en")],
+    }
+    stand_ins = _stand_in_copies(segs_of, {"b-1": "a-0"})
+    assert stand_ins == {"b-1"} and segs_of["file:///b"][1] == ("b-1", "please turn off the lights", "en")
+    audited = audit_segments(segs_of, {"file:///b": reference})
+    # The labelled segment is measured against its own words only: no deletions borrowed from the skipped copy.
+    assert audited["b-0"].errors == 0 and audited["b-0"].ref_words == 6
+
+
+def test_a_new_version_is_not_dropped_through_a_copy_of_the_version_it_replaced(speech, tmp_path: Path) -> None:
+    out = LocalStore(tmp_path)
+    uri = "file:///a/talk.wav"
+    versions = {"m-old": speech["orig"], "m-new": speech["gain-6"]}
+
+    def index_row(media_id: str, day: int) -> dict:
+        row = {f.name: None for f in MEDIA_SCHEMA}
+        return row | {"media_id": media_id, "uri": uri, "discovered_at": datetime(2026, 1, day, tzinfo=UTC)}
+
+    write_table(
+        out, layout.index_part_key("shard-00000", "m-old"), pa.Table.from_pylist([index_row("m-old", 1)], MEDIA_SCHEMA)
+    )
+    _fake_shard(out, "shard-00000", uri, "m-old", versions["m-old"])
+    _fake_shard(out, "shard-00001", "file:///z/copy.mp3", "m-z", speech["mp3-32k"])
+    dedup.update_index(out, ["shard-00000", "shard-00001"])
+    assert {d["media_id"] for d in dedup.read_duplicates(out).to_pylist()} == {"m-z"}  # a copy of the old version
+    # The object is replaced: the old version is retired, the copy's chain now ends at a version no longer kept.
+    write_table(
+        out, layout.index_part_key("shard-00000", "m-new"), pa.Table.from_pylist([index_row("m-new", 2)], MEDIA_SCHEMA)
+    )
+    audio = [_audio(uri, m, x) for m, x in versions.items()]
+    write_table(out, layout.audio_manifest_key("shard-00000"), pa.Table.from_pylist(audio, schema=AUDIO_SCHEMA))
+    dedup.append_fingerprints(out, "shard-00000", _print_rows("m-new", versions["m-new"]))
+    report = dedup.update_index(out, ["shard-00000", "shard-00001"])
+    assert report.new_segments > 0
+    assert "m-new" not in {d["media_id"] for d in dedup.read_duplicates(out).to_pylist()}

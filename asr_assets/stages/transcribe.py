@@ -105,7 +105,7 @@ def transcribe_shard(
     todo = features.filter(pc.invert(pc.is_in(features["segment_id"], value_set=pa.array(sorted(done), pa.string()))))
     # Storage order: each packed part is read front to back.
     todo = todo.sort_by([("audio_key", "ascending"), ("audio_offset", "ascending")]).to_pylist()
-    todo = _skip_known_copies(out, shard, todo, report)
+    todo = _skip_known_copies(out, shard, todo, report, retried)
     index = layout.read_index(out, shard)
     uris = dict(zip(index["media_id"].to_pylist(), index["uri"].to_pylist(), strict=True))
     teacher = engine() if todo else None
@@ -234,10 +234,14 @@ def _language_columns(result: TeacherOutput, detected: Any, lid: Any) -> dict[st
     return {"language": language, "language_prob": detected.probs.get(language, 0.0), "lid_model": lid.model_id}
 
 
-def _skip_known_copies(out: ObjectStore, shard: str, todo: list[dict], report: StageReport) -> list[dict]:
+def _skip_known_copies(
+    out: ObjectStore, shard: str, todo: list[dict], report: StageReport, retried: set[str]
+) -> list[dict]:
     """Segments the dedup index already knows as a duplicate or an evaluation-set copy never reach the teacher: each
     gets a transcript row with no text and ``finish_reason`` ``skipped:{reason}`` (its recorded outcome; the
-    dataset drops it with that reason), written as its own part. Returns the segments left for the teacher."""
+    dataset drops it with that reason), written as its own part, and loses its retried dead letter (``retried``: the
+    shard's non-final ones) as a labelled segment does, so it keeps one outcome. Returns the segments left for the
+    teacher."""
     known = dedup.shard_outcomes(out, shard)
     skipped = [r for r in todo if r["segment_id"] in known]
     if not skipped:
@@ -267,6 +271,8 @@ def _skip_known_copies(out: ObjectStore, shard: str, todo: list[dict], report: S
     report.totals["skipped"] = len(rows)
     report.totals["teacher_seconds_saved"] = sum(r["audio_frames"] for r in skipped) / SAMPLE_RATE
     ids = {r.segment_id for r in rows}
+    # After the part that holds their rows, as on the teacher path: a crash in between leaves a stale letter only.
+    layout.remove_dead_letters(out, "transcripts", shard, ids & retried)
     return [r for r in todo if r["segment_id"] not in ids]
 
 
