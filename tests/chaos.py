@@ -223,11 +223,21 @@ def _tars(out: Path) -> list[tuple[str, bytes]]:
     return [(key, (out / key).read_bytes()) for key in keys]
 
 
-def compare(reference: Path, drill: Path, label: str, report: Drill) -> None:
-    """Records every difference between the drill's outputs and the reference's, and counts duplicate ids."""
+def compare(reference: Path, drill: Path, label: str, report: Drill, labels: bool = True) -> None:
+    """Records every difference between the drill's outputs and the reference's, and counts duplicate ids. With
+    ``labels=False`` only which items exist and where they went is compared, not the labels' text and scores: the
+    teacher packs several segments into one window, so a segment labelled before other files arrived was labelled
+    beside other neighbours than in a run that had every file from the start."""
     ours, theirs = _tables(drill), _tables(reference)
     for name in theirs:
-        if _rows(ours[name]) != _rows(theirs[name]):
+        id_column = ID_COLUMNS.get(name, "item_id")
+        if not labels and name == "manifest":
+            same = True  # which labels pass the filters depends on the labels: the decisions table covers every item
+        elif not labels and id_column in theirs[name].column_names:
+            same = sorted(ours[name][id_column].to_pylist()) == sorted(theirs[name][id_column].to_pylist())
+        else:
+            same = _rows(ours[name]) == _rows(theirs[name])
+        if not same:
             report.mismatches.append(f"{label}: {name} differs ({ours[name].num_rows} vs {theirs[name].num_rows} rows)")
         id_column = ID_COLUMNS.get(name, "item_id")
         if id_column in ours[name].column_names:
@@ -236,7 +246,9 @@ def compare(reference: Path, drill: Path, label: str, report: Drill) -> None:
     for name, table in ours.items():
         if name.startswith("dead_letter/"):
             report.transient_dead_letters += _not_final(table)
-    if [k for k, _ in _tars(drill)] != [k for k, _ in _tars(reference)] or _tars(drill) != _tars(reference):
+    if [k for k, _ in _tars(drill)] != [k for k, _ in _tars(reference)] or (
+        labels and _tars(drill) != _tars(reference)
+    ):
         report.mismatches.append(f"{label}: tars differ")
     from asr_assets import layout
 
@@ -245,7 +257,7 @@ def compare(reference: Path, drill: Path, label: str, report: Drill) -> None:
         for root, build in ((drill, _build(drill)), (reference, _build(reference)))
     ]
     a, b = files
-    if (a.read_bytes() if a else b"") != (b.read_bytes() if b else b""):
+    if labels and (a.read_bytes() if a else b"") != (b.read_bytes() if b else b""):
         report.mismatches.append(f"{label}: per-file transcripts differ")
 
 
@@ -326,7 +338,7 @@ def arrivals_drill(runner: Runner, reference: Path, clean_s: float, report: Dril
         report.failed_runs += 1
         report.mismatches.append("arrivals: a run failed")
         return
-    compare(reference, out, "arrivals", report)
+    compare(reference, out, "arrivals", report, labels=False)
 
 
 def run_chaos(work: Path, seeds: int, kills: int, concurrent: bool = True, arrivals: bool = True) -> dict:

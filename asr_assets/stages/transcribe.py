@@ -373,33 +373,26 @@ def window_keys(features: pa.Table, window_s: float) -> dict[str, str]:
     """Which shared teacher window each segment goes into, for an engine that packs ``window_s`` seconds
     (``pack_windows``); empty when it does not pack.
 
-    Windows are cut from the whole shard's segments, part by part in storage order (so a file's neighbouring
-    segments share a window), never from the segments a run still has to label: a segment's window, hence its label,
-    is the same whether the shard is labelled in one run, resumed after a kill, or fed in waves of any size. New
-    arrivals land in new parts and never change the windows of the old ones.
+    Windows are cut from the whole shard's segments in segment id order (a file's segments one after another, files
+    in the order of their ids), never from the segments a run still has to label, and never from how they happen to
+    be laid out in the packed parts (a retried or resumed `segment_features` lays them out differently): a segment's
+    window, hence its label, is the same whether the shard is labelled in one run, resumed after a kill, run twice at
+    once, or fed in waves of any size.
     """
     if window_s <= 0:
         return {}
-    rows = features.select(["segment_id", "audio_key", "audio_offset", "audio_frames"])
-    rows = rows.sort_by([("audio_key", "ascending"), ("audio_offset", "ascending")]).to_pylist()
-    keys: dict[str, str] = {}
-    by_part: dict[str, list[dict]] = {}
-    for r in rows:
-        by_part.setdefault(r["audio_key"], []).append(r)
-    for part, members in by_part.items():
-        windows = pack_windows([r["audio_frames"] / SAMPLE_RATE for r in members], window_s)
-        for n, window in enumerate(windows):
-            for k in window:
-                keys[members[k]["segment_id"]] = f"{part}#{n}"
-    return keys
+    rows = features.select(["segment_id", "audio_frames"]).sort_by("segment_id").to_pylist()
+    windows = pack_windows([r["audio_frames"] / SAMPLE_RATE for r in rows], window_s)
+    return {rows[k]["segment_id"]: f"{rows[window[0]]['segment_id']}+" for window in windows for k in window}
 
 
 def _group(todo: list[dict], window_of: dict[str, str]) -> list[list[dict]]:
-    """The segments to label as windows (lists of rows), in storage order; a segment without a window alone."""
+    """The segments to label as windows (lists of rows, each in segment id order: the order their audio is packed
+    in), in storage order of their first segment; a segment without a window alone."""
     groups: dict[str, list[dict]] = {}
     for r in todo:
         groups.setdefault(window_of.get(r["segment_id"]) or r["segment_id"], []).append(r)
-    return list(groups.values())
+    return [sorted(rows, key=lambda r: r["segment_id"]) for rows in groups.values()]
 
 
 def _waves(windows: Sequence[list[dict]], size: int) -> Iterable[list[list[dict]]]:
