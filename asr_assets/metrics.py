@@ -18,6 +18,7 @@ import argparse
 import functools
 import logging
 import os
+import signal
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
@@ -154,7 +155,17 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
+    # Stop on SIGTERM/SIGINT whatever the launcher left behind: a process started from a background job or a parent
+    # that ignores or blocks them inherits that (ignored dispositions and the signal mask survive exec), and an
+    # exporter that outlives its supervisor keeps the port.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _stop)
     serve(args.port, args.host)
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":
