@@ -98,24 +98,30 @@ def run_ours(media: Path, work: Path, env_extra: dict[str, str], steps: dict[str
     return time.perf_counter() - started
 
 
-def our_texts(out: Path, media: Path) -> tuple[dict[str, str], dict[str, str]]:
-    """Per file, from the current dataset build's files.jsonl: every label in time order, and the kept ones."""
+def file_records(out: Path, media: Path) -> dict[str, dict]:
+    """The current dataset builds' files.jsonl records, by path relative to ``media``."""
     from asr_assets import layout
     from partitions import shard_partitions
     from resources.storage import LocalStore
 
-    store = LocalStore(out)
-    all_texts, kept = {}, {}
+    store, files = LocalStore(out), {}
     for shard in shard_partitions.get_partition_keys():
         build = layout.current_build(store, shard)
         if build is None:
             continue
         for line in (out / layout.files_key(shard, build)).read_text().splitlines():
             rec = json.loads(line)
-            path = str(Path(rec["uri"].removeprefix("file://")).relative_to(media))
-            segs = sorted(rec.get("segments") or [], key=lambda s: s["start"])
-            all_texts[path] = " ".join(s["text"] for s in segs if s.get("text"))
-            kept[path] = " ".join(s["text"] for s in segs if s.get("text") and s["status"] == "kept")
+            files[str(Path(rec["uri"].removeprefix("file://")).relative_to(media))] = rec
+    return files
+
+
+def our_texts(out: Path, media: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """Per file: every label in time order, and the kept ones."""
+    all_texts, kept = {}, {}
+    for path, rec in file_records(out, media).items():
+        segs = sorted(rec.get("segments") or [], key=lambda s: s["start"])
+        all_texts[path] = " ".join(s["text"] for s in segs if s.get("text"))
+        kept[path] = " ".join(s["text"] for s in segs if s.get("text") and s["status"] == "kept")
     return all_texts, kept
 
 

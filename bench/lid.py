@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from e2e import our_texts, run_ours  # noqa: E402
+from e2e import file_records, our_texts, run_ours  # noqa: E402
 
 from asr_assets.calibrate import label_errors  # noqa: E402
 from asr_assets.languages import error_metric  # noqa: E402
@@ -60,22 +60,6 @@ def real_files(media: Path, cache: Path, per_language: int) -> tuple[list[dict],
         if not (media / name).exists():
             _encode(audio, media / name, ["-c:a", "aac", "-b:a", "64k"], 16_000)
     return records, turns
-
-
-def segments_by_file(out: Path, media: Path) -> dict[str, list[dict]]:
-    from asr_assets import layout
-    from partitions import shard_partitions
-    from resources.storage import LocalStore
-
-    store, files = LocalStore(out), {}
-    for shard in shard_partitions.get_partition_keys():
-        build = layout.current_build(store, shard)
-        if build is None:
-            continue
-        for line in (out / layout.files_key(shard, build)).read_text().splitlines():
-            rec = json.loads(line)
-            files[str(Path(rec["uri"].removeprefix("file://")).relative_to(media))] = rec
-    return files
 
 
 def majority(segments: list[dict]) -> str | None:
@@ -182,7 +166,7 @@ def main() -> None:
     started = time.perf_counter()
     run_ours(media, work, {"ASR_LANGUAGE": "auto"}, {})
     seconds = time.perf_counter() - started
-    files = segments_by_file(work / "out", media)
+    files = file_records(work / "out", media)
     texts, _ = our_texts(work / "out", media)
     peer = run_peer(media, sorted(references))
 
