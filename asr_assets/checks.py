@@ -56,14 +56,20 @@ class Reconciliation:
                 "pending_work sensor's)"
             )
 
-    def expect_partition(self, what: str, whole: set[str], parts: dict[str, set[str]]) -> None:
-        """Every id of ``whole`` is in exactly one of ``parts``, and the parts hold nothing else."""
-        self.counts[what] = len(whole)
+    def expect_partition(
+        self, what: str, whole: set[str], parts: dict[str, set[str]], late: set[str] = frozenset()
+    ) -> None:
+        """Every id of ``whole`` is in exactly one of ``parts``, and the parts hold nothing else. Ids of ``late``
+        (indexed after the step read the index) may be in one part or none: none means they are the next run's work,
+        counted as ``indexed_since``."""
+        self.counts[what] = len(whole - late)
         seen: Counter = Counter()
         for name, ids in parts.items():
             self.counts[name] = len(ids)
             seen.update(ids)
-        missing = whole - set(seen)
+        if late:
+            self.counts["indexed_since"] = len(late - set(seen))
+        missing = whole - late - set(seen)
         twice = [i for i, n in seen.items() if n > 1]
         extra = set(seen) - whole
         if missing:
@@ -115,9 +121,21 @@ def reconcile_index(out: ObjectStore, shard: str) -> Reconciliation:
     return r
 
 
+def _index_as_seen(out: ObjectStore, shard: str, seen_parts: list[str] | None) -> tuple[pa.Table, set[str]]:
+    """The index now, and the ids of rows in parts added after a step read it (``seen_parts``; None: no record, so
+    none are late)."""
+    parts = layout.index_part_keys(out, shard)
+    index = layout.read_index(out, shard, parts)
+    if seen_parts is None:
+        return index, set()
+    late_parts = sorted(set(parts) - set(seen_parts))
+    return index, set(layout.read_index(out, shard, late_parts)["media_id"].to_pylist()) if late_parts else set()
+
+
 def reconcile_audio(out: ObjectStore, shard: str) -> Reconciliation:
     r = Reconciliation()
-    index = layout.read_index(out, shard)
+    # Rows a sensor indexed while the step ran are the next run's work (pending_work and media_arrivals ask for it).
+    index, late = _index_as_seen(out, shard, layout.read_index_seen(out, layout.audio_index_seen_key(shard)))
     audio = read_table(out, layout.audio_manifest_key(shard), AUDIO_SCHEMA)
     decoded = audio.filter(pc.equal(audio["status"], "decoded"))["media_id"].to_pylist()
     dead = _dead(out, "audio_wav", shard, r)
@@ -128,6 +146,7 @@ def reconcile_audio(out: ObjectStore, shard: str) -> Reconciliation:
         "media",
         set(index["media_id"].to_pylist()),
         {"decoded": set(decoded), "dead_letter": set(dead), "superseded": set(superseded)},
+        late,
     )
     missing_files = [k for k in audio["audio_key"].drop_null().to_pylist() if not out.exists(k)]
     if missing_files:
@@ -345,7 +364,11 @@ def _reconcile_files(
         r.problems.append(f"{files_key} is missing")
         return
     records = [json.loads(line) for line in out.read_bytes(files_key).decode().splitlines()]
-    index = layout.read_index(out, shard)
+    # files.jsonl covers the index as the build read it; rows indexed since are the next build's.
+    seen = layout.read_index_seen(out, layout.build_info_key(shard, build))
+    index = layout.read_index(out, shard, seen)
+    if seen is not None:
+        r.counts["index_parts_since"] = len(set(layout.index_part_keys(out, shard)) - set(seen))
     by_outcome: dict[str, set[str]] = {}
     for rec in records:
         by_outcome.setdefault(f"files_{rec['outcome']}", set()).add(rec["media_id"])

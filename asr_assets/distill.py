@@ -675,14 +675,17 @@ class ShardInputs:
     transcripts: pa.Table
     dead: dict[str, pa.Table]
     read_at: float
+    index_parts: list[str] | None = None  # the index part keys ``index`` was read from
     dedup: dict[str, dict] = field(default_factory=dict)  # dedup.shard_outcomes: duplicates, evaluation matches
 
 
 def read_inputs(out: ObjectStore, shard: str) -> ShardInputs:
     """The shard's upstream tables as they are now."""
     read_at = time.time()
+    index_parts = layout.index_part_keys(out, shard)
     return ShardInputs(
-        index=layout.read_index(out, shard),
+        index=layout.read_index(out, shard, index_parts),
+        index_parts=index_parts,
         audio=read_table(out, layout.audio_manifest_key(shard), AUDIO_SCHEMA),
         vad_media=read_table(out, layout.vad_media_key(shard), VAD_MEDIA_SCHEMA),
         segments=read_table(out, layout.segments_key(shard), SEGMENT_SCHEMA),
@@ -878,6 +881,9 @@ def write_build(
     out.put_bytes(layout.files_key(shard, build_id), jsonl.encode())
     write_table(out, layout.files_parquet_key(shard, build_id), pa.Table.from_pylist(files, schema=FILES_SCHEMA))
     info = {"build_id": build_id, "fingerprint": fingerprint, "rules": _params(rules), "fitted": _params(fitted)}
+    if inputs.index_parts is not None:
+        # What files.jsonl covers: rows indexed after the build read the index are the next build's (checks).
+        info["index_parts"] = inputs.index_parts
     out.put_bytes(layout.build_info_key(shard, build_id), json.dumps(info, sort_keys=True).encode())
     write_table(out, layout.build_manifest_key(shard, build_id), _manifest_table(kept_rows))
     report.totals = {

@@ -40,10 +40,17 @@ def index_part_key(shard: str, first_media_id: str) -> str:
     return f"index/{shard}/part-{first_media_id}.parquet"
 
 
-def read_index(store: ObjectStore, shard: str) -> pa.Table:
-    """The shard's index: every part, in the order they were appended (parts are named by content, so by the time
-    each row was discovered; a stable sort keeps a part's own order)."""
-    parts = [read_table(store, info.key, MEDIA_SCHEMA) for info in store.list(index_prefix(shard))]
+def index_part_keys(store: ObjectStore, shard: str) -> list[str]:
+    """The keys of the shard's index parts as they are now (indexing only ever adds parts)."""
+    return sorted(info.key for info in store.list(index_prefix(shard)))
+
+
+def read_index(store: ObjectStore, shard: str, part_keys: list[str] | None = None) -> pa.Table:
+    """The shard's index: every part (or the ``part_keys`` given: the index as a step saw it), in the order they were
+    appended (parts are named by content, so by the time each row was discovered; a stable sort keeps a part's own
+    order)."""
+    keys = index_part_keys(store, shard) if part_keys is None else part_keys
+    parts = [read_table(store, key, MEDIA_SCHEMA) for key in keys]
     if not parts:
         return MEDIA_SCHEMA.empty_table()
     return pa.concat_tables(parts).sort_by([("discovered_at", "ascending")])
@@ -67,6 +74,20 @@ def retired_media(index: pa.Table) -> set[str]:
 
 def audio_manifest_key(shard: str) -> str:
     return f"audio_wav/{shard}.parquet"
+
+
+def audio_index_seen_key(shard: str) -> str:
+    """The index parts the last successful ``audio_wav`` step worked from (JSON): rows a sensor indexes while the step
+    runs are the next run's work, not ones the step lost."""
+    return f"audio_wav/{shard}.index-parts.json"
+
+
+def read_index_seen(store: ObjectStore, key: str) -> list[str] | None:
+    """Index part keys recorded under ``key`` (a JSON object with ``index_parts``); None where none were recorded."""
+    if not store.exists(key):
+        return None
+    parts = json.loads(store.read_bytes(key)).get("index_parts")
+    return None if parts is None else list(parts)
 
 
 def audio_key(shard: str, media_id: str) -> str:

@@ -8,7 +8,8 @@ ids, are the same):
   times, then run to completion;
 - concurrent: two runs of the same shard started together (each step's lease makes one wait for the other);
 - arrivals: a run starts on part of the corpus, the rest arrives midway and is indexed the way the arrivals sensor
-  does it (``index_objects``) while the run works, then the shard is run again.
+  does it (``index_objects``) while the run decodes (so its checks see rows the step never saw), then the shard is
+  run again.
 
 "Identical" means: every table (index, decode manifest, VAD, features, transcripts, dead letters of every stage,
 dataset manifest, decisions) equal row for row once sorted by id and stripped of wall-clock columns and of where a
@@ -327,7 +328,11 @@ def arrivals_drill(runner: Runner, reference: Path, clean_s: float, report: Dril
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(path, dest)  # a rename keeps size and mtime: the same object versions as the reference saw
     proc = runner.start(out, "a0")
-    time.sleep(max(1.0, clean_s / 3))
+    # They arrive while the run decodes: the index then holds rows the decode step never saw when its check runs
+    # (a CI run that hit this window by chance failed that check). Timed, should the step pass unseen.
+    deadline = time.monotonic() + max(1.0, clean_s)
+    while _stage_now(out) != "audio_wav" and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
     for path in late:
         os.replace(held / path.relative_to(runner.source), path)
     source = LocalStore(runner.source)

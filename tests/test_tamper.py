@@ -335,3 +335,40 @@ def test_a_deleted_segment_dead_letter_fails_its_stage_check_and_the_files_check
     assert any(words in p and segment_id in p for p in problems), problems
     problems = _failing(root, shard, reconcile_distilled).problems
     assert any(segment_id in p and "files.jsonl" in p for p in problems), problems
+
+
+# ------------------------------------------------------------------------------ rows indexed while a step ran
+
+
+def test_rows_indexed_while_a_step_ran_are_the_next_runs_work_and_a_row_it_saw_is_not(
+    pipeline_run, tmp_path: Path
+) -> None:
+    """A sensor indexes new arrivals while a run decodes or builds the shard: the checks count them as indexed since
+    (the next run's work) instead of failing the run, yet a row in a part the step did read and left without an outcome
+    still fails them. A chaos drill caught the run failing on exactly this."""
+    from asr_assets.records import MEDIA_SCHEMA
+    from resources.storage import write_table
+
+    _, out, shard = pipeline_run
+    root = _copy(out, tmp_path)
+    store = LocalStore(root)
+    row = {**layout.read_index(store, shard).to_pylist()[0], "media_id": "f" * 32, "uri": "late/arrival.wav"}
+    late_part = layout.index_part_key(shard, row["media_id"])
+    write_table(store, late_part, pa.Table.from_pylist([row], MEDIA_SCHEMA))
+    audio, distilled = reconcile_audio(store, shard), reconcile_distilled(store, shard)
+    assert audio.passed and distilled.passed, (audio.problems, distilled.problems)
+    assert audio.counts["indexed_since"] == 1 and distilled.counts["index_parts_since"] == 1
+
+    # The same row in a part the steps say they read: lost, not late.
+    seen_key = layout.audio_index_seen_key(shard)
+    seen = json.loads(store.read_bytes(seen_key))
+    store.put_bytes(seen_key, json.dumps({"index_parts": [*seen["index_parts"], late_part]}).encode())
+    info_key = layout.build_info_key(shard, layout.current_build(store, shard))
+    info = json.loads(store.read_bytes(info_key))
+    store.put_bytes(info_key, json.dumps({**info, "index_parts": [*info["index_parts"], late_part]}).encode())
+    for reconcile, says in (
+        (reconcile_audio, "1 media without an outcome"),
+        (reconcile_distilled, "1 indexed files (files.jsonl) without an outcome"),
+    ):
+        problems = _failing(root, shard, reconcile).problems
+        assert any(says in p and row["media_id"] in p for p in problems), problems

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -58,7 +59,8 @@ def decode_shard(
     started = time.perf_counter()
     budget = budget or RetryBudget()
     report = StageReport()
-    index = layout.read_index(out, shard)
+    index_parts = layout.index_part_keys(out, shard)
+    index = layout.read_index(out, shard, index_parts)
     manifest = read_table(out, layout.audio_manifest_key(shard), AUDIO_SCHEMA)
     decoded = set(manifest.filter(pc.equal(manifest["status"], "decoded"))["media_id"].to_pylist())
     superseded = set(manifest.filter(pc.equal(manifest["status"], "superseded"))["media_id"].to_pylist())
@@ -183,6 +185,9 @@ def decode_shard(
         flush(final_flush=True)  # what finished stays finished; the rest is pending
         raise
     flush(final_flush=True)
+    # After the manifest: what the step covered. A crash in between leaves the older record, which covers less, so the
+    # check only ever counts too many rows as arrived since (see checks.reconcile_audio), never one as lost.
+    out.put_bytes(layout.audio_index_seen_key(shard), json.dumps({"index_parts": index_parts}).encode())
     if report.processed:
         report.outputs.append(layout.audio_manifest_key(shard))
     statuses = Counter(manifest["status"].to_pylist())
