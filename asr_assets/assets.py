@@ -616,6 +616,11 @@ class EvalSetsConfig(dg.Config):
         description="Evaluation sets as 'name=uri;name=uri': a folder, file:// or oss:// uri of audio, or a .txt "
         "manifest of keys (one a line) relative to its folder. Empty: the ASR_EVAL_SETS environment variable.",
     )
+    allow_unreadable: bool = Field(
+        default=False,
+        description="Register the readable files even when some evaluation files cannot be decoded (they are listed "
+        "in the metadata). Off: such a run fails and registers nothing, since the guard could not cover those files.",
+    )
 
 
 def _eval_sources(storage: StorageResource, spec: str) -> dict:
@@ -632,9 +637,18 @@ def eval_sets(context: dg.AssetExecutionContext, config: EvalSetsConfig, storage
     """The evaluation sets no training segment may come from: every file decoded and fingerprinted once
     (dedup/eval/index.parquet); audio_fingerprints drops training segments that match them."""
     spec = config.eval_sets or os.environ.get("ASR_EVAL_SETS", "")
-    table, problems = dedup.register_eval_sets(storage.output(), _eval_sources(storage, spec))
+    out = storage.output()
+    table, problems = dedup.fingerprint_eval_sets(out, _eval_sources(storage, spec))
     for problem in problems:
         context.log.warning(f"evaluation file not registered (it cannot be decoded): {problem}")
+    if problems and not config.allow_unreadable:
+        # A training segment copied from one of these files could not be caught: no partial guard is published.
+        raise dg.Failure(
+            description=f"{len(problems)} evaluation files cannot be decoded, so no training segment could be checked "
+            f"against them; fix or remove them, or set allow_unreadable: {problems[:5]}",
+            metadata={"unreadable": dg.MetadataValue.json(problems)},
+        )
+    dedup.write_eval_sets(out, table)
     per_set = dict(sorted(Counter(table["eval_set"].to_pylist()).items()))
     return dg.MaterializeResult(
         metadata={

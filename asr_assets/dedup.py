@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 
 from asr_assets import fingerprint as fp
 from asr_assets import layout
-from asr_assets.dedup_index import FingerprintIndex, Hit, build_index_arrays, is_match
+from asr_assets.dedup_index import MIN_SIMILARITY, MIN_VOTES, FingerprintIndex, Hit, build_index_arrays, is_match
 from asr_assets.records import AUDIO_SCHEMA, FEATURE_SCHEMA
 from resources.storage import ObjectStore, read_table, write_table
 
@@ -152,8 +152,19 @@ def append_fingerprints(out: ObjectStore, shard: str, new: pa.Table) -> None:
 
 def read_state(out: ObjectStore) -> dict:
     if not out.exists(STATE_KEY):
-        return {"generations": 0, "eval_version": ""}
+        return {"generations": 0, "eval_checked": [], "fingerprint_version": fp.VERSION}
     return json.loads(out.read_bytes(STATE_KEY))
+
+
+def _check_version(state: dict) -> None:
+    """Landmarks of another fingerprint version never match these: an index built with them must be rebuilt."""
+    version = state.get("fingerprint_version", "pair-v0")
+    if state["generations"] and version != fp.VERSION:
+        raise ValueError(
+            f"the dedup index under {INDEX_PREFIX} holds {version} fingerprints, this code makes {fp.VERSION}: remove "
+            f"{INDEX_PREFIX} and segment_features/*.fingerprints.parquet, then re-materialize segment_features (its "
+            "segments are measured again) and audio_fingerprints"
+        )
 
 
 def _save_npy(out: ObjectStore, key: str, array: np.ndarray) -> None:
@@ -201,17 +212,19 @@ def _media_info(out: ObjectStore, shard: str) -> dict[str, dict]:
     return {r["media_id"]: r for r in audio.select(["media_id", "uri", "duration_s", "pcm_sha256"]).to_pylist()}
 
 
-def _new_rows(out: ObjectStore, shards: list[str], known: set[str]) -> tuple[pa.Table, list[list[fp.Fingerprint]]]:
-    """This run's segments (not indexed yet) in keep-rule order (uri, then media, then start: two versions of one
-    replaced object do not interleave), and their per-grid prints."""
+def _new_rows(out: ObjectStore, shards: list[str], known: pa.Array) -> tuple[pa.Table, list[list[fp.Fingerprint]]]:
+    """This run's segments (not indexed yet: not in ``known``) in keep-rule order (uri, then media, then start: two
+    versions of one replaced object do not interleave), and their per-grid prints. Only the new rows become Python
+    objects: the index may hold millions."""
     rows = []
     for shard in shards:
         table = read_table(out, fingerprints_key(shard), FINGERPRINT_SCHEMA)
+        table = table.filter(pc.invert(pc.is_in(table["segment_id"], value_set=known)))
         if not table.num_rows:
             continue
         media = _media_info(out, shard)
         for r in table.to_pylist():
-            if r["segment_id"] in known or r["media_id"] not in media:
+            if r["media_id"] not in media:
                 continue
             m = media[r["media_id"]]
             rows.append((m["uri"], r["start_s"], shard, r, m))
@@ -261,7 +274,8 @@ def update_index(out: ObjectStore, shards: list[str], eval_sets: pa.Table | None
     state = read_state(out)
     indexed = read_indexed(out, state)
     duplicates = read_duplicates(out, state)
-    new, prints = _new_rows(out, shards, set(indexed["segment_id"].to_pylist()))
+    _check_version(state)
+    new, prints = _new_rows(out, shards, indexed["segment_id"].combine_chunks())
     generation = state["generations"] + (1 if new.num_rows else 0)
     report.generation, report.new_segments = generation, new.num_rows
     parts = [_load_part(out, g) for g in range(1, state["generations"] + 1)]
@@ -318,10 +332,13 @@ def update_index(out: ObjectStore, shards: list[str], eval_sets: pa.Table | None
     if new.num_rows:
         write_table(out, indexed_key(generation), new)
         write_table(out, duplicates_key(generation), pa.Table.from_pylist(new_dups, schema=DUPLICATES_SCHEMA))
-    eval_version = _eval_version(eval_sets)
-    if eval_sets is not None and (new.num_rows or eval_version != state.get("eval_version")):
-        _check_eval(out, everything, eval_sets, report)
-    state = {"generations": generation, "eval_version": eval_version, "index_rows": report.index_rows}
+    checked = _check_eval(out, state, everything, new, prints, index, files, eval_sets, report)
+    state = {
+        "generations": generation,
+        "index_rows": report.index_rows,
+        "eval_checked": checked,
+        "fingerprint_version": fp.VERSION,
+    }
     out.put_bytes(STATE_KEY, json.dumps(state, sort_keys=True).encode())
     return report
 
@@ -383,45 +400,103 @@ def _kind(mine: dict, kept_pcm: str | None, kept_media_s: float | None) -> str:
     return "re_encode"
 
 
-def _eval_version(eval_sets: pa.Table | None) -> str:
-    if eval_sets is None or not eval_sets.num_rows:
-        return ""
-    return json.dumps(sorted(zip(eval_sets["eval_set"].to_pylist(), eval_sets["uri"].to_pylist(), strict=True)))
+def _eval_hit(index: FingerprintIndex, grids: list[fp.Fingerprint], eval_sizes: np.ndarray) -> Hit | None:
+    """The evaluation file a segment matches best, if any: enough agreeing landmarks (``MIN_VOTES``) making up enough
+    of the shorter of the two (``MIN_SIMILARITY``), so that a short evaluation clip inside a long segment counts as
+    much as a segment inside a long evaluation file."""
+    best = None
+    for q in grids:
+        for h in index.hits(q, limit=16):
+            consulted = h.votes / h.similarity if h.similarity else 0.0
+            share = h.votes / max(1.0, min(consulted, float(eval_sizes[h.ref])))
+            if h.votes >= MIN_VOTES and share >= MIN_SIMILARITY and (best is None or h.votes > best.votes):
+                best = Hit(h.ref, h.name, h.votes, min(1.0, share), h.offset)
+    return best
 
 
-def _check_eval(out: ObjectStore, everything: pa.Table, eval_sets: pa.Table, report: IndexReport) -> None:
-    """Every indexed segment against the evaluation sets' fingerprints (both ways: a segment inside an evaluation
-    file, and an evaluation clip inside a segment); writes ``dedup/eval_matches.parquet``."""
-    evals = eval_sets.to_pylist()
-    eval_prints = [fp.Fingerprint.from_bytes(e["hashes"], e["times"]) for e in evals]
-    index = FingerprintIndex([build_index_arrays(eval_prints)])
-    matches = []
-    shards = sorted(set(everything["shard"].to_pylist()))
-    for shard in shards:
-        table = read_table(out, fingerprints_key(shard), FINGERPRINT_SCHEMA)
-        info = {r["segment_id"]: r for r in everything.filter(pc.equal(everything["shard"], shard)).to_pylist()}
-        for r in table.to_pylist():
-            if r["segment_id"] not in info:
-                continue
-            grids = fp.unpack_prints(r["hashes"], r["times"], r["grid_sizes"])
-            hit = _best(index, grids, lambda g: True)
-            if hit is None:
-                continue
-            e = evals[hit.ref]
-            matches.append(
-                {
-                    "segment_id": r["segment_id"],
-                    "media_id": r["media_id"],
-                    "shard": shard,
-                    "uri": info[r["segment_id"]]["uri"],
-                    "duration_s": r["duration_s"],
-                    "eval_set": e["eval_set"],
-                    "eval_uri": e["uri"],
-                    "similarity": min(1.0, hit.similarity),
-                }
-            )
-            report.eval_matches[e["eval_set"]] += 1
-    write_table(out, EVAL_MATCHES_KEY, pa.Table.from_pylist(matches, schema=EVAL_MATCHES_SCHEMA))
+def _check_eval(
+    out: ObjectStore,
+    state: dict,
+    everything: pa.Table,
+    new: pa.Table,
+    prints: list[list[fp.Fingerprint]],
+    index: FingerprintIndex,
+    files: _Files,
+    eval_sets: pa.Table | None,
+    report: IndexReport,
+) -> list[list[str]]:
+    """Brings ``dedup/eval_matches.parquet`` up to date without going over the whole index again: this run's new
+    segments are checked against every registered evaluation file, and evaluation files registered since the last run
+    are looked up in the global index (one lookup each: the files holding them, then each overlapping segment verified
+    as a new one is). Matches of evaluation sets no longer registered are dropped. Returns the (set, uri) pairs now
+    checked against the whole index."""
+    registered = [] if eval_sets is None else eval_sets.to_pylist()
+    keys = [[e["eval_set"], e["uri"]] for e in registered]
+    old = read_table(out, EVAL_MATCHES_KEY, EVAL_MATCHES_SCHEMA)  # contaminations: few rows
+    still = {tuple(k) for k in keys}
+    mask = [(s, u) in still for s, u in zip(old["eval_set"].to_pylist(), old["eval_uri"].to_pylist(), strict=True)]
+    kept = old.filter(pa.array(mask, pa.bool_()))
+    if not registered:
+        if old.num_rows:
+            write_table(out, EVAL_MATCHES_KEY, kept)
+        return []
+    eval_prints = [fp.Fingerprint.from_bytes(e["hashes"], e["times"]) for e in registered]
+    sizes = np.array([len(p) for p in eval_prints])
+    eval_index = FingerprintIndex([build_index_arrays(eval_prints)])
+    matches: dict[tuple[str, str, str], dict] = {}
+
+    def verify(row: dict, grids: list[fp.Fingerprint]) -> None:
+        hit = _eval_hit(eval_index, grids, sizes)
+        if hit is None:
+            return
+        e = registered[hit.ref]
+        matches[(row["segment_id"], e["eval_set"], e["uri"])] = {
+            "segment_id": row["segment_id"],
+            "media_id": row["media_id"],
+            "shard": row["shard"],
+            "uri": row["uri"],
+            "duration_s": row["duration_s"],
+            "eval_set": e["eval_set"],
+            "eval_uri": e["uri"],
+            "similarity": hit.similarity,
+        }
+
+    for row, grids in zip(new.to_pylist(), prints, strict=True):
+        verify(row, grids)
+    done = {tuple(k) for k in state.get("eval_checked", [])}
+    fresh = [i for i, k in enumerate(keys) if tuple(k) not in done]
+    if fresh and new.num_rows < everything.num_rows:
+        # Candidates among the earlier segments: every segment overlapping where a fresh evaluation file sits in a
+        # file the index holds. The new segments were all checked above.
+        first_new = everything.num_rows - new.num_rows
+        candidates: set[int] = set()
+        for i in fresh:
+            duration = registered[i]["duration_s"]
+            for hit in index.hits(eval_prints[i], limit=64):
+                if hit.votes < MIN_VOTES:
+                    continue
+                segs = files.members[files.bounds[hit.ref] : files.bounds[hit.ref + 1]]
+                start = hit.offset * fp.FRAME_S
+                ends = files.starts[segs] + files.durations[segs]
+                near = segs[(files.starts[segs] < start + duration) & (ends > start) & (segs < first_new)]
+                candidates.update(int(r) for r in near)
+        if candidates:
+            rows = everything.take(pa.array(sorted(candidates))).to_pylist()
+            for shard in sorted({r["shard"] for r in rows}):
+                wanted = {r["segment_id"]: r for r in rows if r["shard"] == shard}
+                table = read_table(out, fingerprints_key(shard), FINGERPRINT_SCHEMA)
+                table = table.filter(pc.is_in(table["segment_id"], value_set=pa.array(sorted(wanted), pa.string())))
+                for r in table.to_pylist():
+                    verify(wanted[r["segment_id"]], fp.unpack_prints(r["hashes"], r["times"], r["grid_sizes"]))
+    columns = (kept["segment_id"].to_pylist(), kept["eval_set"].to_pylist(), kept["eval_uri"].to_pylist())
+    have = set(zip(*columns, strict=True))
+    added = [m for k, m in sorted(matches.items()) if k not in have]
+    for m in added:
+        report.eval_matches[m["eval_set"]] += 1
+    if added or kept.num_rows != old.num_rows:
+        table = pa.concat_tables([kept, pa.Table.from_pylist(added, schema=EVAL_MATCHES_SCHEMA)])
+        write_table(out, EVAL_MATCHES_KEY, table.sort_by([("segment_id", "ascending"), ("eval_set", "ascending")]))
+    return sorted(keys)
 
 
 def shard_outcomes(out: ObjectStore, shard: str) -> dict[str, dict]:
@@ -493,10 +568,16 @@ def fingerprint_file(path, scratch) -> tuple[float, fp.Fingerprint]:
     return len(x) / fp.SAMPLE_RATE, fp.sampled(fp.fingerprint(x))
 
 
-def register_eval_sets(out: ObjectStore, sets: dict[str, tuple[ObjectStore, list[str]]]) -> tuple[pa.Table, list[str]]:
-    """Fingerprints every evaluation file not registered yet (set, uri) and writes the registry; sets no longer
-    configured are dropped from it. Returns the registry and the files that could not be decoded (with the reason):
-    an evaluation file that cannot be checked is reported, never silently skipped."""
+def write_eval_sets(out: ObjectStore, table: pa.Table) -> None:
+    write_table(out, EVAL_INDEX_KEY, table)
+
+
+def fingerprint_eval_sets(
+    out: ObjectStore, sets: dict[str, tuple[ObjectStore, list[str]]]
+) -> tuple[pa.Table, list[str]]:
+    """The registry for ``sets``: every evaluation file not registered yet (set, uri) fingerprinted, the others taken
+    from the current registry; sets no longer configured left out. Returns it and the files that could not be decoded
+    (with the reason): an evaluation file that cannot be checked is reported, never silently skipped."""
     old = read_table(out, EVAL_INDEX_KEY, EVAL_INDEX_SCHEMA)
     have = {(r["eval_set"], r["uri"]): r for r in old.to_pylist()}
     rows, problems = [], []
@@ -514,9 +595,7 @@ def register_eval_sets(out: ObjectStore, sets: dict[str, tuple[ObjectStore, list
                 continue
             hashes, times = print_.to_bytes()
             rows.append({"eval_set": name, "uri": uri, "duration_s": duration, "hashes": hashes, "times": times})
-    table = pa.Table.from_pylist(rows, schema=EVAL_INDEX_SCHEMA)
-    write_table(out, EVAL_INDEX_KEY, table)
-    return table, problems
+    return pa.Table.from_pylist(rows, schema=EVAL_INDEX_SCHEMA), problems
 
 
 def read_eval_sets(out: ObjectStore) -> pa.Table | None:

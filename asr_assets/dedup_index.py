@@ -1,10 +1,10 @@
 """The fingerprint index: landmark hashes of every indexed segment, sorted by hash, searched by binary search.
 
-Three parallel arrays sorted by hash (uint32 hash, uint32 reference ordinal, uint32 frame on the reference media's
+Three parallel arrays sorted by hash (uint64 hash, uint32 reference ordinal, uint32 frame on the reference media's
 timeline) answer "which indexed audio holds these landmarks at a consistent time offset" with one ``searchsorted``
 per query hash and a vote over the postings found. Only a consistent sample of the hash space is indexed (hashes
-below ``fingerprint.SAMPLE_LIMIT``, an eighth): both copies of a recording keep the same sample, so matching needs no
-more, and the index holds an eighth of the rows. Arrays are stored as ``.npy`` files so a large index is
+below ``fingerprint.SAMPLE_LIMIT``, a twelfth): both copies of a recording keep the same sample, so matching needs no
+more, and the index holds a twelfth of the rows. Arrays are stored as ``.npy`` files so a large index is
 memory-mapped, not loaded: a lookup touches ~30 pages per query hash.
 """
 
@@ -18,6 +18,10 @@ import numpy as np
 from asr_assets import fingerprint as fp
 
 MAX_POSTINGS = 20_000  # a hash this common says nothing about which recording it came from (a stop word)
+# Postings one query (one grid) reads at most: its hashes are consulted rarest first (a rare landmark says most about
+# which recording it came from) until the next one would pass this. It bounds a lookup's cost whatever the landmark
+# distribution of the corpus, at the price of votes when the query's hashes are all common (bench/RESULTS.md).
+POSTING_BUDGET = 50_000
 MIN_VOTES = 6  # agreeing landmarks, in the indexed sample
 MIN_SIMILARITY = 0.05  # share of the query's sampled landmarks that agree
 
@@ -37,8 +41,8 @@ def build_index_arrays(prints: list[fp.Fingerprint], first_ref: int = 0) -> tupl
     """Sorted (hashes, refs, times) of ``prints``; reference ``i`` is ``first_ref + i``."""
     chosen = [fp.sampled(p) for p in prints]
     if not chosen:
-        return np.empty(0, np.uint32), np.empty(0, np.uint32), np.empty(0, np.uint32)
-    hashes = np.concatenate([p.hashes for p in chosen]).astype(np.uint32)
+        return np.empty(0, np.uint64), np.empty(0, np.uint32), np.empty(0, np.uint32)
+    hashes = np.concatenate([p.hashes for p in chosen]).astype(np.uint64)
     refs = np.concatenate([np.full(len(p), first_ref + i, np.uint32) for i, p in enumerate(chosen)])
     times = np.concatenate([p.times for p in chosen]).astype(np.uint32)
     order = np.argsort(hashes, kind="stable")
@@ -64,33 +68,43 @@ class FingerprintIndex:
     def rows(self) -> int:
         return sum(len(p[0]) for p in self.parts)
 
-    def postings(self, query: fp.Fingerprint) -> tuple[np.ndarray, np.ndarray]:
-        """(refs, time offsets) of every indexed landmark equal to one of the query's."""
+    def postings(self, query: fp.Fingerprint) -> tuple[np.ndarray, np.ndarray, int]:
+        """(refs, time offsets) of the indexed landmarks equal to the query's consulted hashes, and how many hashes
+        were consulted: rarest first, skipping stop words (over ``MAX_POSTINGS``), within ``POSTING_BUDGET``."""
+        bounds = [
+            (np.searchsorted(h, query.hashes, side="left"), np.searchsorted(h, query.hashes, side="right"))
+            for h, _, _ in self.parts
+        ]
+        total = np.zeros(len(query), np.int64)
+        for lo, hi in bounds:
+            total += hi - lo
+        order = np.argsort(total, kind="stable")
+        spent = np.cumsum(np.where(total[order] > MAX_POSTINGS, 0, total[order]))
+        chosen = np.zeros(len(query), bool)
+        chosen[order[(total[order] <= MAX_POSTINGS) & (spent <= POSTING_BUDGET)]] = True
         refs, deltas = [], []
-        for hashes, part_refs, part_times in self.parts:
-            lo = np.searchsorted(hashes, query.hashes, side="left")
-            hi = np.searchsorted(hashes, query.hashes, side="right")
-            counts = hi - lo
-            counts[counts > MAX_POSTINGS] = 0
-            total = int(counts.sum())
-            if not total:
+        for (lo, hi), (_, part_refs, part_times) in zip(bounds, self.parts, strict=True):
+            counts = np.where(chosen, hi - lo, 0)
+            n = int(counts.sum())
+            if not n:
                 continue
-            # Positions lo[i] .. hi[i] for every query hash i, without a Python loop.
+            # Positions lo[i] .. hi[i] for every chosen query hash i, without a Python loop.
             starts = np.repeat(lo - np.cumsum(counts) + counts, counts)
-            where = starts + np.arange(total)
+            where = starts + np.arange(n)
             refs.append(np.asarray(part_refs[where]))
             deltas.append(
                 np.asarray(part_times[where]).astype(np.int64) - np.repeat(query.times.astype(np.int64), counts)
             )
+        consulted = int(chosen.sum())
         if not refs:
-            return np.empty(0, np.uint32), np.empty(0, np.int64)
-        return np.concatenate(refs), np.concatenate(deltas)
+            return np.empty(0, np.uint32), np.empty(0, np.int64), consulted
+        return np.concatenate(refs), np.concatenate(deltas), consulted
 
     def hits(self, query: fp.Fingerprint, limit: int = 8) -> list[Hit]:
         """The references whose landmarks agree most with the query at one time offset (best first), whether or not
         they pass the match thresholds."""
         q = fp.sampled(query)
-        refs, deltas = self.postings(q)
+        refs, deltas, consulted = self.postings(q)
         if not len(refs):
             return []
         if self.group is not None:
@@ -113,7 +127,8 @@ class FingerprintIndex:
             seen.add(ref)
             votes = int(smoothed[i])
             name = self.names[ref] if self.names is not None else str(ref)
-            best.append(Hit(ref, name, votes, votes / max(len(q), 1), int(values[i] & 0xFFFFFFFF) - (1 << 31)))
+            # The share of the hashes consulted (all of them unless the budget or stop words left some out).
+            best.append(Hit(ref, name, votes, votes / max(consulted, 1), int(values[i] & 0xFFFFFFFF) - (1 << 31)))
             if len(best) >= limit:
                 break
         return best
@@ -134,35 +149,70 @@ def is_match(hit: Hit) -> bool:
     return hit.votes >= MIN_VOTES and hit.similarity >= MIN_SIMILARITY
 
 
+def synthetic_hashes(values: int, count: int, rng: np.random.Generator) -> np.ndarray:
+    """``count`` landmark hashes drawn uniformly from ``values`` distinct values of the sampled hash space."""
+    k = rng.integers(0, values, count, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        return (k * np.uint64(fp.HASH_MIX)) % np.uint64(fp.SAMPLE_LIMIT)  # distinct k: distinct values (a.s.)
+
+
+def between_recordings_collision_rate(prints: list[np.ndarray]) -> float:
+    """The chance that two landmarks of two different recordings are equal (each of ``prints``: one recording's
+    sampled hashes)."""
+
+    def pairs(h: np.ndarray) -> int:
+        _, c = np.unique(h, return_counts=True)
+        return int((c * (c - 1)).sum())
+
+    everything = np.concatenate(prints)
+    n = len(everything)
+    across = n * (n - 1) - sum(len(p) * (len(p) - 1) for p in prints)
+    return (pairs(everything) - sum(pairs(p) for p in prints)) / across if across else 0.0
+
+
 def synthetic_index(
-    segments: int, folder: Path, hash_values: np.ndarray, seed: int = 0, rows_per_segment: int = 50
-) -> tuple[int, float]:
+    segments: int, folder: Path, real: list[np.ndarray], seed: int = 0, rows_per_segment: int = 50
+) -> tuple[int, float, dict]:
     """Lookup time at scale: an index of ``segments`` synthetic segments (``rows_per_segment`` sampled landmarks each)
     in memory-mapped .npy files, queried with segment-sized fingerprints (one planted copy among them must be found).
-    Returns (rows, mean milliseconds per lookup).
+    Returns (rows, mean milliseconds per lookup, posting statistics).
 
-    Hashes are drawn from ``hash_values``, the landmark hashes of real fingerprints (with their repetitions): landmarks
-    carry ~21 bits and speech favours some, so real posting lists are far longer than a uniform draw over the sampled
-    hash space would give, and lookups slower. The index draws from the sampled ones, the queries from all."""
+    The cost of a lookup is set by how long its hashes' posting lists are: the chance that landmarks of two different
+    recordings are equal (the collision rate) times the rows. The synthetic landmarks are spread evenly over
+    ``1 / rate`` values, ``rate`` measured between the ``real`` recordings (each: one recording's sampled landmark
+    hashes), so every query hash meets the mean posting list a real corpus with that rate would give, and none is a
+    stop word to skip. Real speech is more skewed (a few very common values, which ``MAX_POSTINGS`` skips, and many rare
+    ones), so this is the costly end for its rate. The statistics give the rate, the values, and what a lookup read."""
     import time
 
     folder.mkdir(parents=True, exist_ok=True)
     rows = segments * rows_per_segment
     rng = np.random.default_rng(seed)
-    values, freq = np.unique(hash_values[hash_values < fp.SAMPLE_LIMIT], return_counts=True)
-    # How many rows each real hash value gets, in proportion to how often it occurs: already in sorted order.
-    counts = rng.multinomial(rows, freq / freq.sum())
+    rate = between_recordings_collision_rate(real)
+    values = max(1, round(1 / rate)) if rate > 0 else 1 << 40
     paths = {name: folder / f"{name}.npy" for name in ("hashes", "refs", "times")}
+    dtypes = {"hashes": np.uint64, "refs": np.uint32, "times": np.uint32}
     arrays = {
-        name: np.lib.format.open_memmap(path, mode="w+", dtype=np.uint32, shape=(rows,)) for name, path in paths.items()
+        name: np.lib.format.open_memmap(path, mode="w+", dtype=dtypes[name], shape=(rows,))
+        for name, path in paths.items()
     }
-    chunks = 256
-    edges = np.linspace(0, len(values), chunks + 1).astype(np.int64)
-    ends = np.concatenate([[0], np.cumsum(counts)])
-    for c in range(chunks):  # one slice of the hash values at a time (bounded memory at 500 million rows)
-        lo, hi = edges[c], edges[c + 1]
-        a, b = ends[lo], ends[hi]
-        arrays["hashes"][a:b] = np.repeat(values[lo:hi], counts[lo:hi])
+    # Hashes first, sorted (an index part is sorted by hash); references and times are independent of the hash, so
+    # they are drawn in sorted order afterwards. Bounded memory: 8 bytes a row for the sort (4 GB at 500 million).
+    hashes = np.empty(rows, np.uint64)
+    chunk = 20_000_000
+    for a in range(0, rows, chunk):
+        b = min(rows, a + chunk)
+        hashes[a:b] = synthetic_hashes(values, b - a, rng)
+    stats = {
+        "real_collision_rate": float(f"{rate:.3g}"),
+        "synthetic_values": values,
+        "mean_postings_per_hash": round(rows / values, 1),
+    }
+    hashes.sort()
+    arrays["hashes"][:] = hashes
+    del hashes
+    for a in range(0, rows, chunk):
+        b = min(rows, a + chunk)
         arrays["refs"][a:b] = rng.integers(0, segments, b - a, dtype=np.uint32)
         arrays["times"][a:b] = rng.integers(0, 1 << 20, b - a, dtype=np.uint32)
     # A planted copy: 40 landmarks of reference 7 at consistent times, scattered through the index.
@@ -175,16 +225,19 @@ def synthetic_index(
     del arrays
     parts = [tuple(np.load(paths[n], mmap_mode="r") for n in ("hashes", "refs", "times"))]
     index = FingerprintIndex(parts)  # type: ignore[arg-type]
-    # Queries: an 8 s segment on four frame grids (~70 landmarks a second each, an eighth of them in the sample).
+    # Queries: an 8 s segment on four frame grids (~70 sampled landmarks each).
     queries = [
-        [fp.Fingerprint(rng.choice(hash_values, 560), np.arange(560, dtype=np.uint32)) for _ in range(4)]
+        [fp.Fingerprint(synthetic_hashes(values, 70, rng), np.arange(70, dtype=np.uint32)) for _ in range(4)]
         for _ in range(200)
     ]
     planted_query = fp.Fingerprint(
-        np.concatenate([query_hashes, rng.choice(hash_values, 120)]),
+        np.concatenate([query_hashes, synthetic_hashes(values, 120, rng)]),
         np.concatenate([np.arange(40, dtype=np.uint32), np.arange(200, 320, dtype=np.uint32)]),
     )
     index.lookup(queries[0])  # warm the pages the first binary searches touch
+    read = [index.postings(g) for q in queries[:50] for g in q]
+    stats["mean_postings_read_per_grid"] = round(float(np.mean([len(r[0]) for r in read])), 1)
+    stats["mean_hashes_consulted_per_grid"] = round(float(np.mean([r[2] for r in read])), 1)
     started = time.perf_counter()
     for q in queries:
         index.lookup(q)
@@ -192,4 +245,4 @@ def synthetic_index(
     elapsed = time.perf_counter() - started
     if hit is None or hit.ref != 7:
         raise AssertionError(f"the planted copy was not found: {hit}")
-    return rows, elapsed * 1000 / (len(queries) + 1)
+    return rows, elapsed * 1000 / (len(queries) + 1), stats

@@ -8,9 +8,16 @@ voting on a consistent offset) does, and survives re-encoding, gain and resampli
 The landmark fingerprint of 16 kHz audio: a 1024-point STFT every 32 ms, its log magnitude between 250 Hz and
 3.75 kHz (so an 8 kHz copy, which lost everything above 4 kHz, keeps every peak used), local maxima of that
 spectrogram within 35 dB of the loudest bin around them (a level relative to its surroundings: a gain change moves
-none, and a clip keeps the peaks it had inside the longer file), and for each peak a hash of it and each of its next
-few neighbours (frequency, frequency step, time step): 21 bits, mixed into 32 so that a consistent sample of the hash
-space can be stored and indexed.
+none, and a clip keeps the peaks it had inside the longer file), and for each peak a hash of it and two of its next
+four neighbours (its frequency, and each neighbour's frequency step and time step): 34 bits, mixed into 64 so that a
+consistent sample of the hash space can be stored and indexed.
+
+Why two neighbours, not one (the classic peak pair): a pair carries 21 bits, about 1.1 million values, and speech
+favours some of them, so at ten million indexed segments every value has thousands of postings and a lookup reads
+hundreds of thousands of them (bench/RESULTS.md measured 180 ms at one million segments). A triplet's 34 bits make
+postings short, so a lookup stays a few binary searches. It costs some robustness (all three peaks must survive the
+re-encode), which the six triplets of each anchor's four neighbours make up for: a copy that lost one neighbour still
+shares three of them.
 """
 
 from __future__ import annotations
@@ -34,29 +41,36 @@ FLOOR_DB = 35.0  # peaks more than this below the loudest bin around them are no
 # An absolute floor too: in digital silence every bin ties with its neighbours and would be a "peak", giving every
 # file with silence the same landmarks. A full-scale sine peaks at ~48 dB here, 16-bit quantization noise at ~-75 dB.
 ABS_FLOOR_DB = -60.0
-HASH_MIX = 0x9E3779B1  # Fibonacci hashing: spreads the 21 landmark bits over 32 so a bit-range sample is uniform
+HASH_MIX = 0x9E3779B97F4A7C15  # Fibonacci hashing: spreads the 34 landmark bits over 64 so a range sample is uniform
+CODE_BITS = 13  # one neighbour: frequency step (7 bits) and time step (6 bits)
+PAIRS = tuple((a, b) for a in range(FAN_OUT) for b in range(a + 1, FAN_OUT))  # the six neighbour pairs of an anchor
+# Stored fingerprints and index parts from another version cannot be compared with these (dedup refuses to mix them).
+VERSION = "triplet-v1"
 
 QUERY_SHIFTS = 4
-SAMPLE_LIMIT = 1 << 29  # hashes below this are stored and indexed: an eighth (the top 3 of 32 well-mixed bits are 0)
+SAMPLE_DENOMINATOR = 12
+# Hashes below this are stored and indexed: a twelfth of the (well-mixed) 64-bit space. An anchor has six triplets
+# where a pair fingerprint had four, so a twelfth keeps as many rows as an eighth of pairs did.
+SAMPLE_LIMIT = (1 << 64) // SAMPLE_DENOMINATOR
 
 
 @dataclass(frozen=True)
 class Fingerprint:
     """Landmark hashes and the frame (32 ms) where each one's anchor peak lies."""
 
-    hashes: np.ndarray  # uint32
+    hashes: np.ndarray  # uint64
     times: np.ndarray  # uint32, frames from the start of the audio fingerprinted (plus any offset given)
 
     def __len__(self) -> int:
         return int(self.hashes.shape[0])
 
     def to_bytes(self) -> tuple[bytes, bytes]:
-        """The compact form stored in tables: little-endian uint32 hashes, little-endian uint32 times."""
-        return self.hashes.astype("<u4").tobytes(), self.times.astype("<u4").tobytes()
+        """The compact form stored in tables: little-endian uint64 hashes, little-endian uint32 times."""
+        return self.hashes.astype("<u8").tobytes(), self.times.astype("<u4").tobytes()
 
     @classmethod
     def from_bytes(cls, hashes: bytes, times: bytes) -> Fingerprint:
-        return cls(np.frombuffer(hashes, "<u4").astype(np.uint32), np.frombuffer(times, "<u4").astype(np.uint32))
+        return cls(np.frombuffer(hashes, "<u8").astype(np.uint64), np.frombuffer(times, "<u4").astype(np.uint32))
 
 
 def pcm_sha256(samples: np.ndarray) -> str:
@@ -128,28 +142,40 @@ def fingerprint(x: np.ndarray, offset_frames: int = 0) -> Fingerprint:
     """The landmark fingerprint of 16 kHz float samples; times count frames from ``offset_frames``."""
     t, f = peaks(x)
     n = len(t)
-    hashes = []
-    # Pair each anchor with the next FAN_OUT peaks inside its target zone: a vectorised scan over the following peaks.
+    # Each anchor's neighbours: the next peaks inside its target zone, a vectorised scan over the following peaks.
+    codes = []
     for step in range(1, FAN_OUT * 4 + 1):
         if step >= n:
             break
         dt = t[step:] - t[:-step]
         df = f[step:] - f[:-step]
         ok = (dt > 0) & (dt <= MAX_DT) & (np.abs(df) <= MAX_DF)
-        hashes.append(np.where(ok, (f[:-step] << 13) | ((df + MAX_DF) << 6) | dt, -1))
-    if not hashes:
-        return Fingerprint(np.empty(0, np.uint32), np.empty(0, np.uint32))
-    # Per anchor, the first FAN_OUT valid pairs (in step order, i.e. nearest targets first).
-    width = len(hashes)
-    full = np.full((n, width), -1, dtype=np.int64)
-    for i, col in enumerate(hashes):
+        codes.append(np.where(ok, ((df + MAX_DF) << 6) | dt, -1))
+    if not codes:
+        return Fingerprint(np.empty(0, np.uint64), np.empty(0, np.uint32))
+    # Per anchor, the first FAN_OUT valid neighbours (in step order, i.e. nearest first) in columns 0..FAN_OUT-1.
+    full = np.full((n, len(codes)), -1, dtype=np.int64)
+    for i, col in enumerate(codes):
         full[: len(col), i] = col
     valid = full >= 0
     rank = np.cumsum(valid, axis=1)
     chosen = valid & (rank <= FAN_OUT)
-    anchor, _ = np.nonzero(chosen)
-    raw = full[chosen].astype(np.uint64)
-    mixed = ((raw * HASH_MIX) & 0xFFFFFFFF).astype(np.uint32)
+    rows, cols = np.nonzero(chosen)
+    near = np.full((n, FAN_OUT), -1, dtype=np.int64)
+    near[rows, rank[rows, cols] - 1] = full[rows, cols]
+    # Every pair of an anchor's neighbours, in a fixed order (anchor by anchor, pair by pair).
+    a_idx = np.array([a for a, _ in PAIRS])
+    b_idx = np.array([b for _, b in PAIRS])
+    first, second = near[:, a_idx], near[:, b_idx]
+    ok = (first >= 0) & (second >= 0)
+    anchor, pair = np.nonzero(ok)
+    raw = (
+        (f[anchor].astype(np.uint64) << np.uint64(2 * CODE_BITS))
+        | (first[anchor, pair].astype(np.uint64) << np.uint64(CODE_BITS))
+        | second[anchor, pair].astype(np.uint64)
+    )
+    with np.errstate(over="ignore"):  # multiplication modulo 2^64 is the point
+        mixed = raw * np.uint64(HASH_MIX)
     return Fingerprint(mixed, (t[anchor] + offset_frames).astype(np.uint32))
 
 
@@ -166,23 +192,23 @@ def query_prints(x: np.ndarray, offset_frames: int = 0) -> list[Fingerprint]:
 
 
 def sampled(print_: Fingerprint) -> Fingerprint:
-    """The landmarks that are stored and indexed: a consistent eighth of the hash space. Both copies of a recording
-    keep the same ones, so matching needs no more, and tables and the index hold an eighth of the rows."""
-    keep = print_.hashes < SAMPLE_LIMIT
+    """The landmarks that are stored and indexed: a consistent twelfth of the hash space. Both copies of a recording
+    keep the same ones, so matching needs no more, and tables and the index hold a twelfth of the rows."""
+    keep = print_.hashes < np.uint64(SAMPLE_LIMIT)
     return Fingerprint(print_.hashes[keep], print_.times[keep])
 
 
 def stored_prints(x: np.ndarray, offset_frames: int = 0) -> tuple[bytes, bytes, list[int]]:
-    """The sampled landmarks of ``x`` on every query grid, packed for a table: hashes, times (uint32 LE) and how many
-    belong to each grid (the first grid's are what the index holds)."""
+    """The sampled landmarks of ``x`` on every query grid, packed for a table: hashes (uint64 LE), times (uint32 LE)
+    and how many belong to each grid (the first grid's are what the index holds)."""
     prints = [sampled(p) for p in query_prints(x, offset_frames)]
-    hashes = np.concatenate([p.hashes for p in prints]).astype("<u4").tobytes()
+    hashes = np.concatenate([p.hashes for p in prints]).astype("<u8").tobytes()
     times = np.concatenate([p.times for p in prints]).astype("<u4").tobytes()
     return hashes, times, [len(p) for p in prints]
 
 
 def unpack_prints(hashes: bytes, times: bytes, sizes: list[int]) -> list[Fingerprint]:
     """The per-grid fingerprints of :func:`stored_prints`' output."""
-    h, t = np.frombuffer(hashes, "<u4").astype(np.uint32), np.frombuffer(times, "<u4").astype(np.uint32)
+    h, t = np.frombuffer(hashes, "<u8").astype(np.uint64), np.frombuffer(times, "<u4").astype(np.uint32)
     ends = np.cumsum(sizes)
     return [Fingerprint(h[e - n : e], t[e - n : e]) for n, e in zip(sizes, ends, strict=True)]

@@ -1,13 +1,14 @@
 """Deduplication benchmark: recall on real re-encodes, false matches between distinct recordings, fingerprinting
-speed, and the global index's lookup time with synthetic segments indexed (their hashes drawn from the real
-fingerprints' values, so posting lists are as long as real ones).
+speed, and the global index's lookup time with synthetic segments indexed (their posting lists as long as the
+landmark collision rate measured between real recordings makes them at that size).
 
 Generates espeak-ng speech (several voices reading the same sentences) and, from one voice's recordings, ffmpeg
 variants: mp3 / aac / opus at two bitrates each, +6 dB and -6 dB, 8 kHz and 44.1 kHz resampling, and 5-30 s clips cut
 from the longer files (re-encoded too). Every variant must match its original through the fingerprint index; the other
 voices' recordings of the same sentences must match nothing. Prints one JSON line:
-``{"pairs", "recall", "false_matches", "files_per_s_per_core", "x_realtime_per_core", "index_segments", "index_rows",
-"real_hash_values", "lookup_ms"}``.
+``{"pairs", "recall", "false_matches", "weakest_pair", "most_votes_distinct", "files_per_s_per_core",
+"x_realtime_per_core", "index_segments", "index_rows", "collision_source", "lookup_ms", "real_collision_rate",
+"synthetic_values", "mean_postings_per_hash", "mean_postings_read_per_grid", "mean_hashes_consulted_per_grid"}``.
 
     python bench/dedup.py [--work DIR] [--index-segments 10000000]
 """
@@ -155,10 +156,29 @@ def make_corpus(work: Path, seed: int = 0) -> tuple[dict[str, Path], list[tuple[
     return originals, pairs, distinct
 
 
+def _human_speech_prints(cache: Path) -> list[np.ndarray]:
+    """Each real human recording's sampled landmark hashes, when the real-speech package cache is there."""
+    from asr_assets.real_speech import asterisk_utterances, pocketsphinx_utterances
+
+    if not (cache / "debs").is_dir():
+        return []
+    try:
+        utterances = asterisk_utterances(cache, min_words=1) + pocketsphinx_utterances(cache)
+    except (OSError, ValueError, RuntimeError):  # a cache without the packages (they are fetched only by tests)
+        return []
+    return [fp.sampled(fp.fingerprint(u.audio.astype(np.float32))).hashes for u in utterances]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=None, help="folder for the generated audio (default: a temp dir)")
     parser.add_argument("--index-segments", type=int, default=10_000_000, help="synthetic segments for the lookup")
+    parser.add_argument(
+        "--real-speech-cache",
+        type=Path,
+        default=Path(__file__).resolve().parent.parent / "data" / "cache-debs",
+        help="the Debian packages of real speech (asr_assets.real_speech; the tests download them here)",
+    )
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-dedup-"))
@@ -175,27 +195,36 @@ def main() -> None:
     names = list(originals)
     index = FingerprintIndex([build_index_arrays([prints[originals[n]][0] for n in names])], names=names)
     found = 0
+    weakest = None  # the true pair with the fewest agreeing landmarks (the margin over MIN_VOTES)
     for path, name in pairs:
         hit = index.lookup(prints[path])
         ok = hit is not None and hit.name == name
         found += ok
+        if ok and (weakest is None or hit.votes < weakest.votes):
+            weakest = hit
         if args.verbose:
             print(path.name, name, hit, file=sys.stderr)
     false = []
+    strongest_false = 0  # the most agreeing landmarks any distinct recording got (the margin under MIN_VOTES)
     for path in distinct:
         hit = index.lookup(prints[path])
+        strongest_false = max([strongest_false, *(b.votes for q in prints[path] if (b := index.best(q)))])
         if hit is not None:
             false.append((path.name, hit))
         if args.verbose:
             print("distinct", path.name, hit, [index.best(q) for q in prints[path]], file=sys.stderr)
 
+    # The landmark collision rate that sets the synthetic index's posting lists: between real people's recordings
+    # (Debian's Asterisk prompts and pocketsphinx's LibriVox sentences, when the test cache holds them), else between
+    # the bench's espeak recordings (more alike: one synthesizer, the same sentences).
+    human = _human_speech_prints(args.real_speech_cache)
+    real = human or [
+        prints[p][0].hashes[prints[p][0].hashes < np.uint64(fp.SAMPLE_LIMIT)] for p in [*originals.values(), *distinct]
+    ]
     try:
-        # The synthetic index's hashes follow the real fingerprints' value distribution: every grid of the originals
-        # and the distinct recordings (not the variants, which would count the originals' values eleven more times).
-        real = np.concatenate([q.hashes for p in [*originals.values(), *distinct] for q in prints[p]])
-        rows, lookup_ms = synthetic_index(args.index_segments, work / "synthetic-index", real, seed=1)
+        rows, lookup_ms, postings = synthetic_index(args.index_segments, work / "synthetic-index", real, seed=1)
     finally:
-        shutil.rmtree(work / "synthetic-index", ignore_errors=True)  # 6 GB at 10 million segments
+        shutil.rmtree(work / "synthetic-index", ignore_errors=True)  # 8 GB at 10 million segments
     print(
         json.dumps(
             {
@@ -203,12 +232,15 @@ def main() -> None:
                 "recall": round(found / len(pairs), 4),
                 "false_matches": len(false),
                 "distinct_recordings": len(distinct),
+                "weakest_pair": None if weakest is None else [weakest.votes, round(weakest.similarity, 3)],
+                "most_votes_distinct": strongest_false,
                 "files_per_s_per_core": round(len(audio) / cpu, 1),
                 "x_realtime_per_core": round(seconds / cpu, 1),
                 "index_segments": args.index_segments,
                 "index_rows": rows,
-                "real_hash_values": len(np.unique(real[real < fp.SAMPLE_LIMIT])),
+                "collision_source": f"{len(real)} human recordings" if human else f"{len(real)} espeak recordings",
                 "lookup_ms": round(lookup_ms, 3),
+                **postings,
             }
         )
     )

@@ -118,11 +118,11 @@ def test_exact_hash_is_equal_only_for_identical_audio(speech) -> None:
     assert fp.pcm_sha256(speech["orig"]) != fp.pcm_sha256(speech["gain-6"])
 
 
-def _fake_shard(out: LocalStore, shard: str, uri: str, media_id: str, x: np.ndarray) -> None:
-    """A shard holding one decoded file cut into 5 s segments, with its fingerprint rows, as segment_features
-    leaves them."""
+def _fake_shard(out: LocalStore, shard: str, uri: str, media_id: str, x: np.ndarray, segment_s: float = 5) -> None:
+    """A shard holding one decoded file cut into ``segment_s`` segments, with its fingerprint rows, as
+    segment_features leaves them."""
     write_table(out, layout.audio_manifest_key(shard), pa.Table.from_pylist([_audio(uri, media_id, x)], AUDIO_SCHEMA))
-    dedup.append_fingerprints(out, shard, _print_rows(media_id, x))
+    dedup.append_fingerprints(out, shard, _print_rows(media_id, x, segment_s))
 
 
 def _audio(uri: str, media_id: str, x: np.ndarray) -> dict:
@@ -137,9 +137,9 @@ def _audio(uri: str, media_id: str, x: np.ndarray) -> dict:
     }
 
 
-def _print_rows(media_id: str, x: np.ndarray) -> pa.Table:
+def _print_rows(media_id: str, x: np.ndarray, segment_s: float = 5) -> pa.Table:
     rows = []
-    step = 5 * fp.SAMPLE_RATE
+    step = int(segment_s * fp.SAMPLE_RATE)
     for i, start in enumerate(range(0, len(x) - fp.SAMPLE_RATE, step)):
         seg = x[start : start + step]
         hashes, times, sizes = fp.stored_prints(seg, round(start / fp.HOP))
@@ -414,3 +414,126 @@ def test_a_new_version_is_not_dropped_through_a_copy_of_the_version_it_replaced(
     report = dedup.update_index(out, ["shard-00000", "shard-00001"])
     assert report.new_segments > 0
     assert "m-new" not in {d["media_id"] for d in dedup.read_duplicates(out).to_pylist()}
+
+
+def _eval_table(files: dict[str, np.ndarray]) -> pa.Table:
+    """An evaluation-set registry (as eval_sets writes it) of decoded audio, one set named "heldout"."""
+    rows = []
+    for uri, x in files.items():
+        hashes, times = fp.sampled(fp.fingerprint(x)).to_bytes()
+        rows.append(
+            {"eval_set": "heldout", "uri": uri, "duration_s": len(x) / fp.SAMPLE_RATE, "hashes": hashes, "times": times}
+        )
+    return pa.Table.from_pylist(rows, schema=dedup.EVAL_INDEX_SCHEMA)
+
+
+def test_an_evaluation_file_registered_later_is_found_through_the_index_and_dropped_with_its_set(
+    speech, tmp_path: Path
+) -> None:
+    """Evaluation files added after the training segments were indexed are looked up in the global index (no pass over
+    every segment): the segments overlapping the clip match, a distinct recording of the same text does not, and the
+    matches go when the file is no longer registered."""
+    out = LocalStore(tmp_path / "out")
+    _fake_shard(out, "shard-00000", "file:///train/orig.wav", "m-orig", speech["orig"])
+    assert dedup.update_index(out, ["shard-00000"]).new_segments > 0
+    assert dedup.read_state(out)["eval_checked"] == []
+
+    # The 6 s clip (an mp3 of 3.3-9.3 s) and another voice reading the same text, registered only now.
+    evals = _eval_table({"file:///eval/clip.mp3": speech["clip"], "file:///eval/other.wav": speech["voice:en-gb"]})
+    report = dedup.update_index(out, ["shard-00000"], evals)
+    assert report.new_segments == 0
+    matches = pq.read_table(tmp_path / "out" / dedup.EVAL_MATCHES_KEY).to_pylist()
+    # 5-10 s holds 4.3 s of the clip; what a lookup finds is what checking the segments one by one finds.
+    assert "m-orig-1" in {m["segment_id"] for m in matches}
+    assert {m["eval_uri"] for m in matches} == {"file:///eval/clip.mp3"}
+    direct = LocalStore(tmp_path / "direct")
+    _fake_shard(direct, "shard-00000", "file:///train/orig.wav", "m-orig", speech["orig"])
+    dedup.update_index(direct, ["shard-00000"], evals)
+    by_segment = pq.read_table(tmp_path / "direct" / dedup.EVAL_MATCHES_KEY).to_pylist()
+    assert {m["segment_id"] for m in matches} == {m["segment_id"] for m in by_segment}
+    assert report.eval_matches["heldout"] == len(matches)
+    assert dedup.read_state(out)["eval_checked"] == sorted(
+        [["heldout", "file:///eval/clip.mp3"], ["heldout", "file:///eval/other.wav"]]
+    )
+    # Nothing new: nothing is looked up or written again.
+    assert dedup.update_index(out, ["shard-00000"], evals).eval_matches == {}
+    assert len(pq.read_table(tmp_path / "out" / dedup.EVAL_MATCHES_KEY)) == len(matches)
+
+    # The clip is unregistered: its matches go (the segments are training data again).
+    dedup.update_index(out, ["shard-00000"], evals.slice(1))
+    assert pq.read_table(tmp_path / "out" / dedup.EVAL_MATCHES_KEY).num_rows == 0
+    assert dedup.shard_outcomes(out, "shard-00000") == {}
+
+
+def test_a_short_evaluation_clip_inside_a_long_segment_is_caught(speech, tmp_path: Path) -> None:
+    """A 2 s evaluation clip is a small share of a 30 s segment's landmarks; what counts is the share of the shorter."""
+    out = LocalStore(tmp_path)
+    x = speech["orig"]
+    long_segment = np.concatenate([x, speech["voice:en-029"]])[: 30 * fp.SAMPLE_RATE]
+    _fake_shard(out, "shard-00000", "file:///train/long.wav", "m-long", long_segment, segment_s=30)
+    clip = x[4 * fp.SAMPLE_RATE : 6 * fp.SAMPLE_RATE]
+    evals = _eval_table({"file:///eval/short.wav": clip, "file:///eval/other.wav": speech["voice:en-gb"]})
+    report = dedup.update_index(out, ["shard-00000"], evals)
+    assert report.eval_matches["heldout"] == 1
+    (match,) = pq.read_table(tmp_path / dedup.EVAL_MATCHES_KEY).to_pylist()
+    assert match["segment_id"] == "m-long-0" and match["eval_uri"] == "file:///eval/short.wav"
+    assert dedup.shard_outcomes(out, "shard-00000")["m-long-0"]["reason"] == dedup.EVAL_CONTAMINATION
+
+
+def test_an_index_of_another_fingerprint_version_is_refused_with_what_to_do(speech, tmp_path: Path) -> None:
+    out = LocalStore(tmp_path)
+    _fake_shard(out, "shard-00000", "file:///train/orig.wav", "m-orig", speech["orig"])
+    out.put_bytes(dedup.STATE_KEY, json.dumps({"generations": 1, "eval_version": ""}).encode())  # an older index
+    with pytest.raises(ValueError, match="pair-v0 fingerprints.*remove dedup/index/"):
+        dedup.update_index(out, ["shard-00000"])
+
+
+def test_a_lookup_reads_a_bounded_number_of_postings_and_still_finds_a_copy_by_its_rare_landmarks() -> None:
+    """Common landmarks (each in thousands of indexed segments) are consulted last, within POSTING_BUDGET; a copy's
+    rare landmarks are consulted first, so it is found however common the rest of the query is."""
+    from asr_assets import dedup_index
+
+    rng = np.random.default_rng(0)
+    common = rng.integers(0, fp.SAMPLE_LIMIT, 60, dtype=np.uint64)
+    rare = rng.integers(0, fp.SAMPLE_LIMIT, 12, dtype=np.uint64)
+    postings = 5_000  # per common hash: 60 of them hold 300,000 postings, six times the budget
+    hashes = np.concatenate([np.repeat(common, postings), rare])
+    refs = np.concatenate([rng.integers(100, 10_000, len(common) * postings), np.full(len(rare), 7)]).astype(np.uint32)
+    times = np.concatenate([rng.integers(0, 1 << 20, len(common) * postings), 500 + np.arange(len(rare))]).astype(
+        np.uint32
+    )
+    order = np.argsort(hashes, kind="stable")
+    index = FingerprintIndex([(hashes[order], refs[order], times[order])])
+    query = fp.Fingerprint(np.concatenate([common, rare]), np.arange(72, dtype=np.uint32))
+    found_refs, _, consulted = index.postings(query)
+    assert len(found_refs) <= dedup_index.POSTING_BUDGET < len(common) * postings
+    assert consulted >= len(rare)  # every rare hash, then as many common ones as the budget allows
+    hit = index.lookup(query)
+    assert hit is not None and hit.ref == 7 and hit.votes == len(rare)
+
+
+def test_an_undecodable_evaluation_file_fails_eval_sets_unless_allowed(tmp_path: Path) -> None:
+    """A guard that silently skipped an evaluation file would let its copies into training: the run fails, names the
+    file and registers nothing; allow_unreadable registers the readable ones and lists the other."""
+    media, evals, out = tmp_path / "media", tmp_path / "eval", tmp_path / "out"
+    media.mkdir()
+    evals.mkdir()
+    speak(evals / "held_out.wav", EVAL_TEXT)
+    (evals / "broken.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk" * 10)
+    config = {"ops": {"eval_sets": {"config": {"eval_sets": f"heldout={evals}"}}}}
+    failed = _materialize(out, media, ["eval_sets"], config=config, raise_on_error=False)
+    assert not failed.success
+    failure = next(e for e in failed.all_events if e.event_type_value == "STEP_FAILURE")
+    assert "broken.wav" in str(failure.event_specific_data.error) and "allow_unreadable" in str(
+        failure.event_specific_data.error
+    )
+    assert not (out / dedup.EVAL_INDEX_KEY).exists()
+
+    config["ops"]["eval_sets"]["config"]["allow_unreadable"] = True
+    allowed = _materialize(out, media, ["eval_sets"], config=config)
+    assert allowed.success
+    assert [r["uri"].rsplit("/", 1)[-1] for r in pq.read_table(out / dedup.EVAL_INDEX_KEY).to_pylist()] == [
+        "held_out.wav"
+    ]
+    (mat,) = allowed.asset_materializations_for_node("eval_sets")
+    assert "broken.wav" in json.dumps(mat.metadata["unreadable"].value)

@@ -44,7 +44,8 @@ def real_speech_eval(tmp_path_factory: pytest.TempPathFactory) -> dict:
     originals = {c.segment_id: c for c in good}
     truncated = [
         (
-            len(item.candidate.text.split()) / len(originals[item.candidate.segment_id.removesuffix("-truncated")].text.split()),
+            len(item.candidate.text.split())
+            / len(originals[item.candidate.segment_id.removesuffix("-truncated")].text.split()),
             apply_rules(fitted, item.candidate),
         )
         for item in planted
