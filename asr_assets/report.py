@@ -213,7 +213,8 @@ def build_report(
             rates.append(
                 chars_per_s(row["text"], voiced_seconds(seconds, voiced.get(row["segment_id"])), row["language"])
             )
-            languages.append(row["language"])
+            # A copy skipped before the teacher has no language of its own: undetermined, as a file without one is.
+            languages.append(row["language"] or "und")
             reasons.append("" if row["kept"] else row["drop_reason"])
             logprobs.append(row["avg_logprob"] if row["avg_logprob"] is not None else np.nan)
             score = row_disagreement(row)  # as the rules saw it

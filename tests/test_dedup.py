@@ -262,6 +262,10 @@ def test_pipeline_skips_known_copies_and_drops_them_with_their_reason(tmp_path: 
     assert report.dedup["eval_matches"]["heldout"]["segments"] == len(leaked["segments"])
     assert report.dropped_by_reason["duplicate"] == len(copy["segments"])
     assert report.dropped_by_reason["eval_contamination"] == len(leaked["segments"])
+    # Skipped copies have no detected language: they are accounted as undetermined, not under an empty name.
+    assert "" not in report.languages
+    skipped_n = len(copy["segments"]) + len(leaked["segments"])
+    assert report.languages["und"]["transcribed"] == skipped_n and report.languages["und"]["kept"] == 0
 
 
 def test_identical_audio_is_exact_and_a_clip_is_contained(speech, tmp_path: Path) -> None:
