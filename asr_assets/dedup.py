@@ -152,7 +152,7 @@ def append_fingerprints(out: ObjectStore, shard: str, new: pa.Table) -> None:
 
 def read_state(out: ObjectStore) -> dict:
     if not out.exists(STATE_KEY):
-        return {"generations": 0, "eval_checked": [], "fingerprint_version": fp.VERSION}
+        return {"generations": 0, "eval_checked": [], "fingerprint_version": fp.VERSION, "fingerprints_seen": {}}
     return json.loads(out.read_bytes(STATE_KEY))
 
 
@@ -275,7 +275,18 @@ def update_index(out: ObjectStore, shards: list[str], eval_sets: pa.Table | None
     indexed = read_indexed(out, state)
     duplicates = read_duplicates(out, state)
     _check_version(state)
-    new, prints = _new_rows(out, shards, indexed["segment_id"].combine_chunks())
+    # Only shards whose fingerprint table changed since the last run are read (one listing says which): the work of a
+    # run follows what is new, not how many shards there are.
+    versions = {
+        info.key: info.version
+        for info in out.list("segment_features/")
+        if info.key.endswith(".fingerprints.parquet") and not info.problem
+    }
+    seen = state.get("fingerprints_seen", {})
+    changed = [
+        s for s in shards if (v := versions.get(fingerprints_key(s))) is not None and (not v or v != seen.get(s))
+    ]
+    new, prints = _new_rows(out, changed, indexed["segment_id"].combine_chunks())
     generation = state["generations"] + (1 if new.num_rows else 0)
     report.generation, report.new_segments = generation, new.num_rows
     parts = [_load_part(out, g) for g in range(1, state["generations"] + 1)]
@@ -338,6 +349,7 @@ def update_index(out: ObjectStore, shards: list[str], eval_sets: pa.Table | None
         "index_rows": report.index_rows,
         "eval_checked": checked,
         "fingerprint_version": fp.VERSION,
+        "fingerprints_seen": {**seen, **{s: versions[fingerprints_key(s)] for s in changed}},
     }
     out.put_bytes(STATE_KEY, json.dumps(state, sort_keys=True).encode())
     return report

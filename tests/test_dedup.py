@@ -541,3 +541,36 @@ def test_an_undecodable_evaluation_file_fails_eval_sets_unless_allowed(tmp_path:
     ]
     (mat,) = allowed.asset_materializations_for_node("eval_sets")
     assert "broken.wav" in json.dumps(mat.metadata["unreadable"].value)
+
+
+class _CountingStore(LocalStore):
+    """A local store that remembers which keys were read."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.reads: list[str] = []
+
+    def read_bytes(self, key: str) -> bytes:
+        self.reads.append(key)
+        return super().read_bytes(key)
+
+    def local_path(self, key: str, max_bytes: int | None = None, version: str = "") -> Path:
+        self.reads.append(key)
+        return super().local_path(key, max_bytes, version)
+
+
+def test_a_run_reads_only_the_fingerprints_of_shards_that_changed(speech, tmp_path: Path) -> None:
+    out = _CountingStore(tmp_path)
+    _fake_shard(out, "shard-00000", "file:///a/orig.wav", "m-a", speech["orig"])
+    _fake_shard(out, "shard-00001", "file:///b/other.wav", "m-b", speech["voice:en-gb"])
+    shards = ["shard-00000", "shard-00001"]
+    assert dedup.update_index(out, shards).new_segments > 0
+    out.reads.clear()
+    assert dedup.update_index(out, shards).new_segments == 0
+    assert not [k for k in out.reads if k.endswith(".fingerprints.parquet")], out.reads
+
+    _fake_shard(out, "shard-00001", "file:///b/copy.mp3", "m-c", speech["mp3-32k"])  # a new file on one shard
+    out.reads.clear()
+    report = dedup.update_index(out, shards)
+    assert [k for k in out.reads if k.endswith(".fingerprints.parquet")] == [dedup.fingerprints_key("shard-00001")]
+    assert report.new_segments == len(_print_rows("m-c", speech["mp3-32k"])) and report.duplicates["re_encode"] >= 2
