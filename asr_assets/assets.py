@@ -11,7 +11,7 @@ import dagster as dg
 import pydantic
 from pydantic import Field
 
-from asr_assets import dedup, layout, lease, metrics
+from asr_assets import dedup, layout, metrics
 from asr_assets.calibrate import CARD_FIELDS, CARD_KEY, audit_segments, card_overrides, collect, fit_card
 from asr_assets.deployment import GPU_POOL, step_tags
 from asr_assets.distill import (
@@ -152,6 +152,15 @@ class TranscriptsConfig(dg.Config):
         default=0, description="Segments read and checkpointed together (bounds memory); 0: the engine's default."
     )
     batch_size: int = Field(default=0, description="Segments per teacher call; 0: the engine's default.")
+    index_copies_first: bool = Field(
+        default=True,
+        description="Before labelling, add every shard's newly fingerprinted segments to the global dedup index (as "
+        "audio_fingerprints does), so copies are skipped in sensor and backfill runs too. Waits up to "
+        "ASR_DEDUP_WAIT_S (120) for another run holding the index, then labels without it.",
+    )
+
+
+DEDUP_WAIT_ENV = "ASR_DEDUP_WAIT_S"
 
 
 # DistilledConfig fields that are not rule parameters.
@@ -361,6 +370,25 @@ def segment_features(
         return dg.MaterializeResult(metadata=_metadata(report, "segments"))
 
 
+def _index_copies(context: dg.AssetExecutionContext, storage: StorageResource) -> None:
+    """The global dedup index brought up to date before the teacher runs: the segments every shard fingerprinted
+    since the index's last run are added, and the copies among them are skipped below instead of labelled. Without it
+    (another run held the index past ``ASR_DEDUP_WAIT_S``) copies are labelled, and dropped once the index knows."""
+    wait = float(os.environ.get(DEDUP_WAIT_ENV, "120"))
+    store = layout.dataset_output(storage)
+    report = dedup.refresh(store, shard_partitions.get_partition_keys(), context.run.run_id, wait_s=wait)
+    if report is None:
+        context.log.warning(
+            f"the dedup index was held by another run for {wait:.0f} s ({DEDUP_WAIT_ENV}): labelling without "
+            "updating it; copies among the new segments are dropped by distilled_dataset once audio_fingerprints runs"
+        )
+    elif report.new_segments:
+        context.log.info(
+            f"dedup index generation {report.generation}: {report.new_segments} new segments, duplicates "
+            f"{dict(report.duplicates)}, evaluation-set matches {dict(report.eval_matches)}"
+        )
+
+
 @dg.asset(
     partitions_def=shard_partitions,
     group_name=GROUP,
@@ -391,6 +419,8 @@ def transcripts(
     opinions = SecondOpinionStats()
     per_shard: dict[str, dict] = {}
     skipped: dict[str, str] = {}
+    if config.index_copies_first:
+        _index_copies(context, storage)
     for shard in context.partition_keys:
 
         def progress(report: StageReport, shard: str = shard) -> None:
@@ -667,9 +697,7 @@ def audio_fingerprints(context: dg.AssetExecutionContext, storage: StorageResour
     # One writer at a time: two runs would both write generation N+1. The index is global, so its lease is held
     # under a pseudo-shard; a second run fails fast naming the holder (or waits, per ASR_LEASE_WAIT_S).
     store = layout.dataset_output(storage)
-    with lease.hold(store, dedup.INDEX_LEASE_SHARD, "audio_fingerprints", context.run.run_id) as held:
-        out = lease.GuardedStore(store, held.check)  # every write checks the lease is still ours
-        report = dedup.update_index(out, shard_partitions.get_partition_keys(), dedup.read_eval_sets(out))
+    report = dedup.refresh(store, shard_partitions.get_partition_keys(), context.run.run_id, raise_held=True)
     context.log.info(
         f"generation {report.generation}: {report.new_segments} new segments, duplicates {dict(report.duplicates)}, "
         f"evaluation-set matches {dict(report.eval_matches)}"

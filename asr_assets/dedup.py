@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from asr_assets import fingerprint as fp
-from asr_assets import layout
+from asr_assets import layout, lease
 from asr_assets.dedup_index import MIN_SIMILARITY, MIN_VOTES, FingerprintIndex, Hit, build_index_arrays, is_match
 from asr_assets.records import AUDIO_SCHEMA, FEATURE_SCHEMA
 from resources.storage import ObjectStore, read_table, write_table
@@ -205,6 +205,7 @@ class IndexReport:
     duplicates: Counter = field(default_factory=Counter)
     duplicate_hours: Counter = field(default_factory=Counter)
     eval_matches: Counter = field(default_factory=Counter)
+    touched_shards: list[str] = field(default_factory=list)  # shards whose dedup outcomes changed
 
 
 def _media_info(out: ObjectStore, shard: str) -> dict[str, dict]:
@@ -343,16 +344,47 @@ def update_index(out: ObjectStore, shards: list[str], eval_sets: pa.Table | None
     if new.num_rows:
         write_table(out, indexed_key(generation), new)
         write_table(out, duplicates_key(generation), pa.Table.from_pylist(new_dups, schema=DUPLICATES_SCHEMA))
-    checked = _check_eval(out, state, everything, new, prints, index, files, eval_sets, report)
+    checked, eval_touched = _check_eval(out, state, everything, new, prints, index, files, eval_sets, report)
+    # Shards whose dedup outcomes this run changed, at which revision: pending_work rebuilds a dataset built before.
+    touched = {d["shard"] for d in new_dups} | eval_touched
+    revision = state.get("revision", 0) + (1 if touched else 0)
+    report.touched_shards = sorted(touched)
+    before = state
     state = {
         "generations": generation,
         "index_rows": report.index_rows,
         "eval_checked": checked,
         "fingerprint_version": fp.VERSION,
         "fingerprints_seen": {**seen, **{s: versions[fingerprints_key(s)] for s in changed}},
+        "revision": revision,
+        "outcomes_changed": {**state.get("outcomes_changed", {}), **dict.fromkeys(touched, revision)},
     }
-    out.put_bytes(STATE_KEY, json.dumps(state, sort_keys=True).encode())
+    if state != before:  # a run that found nothing new writes nothing
+        out.put_bytes(STATE_KEY, json.dumps(state, sort_keys=True).encode())
     return report
+
+
+def refresh(
+    store: ObjectStore, shards: list[str], run_id: str = "", wait_s: float | None = None, raise_held: bool = False
+) -> IndexReport | None:
+    """:func:`update_index` over ``shards`` with the registered evaluation sets, under the index's lease (one writer:
+    two runs would both write generation N+1), waiting up to ``wait_s`` (default ``ASR_LEASE_WAIT_S``) for another
+    holder. When it was held that long: ``LeaseHeld`` (naming the holder) with ``raise_held``, else None. Every write
+    checks the lease is still ours."""
+    try:
+        with lease.hold(store, INDEX_LEASE_SHARD, "audio_fingerprints", run_id, wait_s) as held:
+            return update_index(lease.GuardedStore(store, held.check), shards, read_eval_sets(store))
+    except lease.LeaseHeld:
+        if raise_held:
+            raise
+        return None
+
+
+def outcomes_revision(out: ObjectStore, shard: str) -> tuple[int, int]:
+    """(the index's revision now, the revision at which the shard's dedup outcomes last changed): a dataset built at
+    a revision below the second misses some of them."""
+    state = read_state(out)
+    return state.get("revision", 0), state.get("outcomes_changed", {}).get(shard, 0)
 
 
 @dataclass
@@ -436,7 +468,7 @@ def _check_eval(
     files: _Files,
     eval_sets: pa.Table | None,
     report: IndexReport,
-) -> list[list[str]]:
+) -> tuple[list[list[str]], set[str]]:
     """Brings ``dedup/eval_matches.parquet`` up to date without going over the whole index again: this run's new
     segments are checked against every registered evaluation file, and evaluation files registered since the last run
     are looked up in the global index (one lookup each: the files holding them, then each overlapping segment verified
@@ -448,10 +480,11 @@ def _check_eval(
     still = {tuple(k) for k in keys}
     mask = [(s, u) in still for s, u in zip(old["eval_set"].to_pylist(), old["eval_uri"].to_pylist(), strict=True)]
     kept = old.filter(pa.array(mask, pa.bool_()))
+    dropped_shards = set(old.filter(pa.array([not m for m in mask], pa.bool_()))["shard"].to_pylist())
     if not registered:
         if old.num_rows:
             write_table(out, EVAL_MATCHES_KEY, kept)
-        return []
+        return [], dropped_shards
     eval_prints = [fp.Fingerprint.from_bytes(e["hashes"], e["times"]) for e in registered]
     sizes = np.array([len(p) for p in eval_prints])
     eval_index = FingerprintIndex([build_index_arrays(eval_prints)])
@@ -508,7 +541,7 @@ def _check_eval(
     if added or kept.num_rows != old.num_rows:
         table = pa.concat_tables([kept, pa.Table.from_pylist(added, schema=EVAL_MATCHES_SCHEMA)])
         write_table(out, EVAL_MATCHES_KEY, table.sort_by([("segment_id", "ascending"), ("eval_set", "ascending")]))
-    return sorted(keys)
+    return sorted(keys), dropped_shards | {m["shard"] for m in added}
 
 
 def shard_outcomes(out: ObjectStore, shard: str) -> dict[str, dict]:

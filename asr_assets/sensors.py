@@ -19,7 +19,7 @@ import dagster as dg
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from asr_assets import failures, layout
+from asr_assets import dedup, failures, layout
 from asr_assets.records import AUDIO_SCHEMA, FEATURE_SCHEMA, SEGMENT_SCHEMA, VAD_MEDIA_SCHEMA
 from asr_assets.stages import index_objects, read_transcripts
 from partitions import NUM_SHARDS, media_id, shard_key, shard_of
@@ -154,7 +154,8 @@ def pending_work(out: ObjectStore, shard: str) -> Counter:
     - ``segment_features``: segments without features or dead letter;
     - ``transcripts``: featured segments without a transcript or dead letter;
     - ``distilled_dataset``: 1 when transcripts exist but no dataset build, or the current build was made from another
-      number of transcripts (a step that died after the labels and before the dataset).
+      number of transcripts (a step that died after the labels and before the dataset), or before the dedup index
+      last changed the shard's outcomes (``dedup.outcomes_revision``).
 
     A dead letter is an outcome only when it is final (``failures.is_final``): a transient one, or a suspect one with
     attempts left, counts as work to do. Reads only id columns of the stage tables.
@@ -188,7 +189,11 @@ def pending_work(out: ObjectStore, shard: str) -> Counter:
     counts["transcripts"] = missing(featured, labelled, dead("transcripts"))
     current = layout.read_current(out, shard)
     built = current["counts"].get("transcribed") if current else None
-    counts["distilled_dataset"] = int(len(labelled) > 0 and built != len(labelled))
+    # Or the dedup index changed the shard's outcomes (a copy found, an evaluation file registered or removed) after
+    # the current build read them.
+    _, changed_at = dedup.outcomes_revision(out, shard)
+    stale = current is not None and changed_at > current.get("dedup_revision", 0)
+    counts["distilled_dataset"] = int(len(labelled) > 0 and (built != len(labelled) or stale))
     return +counts
 
 

@@ -574,3 +574,49 @@ def test_a_run_reads_only_the_fingerprints_of_shards_that_changed(speech, tmp_pa
     report = dedup.update_index(out, shards)
     assert [k for k in out.reads if k.endswith(".fingerprints.parquet")] == [dedup.fingerprints_key("shard-00001")]
     assert report.new_segments == len(_print_rows("m-c", speech["mp3-32k"])) and report.duplicates["re_encode"] >= 2
+
+
+ASR = ["media_index", "audio_wav", "vad_segments", "segment_features", "transcripts", "distilled_dataset"]
+
+
+def test_shard_runs_alone_skip_copies_and_a_later_evaluation_set_makes_their_datasets_pending(tmp_path: Path) -> None:
+    """What the sensors run: group:asr shard by shard, no dedup pass. The transcripts step brings the index up to
+    date first, so a copy is skipped before the teacher; an evaluation set registered afterwards changes a built
+    shard's outcomes, pending_work asks for its dataset again, and the next run drops the leaked segments."""
+    from asr_assets.sensors import pending_work
+
+    media, evals, out = tmp_path / "media", tmp_path / "eval", tmp_path / "out"
+    media.mkdir()
+    evals.mkdir()
+    orig = speak(media / "a_orig.wav", TEXT)
+    ffmpeg(orig, media / "b_copy.mp3", "-c:a", "libmp3lame", "-b:a", "64k")
+    other = speak(media / "c_other.wav", OTHER, "en-gb")
+    ffmpeg(other, evals / "other_heldout.opus", "-c:a", "libopus", "-b:a", "32k")
+    shards = shard_partitions.get_partition_keys()
+    for shard in shards:
+        assert _materialize(out, media, ASR, shard).success
+    store = LocalStore(out)
+    finish = {}
+    for shard in shards:
+        finish |= {r["segment_id"]: r["finish_reason"] for r in read_transcripts(store, shard).to_pylist()}
+    skipped = {sid for sid, reason in finish.items() if reason == "skipped:duplicate"}
+    dups = dedup.read_duplicates(store).to_pylist()
+    # One of the two copies (whichever shard was labelled first is the first indexed) never reached the teacher.
+    assert skipped and skipped == {d["segment_id"] for d in dups}
+    assert len({d["media_id"] for d in dups}) == 1
+    assert all(pending_work(store, shard)["distilled_dataset"] == 0 for shard in shards)
+
+    config = {"ops": {"eval_sets": {"config": {"eval_sets": f"heldout={evals}"}}}}
+    assert _materialize(out, media, ["eval_sets", "audio_fingerprints"], config=config).success
+    leaked = dedup.read_table(store, dedup.EVAL_MATCHES_KEY, dedup.EVAL_MATCHES_SCHEMA).to_pylist()
+    assert leaked and {m["uri"].rsplit("/", 1)[-1] for m in leaked} == {"c_other.wav"}
+    (leaked_shard,) = {m["shard"] for m in leaked}
+    assert {s: pending_work(store, s)["distilled_dataset"] for s in shards} == {
+        s: int(s == leaked_shard) for s in shards
+    }
+    result = _materialize(out, media, ASR, leaked_shard)
+    assert result.success and all(c.passed for c in result.get_asset_check_evaluations())
+    assert pending_work(store, leaked_shard)["distilled_dataset"] == 0
+    decisions = pq.read_table(out / layout.decisions_key(leaked_shard, layout.current_build(store, leaked_shard)))
+    reasons = dict(zip(decisions["segment_id"].to_pylist(), decisions["drop_reason"].to_pylist(), strict=True))
+    assert {reasons[m["segment_id"]] for m in leaked} == {dedup.EVAL_CONTAMINATION}
