@@ -711,6 +711,7 @@ def audio_fingerprints(context: dg.AssetExecutionContext, storage: StorageResour
             "duplicate_hours_by_kind": dg.MetadataValue.json(
                 {k: round(v, 4) for k, v in report.duplicate_hours.items()}
             ),
-            "eval_matches_by_set": dg.MetadataValue.json(dict(report.eval_matches)),
+            "new_eval_matches_by_set": dg.MetadataValue.json(dict(report.eval_matches)),
+            "eval_matches_by_set": dg.MetadataValue.json(dedup.eval_match_counts(store)),
         }
     )

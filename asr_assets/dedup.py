@@ -83,7 +83,8 @@ DUPLICATES_SCHEMA = pa.schema(
         ("kind", pa.string()),
     ]
 )
-# The registered evaluation recordings: the first grid's sampled landmarks of each whole file.
+# The registered evaluation recordings: the sampled landmarks of each whole file on every query grid (the first grid
+# is what segments are matched against; all of them look the file up in the global index), and their version.
 EVAL_INDEX_SCHEMA = pa.schema(
     [
         ("eval_set", pa.string()),
@@ -91,8 +92,11 @@ EVAL_INDEX_SCHEMA = pa.schema(
         ("duration_s", pa.float64()),
         ("hashes", pa.binary()),
         ("times", pa.binary()),
+        ("grid_sizes", pa.list_(pa.int32())),
+        ("fingerprint_version", pa.string()),
     ]
 )
+CANDIDATE_VOTES = 3  # an evaluation file's lookup in the index: fewer than MIN_VOTES, each candidate is verified
 EVAL_MATCHES_SCHEMA = pa.schema(
     [
         ("segment_id", pa.string()),
@@ -162,8 +166,9 @@ def _check_version(state: dict) -> None:
     if state["generations"] and version != fp.VERSION:
         raise ValueError(
             f"the dedup index under {INDEX_PREFIX} holds {version} fingerprints, this code makes {fp.VERSION}: remove "
-            f"{INDEX_PREFIX} and segment_features/*.fingerprints.parquet, then re-materialize segment_features (its "
-            "segments are measured again) and audio_fingerprints"
+            "dedup/ (the index, the evaluation registry and its matches) and each shard's segment_features/{shard}"
+            ".parquet with its .fingerprints.parquet (segments are fingerprinted when they are featured), then "
+            "materialize segment_features, eval_sets and audio_fingerprints again"
         )
 
 
@@ -204,7 +209,7 @@ class IndexReport:
     index_rows: int = 0
     duplicates: Counter = field(default_factory=Counter)
     duplicate_hours: Counter = field(default_factory=Counter)
-    eval_matches: Counter = field(default_factory=Counter)
+    eval_matches: Counter = field(default_factory=Counter)  # matches this run added, by set
     touched_shards: list[str] = field(default_factory=list)  # shards whose dedup outcomes changed
 
 
@@ -450,9 +455,9 @@ def _eval_hit(index: FingerprintIndex, grids: list[fp.Fingerprint], eval_sizes: 
     much as a segment inside a long evaluation file."""
     best = None
     for q in grids:
+        landmarks = len(fp.sampled(q))
         for h in index.hits(q, limit=16):
-            consulted = h.votes / h.similarity if h.similarity else 0.0
-            share = h.votes / max(1.0, min(consulted, float(eval_sizes[h.ref])))
+            share = h.votes / max(1.0, min(landmarks, float(eval_sizes[h.ref])))
             if h.votes >= MIN_VOTES and share >= MIN_SIMILARITY and (best is None or h.votes > best.votes):
                 best = Hit(h.ref, h.name, h.votes, min(1.0, share), h.offset)
     return best
@@ -485,7 +490,14 @@ def _check_eval(
         if old.num_rows:
             write_table(out, EVAL_MATCHES_KEY, kept)
         return [], dropped_shards
-    eval_prints = [fp.Fingerprint.from_bytes(e["hashes"], e["times"]) for e in registered]
+    stale = sorted({e["uri"] for e in registered if e["fingerprint_version"] != fp.VERSION})
+    if stale:
+        raise ValueError(
+            f"{len(stale)} registered evaluation files were fingerprinted by another version than {fp.VERSION} (e.g. "
+            f"{stale[:3]}): materialize eval_sets again, which fingerprints them anew"
+        )
+    eval_grids = [fp.unpack_prints(e["hashes"], e["times"], e["grid_sizes"]) for e in registered]
+    eval_prints = [grids[0] for grids in eval_grids]  # what segments are matched against
     sizes = np.array([len(p) for p in eval_prints])
     eval_index = FingerprintIndex([build_index_arrays(eval_prints)])
     matches: dict[tuple[str, str, str], dict] = {}
@@ -517,8 +529,9 @@ def _check_eval(
         candidates: set[int] = set()
         for i in fresh:
             duration = registered[i]["duration_s"]
-            for hit in index.hits(eval_prints[i], limit=64):
-                if hit.votes < MIN_VOTES:
+            # Every grid of the file: the indexed segments are on their own first grid, which a copy rarely shares.
+            for hit in (h for grid in eval_grids[i] for h in index.hits(grid, limit=64)):
+                if hit.votes < CANDIDATE_VOTES:
                     continue
                 segs = files.members[files.bounds[hit.ref] : files.bounds[hit.ref + 1]]
                 start = hit.offset * fp.FRAME_S
@@ -542,6 +555,12 @@ def _check_eval(
         table = pa.concat_tables([kept, pa.Table.from_pylist(added, schema=EVAL_MATCHES_SCHEMA)])
         write_table(out, EVAL_MATCHES_KEY, table.sort_by([("segment_id", "ascending"), ("eval_set", "ascending")]))
     return sorted(keys), dropped_shards | {m["shard"] for m in added}
+
+
+def eval_match_counts(out: ObjectStore) -> dict[str, int]:
+    """Training segments matching each evaluation set, all runs together."""
+    table = read_table(out, EVAL_MATCHES_KEY, EVAL_MATCHES_SCHEMA)
+    return dict(sorted(Counter(table["eval_set"].to_pylist()).items()))
 
 
 def shard_outcomes(out: ObjectStore, shard: str) -> dict[str, dict]:
@@ -594,8 +613,9 @@ def eval_keys(store: ObjectStore, manifest: str | None) -> list[str]:
     return sorted(i.key for i in store.list() if not i.key.rsplit("/", 1)[-1].startswith("."))
 
 
-def fingerprint_file(path, scratch) -> tuple[float, fp.Fingerprint]:
-    """Decodes a file as the pipeline does (16 kHz mono) and returns its duration and sampled first-grid landmarks.
+def fingerprint_file(path, scratch) -> tuple[float, tuple[bytes, bytes, list[int]]]:
+    """Decodes a file as the pipeline does (16 kHz mono) and returns its duration and its sampled landmarks on every
+    query grid (:func:`fingerprint.stored_prints`).
 
     Raises:
         ValueError: the file does not decode (the message names the reason).
@@ -610,7 +630,7 @@ def fingerprint_file(path, scratch) -> tuple[float, fp.Fingerprint]:
         x = read_audio(dst)
     finally:
         dst.unlink(missing_ok=True)
-    return len(x) / fp.SAMPLE_RATE, fp.sampled(fp.fingerprint(x))
+    return len(x) / fp.SAMPLE_RATE, fp.stored_prints(x)
 
 
 def write_eval_sets(out: ObjectStore, table: pa.Table) -> None:
@@ -624,7 +644,8 @@ def fingerprint_eval_sets(
     from the current registry; sets no longer configured left out. Returns it and the files that could not be decoded
     (with the reason): an evaluation file that cannot be checked is reported, never silently skipped."""
     old = read_table(out, EVAL_INDEX_KEY, EVAL_INDEX_SCHEMA)
-    have = {(r["eval_set"], r["uri"]): r for r in old.to_pylist()}
+    # Rows of another fingerprint version (or none: written before versions) are fingerprinted again.
+    have = {(r["eval_set"], r["uri"]): r for r in old.to_pylist() if r["fingerprint_version"] == fp.VERSION}
     rows, problems = [], []
     scratch = out.scratch_dir()
     for name, (store, keys) in sorted(sets.items()):
@@ -634,12 +655,21 @@ def fingerprint_eval_sets(
                 rows.append(have[(name, uri)])
                 continue
             try:
-                duration, print_ = fingerprint_file(store.local_path(key), scratch)
+                duration, (hashes, times, sizes) = fingerprint_file(store.local_path(key), scratch)
             except (ValueError, OSError) as exc:
                 problems.append(f"{name}: {uri}: {exc}")
                 continue
-            hashes, times = print_.to_bytes()
-            rows.append({"eval_set": name, "uri": uri, "duration_s": duration, "hashes": hashes, "times": times})
+            rows.append(
+                {
+                    "eval_set": name,
+                    "uri": uri,
+                    "duration_s": duration,
+                    "hashes": hashes,
+                    "times": times,
+                    "grid_sizes": sizes,
+                    "fingerprint_version": fp.VERSION,
+                }
+            )
     return pa.Table.from_pylist(rows, schema=EVAL_INDEX_SCHEMA), problems
 
 

@@ -8,7 +8,8 @@ from the longer files (re-encoded too). Every variant must match its original th
 voices' recordings of the same sentences must match nothing. Prints one JSON line:
 ``{"pairs", "recall", "false_matches", "weakest_pair", "most_votes_distinct", "files_per_s_per_core",
 "x_realtime_per_core", "index_segments", "index_rows", "collision_source", "lookup_ms", "real_collision_rate",
-"synthetic_values", "mean_postings_per_hash", "mean_postings_read_per_grid", "mean_hashes_consulted_per_grid"}``.
+"synthetic_values", "mean_postings_per_hash", "mean_postings_read_per_grid", "mean_hashes_consulted_per_grid",
+"recall_at_scale_by_share", "false_matches_at_scale", "posting_budget"}``.
 
     python bench/dedup.py [--work DIR] [--index-segments 10000000]
 """
@@ -29,6 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from asr_assets import dedup_index  # noqa: E402
 from asr_assets import fingerprint as fp  # noqa: E402
 from asr_assets.dedup_index import FingerprintIndex, build_index_arrays, synthetic_index  # noqa: E402
 
@@ -179,8 +181,13 @@ def main() -> None:
         default=Path(__file__).resolve().parent.parent / "data" / "cache-debs",
         help="the Debian packages of real speech (asr_assets.real_speech; the tests download them here)",
     )
+    parser.add_argument(
+        "--budget", type=int, default=None, help="postings a query grid may read (default: dedup_index.POSTING_BUDGET)"
+    )
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
+    if args.budget is not None:
+        dedup_index.POSTING_BUDGET = args.budget
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-dedup-"))
     work.mkdir(parents=True, exist_ok=True)
     originals, pairs, distinct = make_corpus(work)

@@ -73,6 +73,7 @@ class Drill:
     kills: int = 0
     concurrent_runs: int = 0
     arrival_drills: int = 0
+    arrivals_mid_decode: int = 0  # arrival drills whose files were indexed while the run was in audio_wav
     stages_hit: Counter = field(default_factory=Counter)
     mismatches: list[str] = field(default_factory=list)
     duplicates: int = 0
@@ -85,6 +86,7 @@ class Drill:
             "stages_hit": dict(sorted(self.stages_hit.items())),
             "concurrent_runs": self.concurrent_runs,
             "arrival_drills": self.arrival_drills,
+            "arrivals_mid_decode": self.arrivals_mid_decode,
             "identical": not self.mismatches,
             "duplicates": self.duplicates,
             "transient_dead_letters": self.transient_dead_letters,
@@ -333,10 +335,12 @@ def arrivals_drill(runner: Runner, reference: Path, clean_s: float, report: Dril
     deadline = time.monotonic() + max(1.0, clean_s)
     while _stage_now(out) != "audio_wav" and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
+    mid_decode = _stage_now(out) == "audio_wav"
     for path in late:
         os.replace(held / path.relative_to(runner.source), path)
     source = LocalStore(runner.source)
     index_objects(source, LocalStore(out), source.list(), 1)  # what the arrivals sensor does on its tick
+    report.arrivals_mid_decode += mid_decode
     code = proc.wait(timeout=1800)
     report.arrival_drills += 1
     if code != 0 or runner.run(out, "a1") != 0:

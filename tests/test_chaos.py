@@ -17,6 +17,7 @@ def test_kills_concurrent_runs_and_arrivals_end_identical_to_a_clean_run(tmp_pat
     print(line)
     assert line["kills"] >= 1, line  # at least one kill landed before the run ended
     assert line["concurrent_runs"] == 2 and line["arrival_drills"] == 1
+    assert line["arrivals_mid_decode"] == 1, line  # the arrivals were indexed while the run decoded
     assert line["failed_runs"] == 0, line
     assert line["identical"], line["mismatches"]
     assert line["duplicates"] == 0 and line["transient_dead_letters"] == 0, line

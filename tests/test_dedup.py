@@ -24,7 +24,7 @@ from asr_assets.checks import (
     reconcile_transcripts,
     reconcile_vad,
 )
-from asr_assets.dedup_index import FingerprintIndex, build_index_arrays
+from asr_assets.dedup_index import FingerprintIndex, Hit, build_index_arrays
 from asr_assets.definitions import all_assets, all_checks
 from asr_assets.media import DecodeJob, decode_media, read_audio
 from asr_assets.records import AUDIO_SCHEMA, FEATURE_SCHEMA, MEDIA_SCHEMA
@@ -424,9 +424,17 @@ def _eval_table(files: dict[str, np.ndarray]) -> pa.Table:
     """An evaluation-set registry (as eval_sets writes it) of decoded audio, one set named "heldout"."""
     rows = []
     for uri, x in files.items():
-        hashes, times = fp.sampled(fp.fingerprint(x)).to_bytes()
+        hashes, times, sizes = fp.stored_prints(x)
         rows.append(
-            {"eval_set": "heldout", "uri": uri, "duration_s": len(x) / fp.SAMPLE_RATE, "hashes": hashes, "times": times}
+            {
+                "eval_set": "heldout",
+                "uri": uri,
+                "duration_s": len(x) / fp.SAMPLE_RATE,
+                "hashes": hashes,
+                "times": times,
+                "grid_sizes": sizes,
+                "fingerprint_version": fp.VERSION,
+            }
         )
     return pa.Table.from_pylist(rows, schema=dedup.EVAL_INDEX_SCHEMA)
 
@@ -488,59 +496,56 @@ def test_an_index_of_another_fingerprint_version_is_refused_with_what_to_do(spee
     out = LocalStore(tmp_path)
     _fake_shard(out, "shard-00000", "file:///train/orig.wav", "m-orig", speech["orig"])
     out.put_bytes(dedup.STATE_KEY, json.dumps({"generations": 1, "eval_version": ""}).encode())  # an older index
-    with pytest.raises(ValueError, match="pair-v0 fingerprints.*remove dedup/index/"):
+    with pytest.raises(ValueError, match="pair-v0 fingerprints.*remove dedup/"):
         dedup.update_index(out, ["shard-00000"])
 
 
-def test_a_lookup_reads_a_bounded_number_of_postings_and_still_finds_a_copy_by_its_rare_landmarks() -> None:
-    """Common landmarks (each in thousands of indexed segments) are consulted last, within POSTING_BUDGET; a copy's
-    rare landmarks are consulted first, so it is found however common the rest of the query is."""
+def test_a_lookup_reads_a_bounded_number_of_postings_and_still_finds_copies() -> None:
+    """A query's hashes are consulted rarest first within POSTING_BUDGET. A copy whose landmarks are rare is found
+    however common the rest of the query is; and where every landmark is as common as every other (posting lists of
+    3,000, the budget covering about half of a 70-landmark query), copies sharing a quarter to a half of the query
+    are still found, and random queries match nothing."""
     from asr_assets import dedup_index
 
     rng = np.random.default_rng(0)
+
+    def index_of(hashes: np.ndarray, refs: np.ndarray, times: np.ndarray) -> FingerprintIndex:
+        order = np.argsort(hashes, kind="stable")
+        return FingerprintIndex([(hashes[order], refs[order].astype(np.uint32), times[order].astype(np.uint32))])
+
+    # Rare landmarks among common ones.
     common = rng.integers(0, fp.SAMPLE_LIMIT, 60, dtype=np.uint64)
     rare = rng.integers(0, fp.SAMPLE_LIMIT, 12, dtype=np.uint64)
-    postings = 5_000  # per common hash: 60 of them hold 300,000 postings, six times the budget
-    hashes = np.concatenate([np.repeat(common, postings), rare])
-    refs = np.concatenate([rng.integers(100, 10_000, len(common) * postings), np.full(len(rare), 7)]).astype(np.uint32)
-    times = np.concatenate([rng.integers(0, 1 << 20, len(common) * postings), 500 + np.arange(len(rare))]).astype(
-        np.uint32
+    postings = 5_000  # per common hash: 300,000 postings in all, more than twice the budget
+    index = index_of(
+        np.concatenate([np.repeat(common, postings), rare]),
+        np.concatenate([rng.integers(100, 10_000, len(common) * postings), np.full(len(rare), 7)]),
+        np.concatenate([rng.integers(0, 1 << 20, len(common) * postings), 500 + np.arange(len(rare))]),
     )
-    order = np.argsort(hashes, kind="stable")
-    index = FingerprintIndex([(hashes[order], refs[order], times[order])])
     query = fp.Fingerprint(np.concatenate([common, rare]), np.arange(72, dtype=np.uint32))
     found_refs, _, consulted = index.postings(query)
     assert len(found_refs) <= dedup_index.POSTING_BUDGET < len(common) * postings
-    assert consulted >= len(rare)  # every rare hash, then as many common ones as the budget allows
+    assert consulted >= len(rare)
     hit = index.lookup(query)
     assert hit is not None and hit.ref == 7 and hit.votes == len(rare)
 
-
-def test_an_undecodable_evaluation_file_fails_eval_sets_unless_allowed(tmp_path: Path) -> None:
-    """A guard that silently skipped an evaluation file would let its copies into training: the run fails, names the
-    file and registers nothing; allow_unreadable registers the readable ones and lists the other."""
-    media, evals, out = tmp_path / "media", tmp_path / "eval", tmp_path / "out"
-    media.mkdir()
-    evals.mkdir()
-    speak(evals / "held_out.wav", EVAL_TEXT)
-    (evals / "broken.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk" * 10)
-    config = {"ops": {"eval_sets": {"config": {"eval_sets": f"heldout={evals}"}}}}
-    failed = _materialize(out, media, ["eval_sets"], config=config, raise_on_error=False)
-    assert not failed.success
-    failure = next(e for e in failed.all_events if e.event_type_value == "STEP_FAILURE")
-    assert "broken.wav" in str(failure.event_specific_data.error) and "allow_unreadable" in str(
-        failure.event_specific_data.error
-    )
-    assert not (out / dedup.EVAL_INDEX_KEY).exists()
-
-    config["ops"]["eval_sets"]["config"]["allow_unreadable"] = True
-    allowed = _materialize(out, media, ["eval_sets"], config=config)
-    assert allowed.success
-    assert [r["uri"].rsplit("/", 1)[-1] for r in pq.read_table(out / dedup.EVAL_INDEX_KEY).to_pylist()] == [
-        "held_out.wav"
-    ]
-    (mat,) = allowed.asset_materializations_for_node("eval_sets")
-    assert "broken.wav" in json.dumps(mat.metadata["unreadable"].value)
+    # Every landmark equally common: 400 values with 3,000 postings each, copies planted at three shares.
+    values = rng.integers(0, fp.SAMPLE_LIMIT, 400, dtype=np.uint64)
+    hashes = np.repeat(values, 3_000)
+    refs = rng.integers(1_000, 1_000_000, len(hashes))
+    times = rng.integers(0, 1 << 20, len(hashes))
+    queries = []
+    for n, share in enumerate((0.25, 0.33, 0.5) * 4):
+        k = round(share * 70)
+        where = rng.choice(len(hashes), k, replace=False)
+        refs[where], times[where] = n, 1000 + np.arange(k)
+        noise = rng.choice(values, 70 - k)
+        queries.append((n, fp.Fingerprint(np.concatenate([hashes[where], noise]), np.arange(70, dtype=np.uint32))))
+    index = index_of(hashes, refs, times)
+    assert all(len(index.postings(q)[0]) <= dedup_index.POSTING_BUDGET < 70 * 3_000 for _, q in queries)
+    assert [(index.lookup(q) or Hit(-1, "", 0, 0.0, 0)).ref for _, q in queries] == [n for n, _ in queries]
+    randoms = [fp.Fingerprint(rng.choice(values, 70), np.arange(70, dtype=np.uint32)) for _ in range(20)]
+    assert all(index.lookup(q) is None for q in randoms)
 
 
 class _CountingStore(LocalStore):
@@ -620,3 +625,30 @@ def test_shard_runs_alone_skip_copies_and_a_later_evaluation_set_makes_their_dat
     decisions = pq.read_table(out / layout.decisions_key(leaked_shard, layout.current_build(store, leaked_shard)))
     reasons = dict(zip(decisions["segment_id"].to_pylist(), decisions["drop_reason"].to_pylist(), strict=True))
     assert {reasons[m["segment_id"]] for m in leaked} == {dedup.EVAL_CONTAMINATION}
+
+
+@pytest.mark.parametrize("start_s", [1.0, 3.3, 6.53])
+def test_registering_an_evaluation_file_later_finds_what_registering_it_first_finds(
+    speech, tmp_path: Path, start_s: float
+) -> None:
+    """Clips of 2, 3 and 6 s at offsets off the indexed segments' frame grid: looked up in the index after the
+    segments were indexed, they match the same segments as when every new segment is checked against them, and every
+    segment sharing 2.5 s or more with a clip is among them."""
+    x = speech["orig"]
+    for length_s in (2, 3, 6):
+        a = int(start_s * fp.SAMPLE_RATE)
+        clip = {f"file:///eval/clip-{start_s}-{length_s}.wav": x[a : a + length_s * fp.SAMPLE_RATE]}
+        later = LocalStore(tmp_path / f"later-{length_s}")
+        direct = LocalStore(tmp_path / f"direct-{length_s}")
+        for out in (later, direct):
+            _fake_shard(out, "shard-00000", "file:///train/orig.wav", "m-orig", x)
+        dedup.update_index(later, ["shard-00000"])
+        dedup.update_index(later, ["shard-00000"], _eval_table(clip))
+        dedup.update_index(direct, ["shard-00000"], _eval_table(clip))
+        found = {store: set(dedup.shard_outcomes(store, "shard-00000")) for store in (later, direct)}
+        assert found[later] == found[direct], (length_s, found)
+        # Any 5 s segment sharing 2.5 s or more of the clip matches.
+        end_s = min(start_s + length_s, len(x) / fp.SAMPLE_RATE)
+        for i in range(3):
+            if min(end_s, 5 * i + 5) - max(start_s, 5 * i) >= 2.5:
+                assert f"m-orig-{i}" in found[direct], (length_s, i, found)

@@ -3,6 +3,7 @@ bad labels of every kind are caught. The full set is ``bench/filters.py`` (bench
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -83,5 +84,7 @@ def test_planted_bad_labels_are_caught(real_speech_eval: dict) -> None:
     assert len(truncated) >= 4
     heavy = [(kept, reasons) for kept, reasons in truncated if kept <= 0.6]
     assert len(heavy) >= 2 and all(reasons for _, reasons in heavy), truncated
-    print("truncated (share kept, rules):", truncated)
+    light = [(round(kept, 2), reasons) for kept, reasons in truncated if kept > 0.6]
+    if any(not reasons for _, reasons in light):
+        warnings.warn(f"light truncations not caught (share of words kept, rules): {light}", stacklevel=1)
     assert result["planted_caught_ratio"] >= 0.9
