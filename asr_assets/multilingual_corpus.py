@@ -95,7 +95,7 @@ FORMATS = ("wav", "mp3", "flac", "ogg", "m4a")
 MIXED_NAME = "mixed_turns.mp4"
 _MIXED_LANGUAGES = ("en", "es", "zh", "fr", "de", "ru")
 _MIXED_TURNS = 18
-_PAUSE_RANGE_S = (0.6, 1.0)
+_PAUSE_RANGE_S = (0.9, 1.4)  # well past VAD's 0.5 s minimum silence, with noise in the pauses
 _LEAD_S = 0.5
 _SPEED_RANGE_WPM = (150, 175)
 _MIXED_NOISE_STREAM = 3
@@ -169,7 +169,7 @@ def generate_multilingual_corpus(out_dir: Path, *, seed: int = 0, files_per_lang
 
 
 def _make_mixed_file(rng: random.Random, seed: int, media: Path, tmp: Path) -> list[Turn]:
-    """The long file: one sentence per turn, never two turns in a row in one language, pauses of 0.6-1.0 s."""
+    """The long file: one sentence per turn, never two turns in a row in one language, pauses of 0.9-1.4 s."""
     clips, languages, texts = [], [], []
     used = {language: 0 for language in _MIXED_LANGUAGES}
     previous = None
