@@ -376,7 +376,14 @@ def _index_copies(context: dg.AssetExecutionContext, storage: StorageResource) -
     (another run held the index past ``ASR_DEDUP_WAIT_S``) copies are labelled, and dropped once the index knows."""
     wait = float(os.environ.get(DEDUP_WAIT_ENV, "120"))
     store = layout.dataset_output(storage)
-    report = dedup.refresh(store, shard_partitions.get_partition_keys(), context.run.run_id, wait_s=wait)
+    try:
+        report = dedup.refresh(store, shard_partitions.get_partition_keys(), context.run.run_id, wait_s=wait)
+    except Exception as exc:  # noqa: BLE001 - the labels matter more than the skip: audio_fingerprints reports it
+        context.log.warning(
+            f"the dedup index could not be brought up to date ({type(exc).__name__}: {exc}); labelling without it, "
+            "copies among the new segments are dropped by distilled_dataset once audio_fingerprints runs"
+        )
+        return
     if report is None:
         context.log.warning(
             f"the dedup index was held by another run for {wait:.0f} s ({DEDUP_WAIT_ENV}): labelling without "

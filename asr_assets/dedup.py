@@ -10,7 +10,7 @@ depend on which shard ran first, and a copy once kept stays kept; a replaced obj
 ``dedup/duplicates-{generation}.parquet`` with the segment it duplicates, the similarity and the kind (``exact``: the
 decoded audio is identical; ``contained_clip``: its file is a shorter piece of the other's; ``re_encode``: the same
 audio otherwise: another codec, bitrate, gain or sample rate). Segments that match an evaluation set registered by
-``eval_sets`` are recorded in ``dedup/eval_matches.parquet``.
+``eval_sets`` are recorded in ``dedup/eval_matches-{revision}.parquet`` (the one ``state.json`` names).
 
 ``transcripts`` skips segments already recorded there (no teacher time) and ``distilled_dataset`` drops them with
 reason ``duplicate`` or ``eval_contamination``.
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+import secrets
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -44,7 +45,7 @@ INDEX_PREFIX = "dedup/index/"
 INDEX_LEASE_SHARD = "global"
 STATE_KEY = "dedup/index/state.json"
 EVAL_INDEX_KEY = "dedup/eval/index.parquet"
-EVAL_MATCHES_KEY = "dedup/eval_matches.parquet"
+EVAL_MATCHES_KEY = "dedup/eval_matches.parquet"  # before matches were written per revision
 
 FINGERPRINT_SCHEMA = pa.schema(
     [
@@ -117,6 +118,17 @@ def fingerprints_key(shard: str) -> str:
 
 def duplicates_key(generation: int) -> str:
     return f"{INDEX_PREFIX}duplicates-{generation:06d}.parquet"
+
+
+def eval_matches_key(revision: int) -> str:
+    """Written under the revision that changed it; ``state.json`` names the current one (its commit, like the rest)."""
+    return f"dedup/eval_matches-{revision:06d}.parquet"
+
+
+def read_eval_matches(out: ObjectStore, state: dict | None = None) -> pa.Table:
+    """The training segments that match an evaluation set, as of the index's last committed run."""
+    state = state or read_state(out)
+    return read_table(out, state.get("eval_matches", EVAL_MATCHES_KEY), EVAL_MATCHES_SCHEMA)
 
 
 def indexed_key(generation: int) -> str:
@@ -278,8 +290,6 @@ def update_index(out: ObjectStore, shards: list[str], eval_sets: pa.Table | None
     a run killed before it leaves files the next run overwrites."""
     report = IndexReport()
     state = read_state(out)
-    indexed = read_indexed(out, state)
-    duplicates = read_duplicates(out, state)
     _check_version(state)
     # Only shards whose fingerprint table changed since the last run are read (one listing says which): the work of a
     # run follows what is new, not how many shards there are.
@@ -292,6 +302,14 @@ def update_index(out: ObjectStore, shards: list[str], eval_sets: pa.Table | None
     changed = [
         s for s in shards if (v := versions.get(fingerprints_key(s))) is not None and (not v or v != seen.get(s))
     ]
+    registered = [] if eval_sets is None else sorted([e["eval_set"], e["uri"]] for e in eval_sets.to_pylist())
+    if not changed and registered == state.get("eval_checked", []) and state["generations"]:
+        # Nothing new since the last run: no segment, no evaluation file registered or removed. Nothing more is read
+        # (a transcripts step asks before every labelling run, on a GPU pod).
+        report.generation, report.index_rows = state["generations"], state.get("index_rows", 0)
+        return report
+    indexed = read_indexed(out, state)
+    duplicates = read_duplicates(out, state)
     new, prints = _new_rows(out, changed, indexed["segment_id"].combine_chunks())
     generation = state["generations"] + (1 if new.num_rows else 0)
     report.generation, report.new_segments = generation, new.num_rows
@@ -349,7 +367,9 @@ def update_index(out: ObjectStore, shards: list[str], eval_sets: pa.Table | None
     if new.num_rows:
         write_table(out, indexed_key(generation), new)
         write_table(out, duplicates_key(generation), pa.Table.from_pylist(new_dups, schema=DUPLICATES_SCHEMA))
-    checked, eval_touched = _check_eval(out, state, everything, new, prints, index, files, eval_sets, report)
+    checked, eval_touched, matches_key = _check_eval(
+        out, state, everything, new, prints, index, files, eval_sets, report
+    )
     # Shards whose dedup outcomes this run changed, at which revision: pending_work rebuilds a dataset built before.
     touched = {d["shard"] for d in new_dups} | eval_touched
     revision = state.get("revision", 0) + (1 if touched else 0)
@@ -363,7 +383,10 @@ def update_index(out: ObjectStore, shards: list[str], eval_sets: pa.Table | None
         "fingerprints_seen": {**seen, **{s: versions[fingerprints_key(s)] for s in changed}},
         "revision": revision,
         "outcomes_changed": {**state.get("outcomes_changed", {}), **dict.fromkeys(touched, revision)},
+        "index_id": state.get("index_id") or secrets.token_hex(8),
     }
+    if matches_key is not None:
+        state["eval_matches"] = matches_key
     if state != before:  # a run that found nothing new writes nothing
         out.put_bytes(STATE_KEY, json.dumps(state, sort_keys=True).encode())
     return report
@@ -385,11 +408,20 @@ def refresh(
         return None
 
 
-def outcomes_revision(out: ObjectStore, shard: str) -> tuple[int, int]:
-    """(the index's revision now, the revision at which the shard's dedup outcomes last changed): a dataset built at
-    a revision below the second misses some of them."""
-    state = read_state(out)
-    return state.get("revision", 0), state.get("outcomes_changed", {}).get(shard, 0)
+def outcomes_revision(shard: str, state: dict) -> tuple[str, int]:
+    """(the index's id, the revision at which the shard's dedup outcomes last changed) in ``state``: a dataset built
+    at a lower revision of the same index misses some of them, and one built from another index (removed and
+    rebuilt, its revisions counted anew) may miss any."""
+    return state.get("index_id", ""), state.get("outcomes_changed", {}).get(shard, 0)
+
+
+def dataset_is_stale(current: dict | None, shard: str, state: dict) -> bool:
+    """Whether the shard's current build (its pointer) predates the dedup outcomes the index holds now."""
+    if current is None:
+        return False
+    index_id, changed_at = outcomes_revision(shard, state)
+    built_at = current.get("dedup_revision", 0) if current.get("dedup_index_id", "") == index_id else 0
+    return changed_at > built_at
 
 
 @dataclass
@@ -473,23 +505,26 @@ def _check_eval(
     files: _Files,
     eval_sets: pa.Table | None,
     report: IndexReport,
-) -> tuple[list[list[str]], set[str]]:
-    """Brings ``dedup/eval_matches.parquet`` up to date without going over the whole index again: this run's new
+) -> tuple[list[list[str]], set[str], str | None]:
+    """Brings the evaluation matches up to date without going over the whole index again: this run's new
     segments are checked against every registered evaluation file, and evaluation files registered since the last run
     are looked up in the global index (one lookup each: the files holding them, then each overlapping segment verified
     as a new one is). Matches of evaluation sets no longer registered are dropped. Returns the (set, uri) pairs now
-    checked against the whole index."""
+    checked against the whole index, the shards whose matches changed, and the key of the matches table (a new one,
+    ``eval_matches_key`` of the next revision, when they changed: the state names it when it commits)."""
     registered = [] if eval_sets is None else eval_sets.to_pylist()
     keys = [[e["eval_set"], e["uri"]] for e in registered]
-    old = read_table(out, EVAL_MATCHES_KEY, EVAL_MATCHES_SCHEMA)  # contaminations: few rows
+    old = read_eval_matches(out, state)  # contaminations: few rows
+    new_key = eval_matches_key(state.get("revision", 0) + 1)
     still = {tuple(k) for k in keys}
     mask = [(s, u) in still for s, u in zip(old["eval_set"].to_pylist(), old["eval_uri"].to_pylist(), strict=True)]
     kept = old.filter(pa.array(mask, pa.bool_()))
     dropped_shards = set(old.filter(pa.array([not m for m in mask], pa.bool_()))["shard"].to_pylist())
     if not registered:
         if old.num_rows:
-            write_table(out, EVAL_MATCHES_KEY, kept)
-        return [], dropped_shards
+            write_table(out, new_key, kept)
+            return [], dropped_shards, new_key
+        return [], dropped_shards, state.get("eval_matches")
     stale = sorted({e["uri"] for e in registered if e["fingerprint_version"] != fp.VERSION})
     if stale:
         raise ValueError(
@@ -551,15 +586,17 @@ def _check_eval(
     added = [m for k, m in sorted(matches.items()) if k not in have]
     for m in added:
         report.eval_matches[m["eval_set"]] += 1
+    key = state.get("eval_matches")
     if added or kept.num_rows != old.num_rows:
         table = pa.concat_tables([kept, pa.Table.from_pylist(added, schema=EVAL_MATCHES_SCHEMA)])
-        write_table(out, EVAL_MATCHES_KEY, table.sort_by([("segment_id", "ascending"), ("eval_set", "ascending")]))
-    return sorted(keys), dropped_shards | {m["shard"] for m in added}
+        write_table(out, new_key, table.sort_by([("segment_id", "ascending"), ("eval_set", "ascending")]))
+        key = new_key
+    return sorted(keys), dropped_shards | {m["shard"] for m in added}, key
 
 
 def eval_match_counts(out: ObjectStore) -> dict[str, int]:
     """Training segments matching each evaluation set, all runs together."""
-    table = read_table(out, EVAL_MATCHES_KEY, EVAL_MATCHES_SCHEMA)
+    table = read_eval_matches(out)
     return dict(sorted(Counter(table["eval_set"].to_pylist()).items()))
 
 
@@ -578,7 +615,7 @@ def shard_outcomes(out: ObjectStore, shard: str) -> dict[str, dict]:
             "similarity": round(float(r["similarity"]), 4),
             "duplicate_kind": r["kind"],
         }
-    evals = read_table(out, EVAL_MATCHES_KEY, EVAL_MATCHES_SCHEMA)
+    evals = read_eval_matches(out, state)
     for r in evals.filter(pc.equal(evals["shard"], shard)).to_pylist():
         # Contamination wins: a copy of an evaluation recording must go even where it is also a duplicate.
         decided[r["segment_id"]] = {
@@ -698,7 +735,7 @@ def summary(out: ObjectStore, shards: list[str], examples: int = 20) -> dict:
             features = read_table(out, layout.features_key(shard), FEATURE_SCHEMA)
             chosen = features.filter(pc.is_in(features["segment_id"], value_set=skipped))
             saved_s += pc.sum(chosen["duration_s"]).as_py() or 0.0
-    evals = read_table(out, EVAL_MATCHES_KEY, EVAL_MATCHES_SCHEMA)
+    evals = read_eval_matches(out)
     per_set: dict[str, dict] = {}
     for r in evals.sort_by([("eval_set", "ascending"), ("uri", "ascending")]).to_pylist():
         entry = per_set.setdefault(r["eval_set"], {"segments": 0, "hours": 0.0, "examples": []})

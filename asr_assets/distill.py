@@ -677,13 +677,15 @@ class ShardInputs:
     read_at: float
     index_parts: list[str] | None = None  # the index part keys ``index`` was read from
     dedup: dict[str, dict] = field(default_factory=dict)  # dedup.shard_outcomes: duplicates, evaluation matches
-    dedup_revision: int = 0  # the dedup index's revision when they were read (dedup.outcomes_revision)
+    dedup_revision: int = 0  # the revision at which the shard's dedup outcomes last changed (dedup.outcomes_revision)
+    dedup_index_id: str = ""  # of the dedup index they came from
 
 
 def read_inputs(out: ObjectStore, shard: str) -> ShardInputs:
     """The shard's upstream tables as they are now."""
     read_at = time.time()
-    dedup_revision, _ = dedup.outcomes_revision(out, shard)  # before the outcomes: a change after them is newer
+    # The index's id and the revision of the shard's outcomes, read before the outcomes: a change after them is newer.
+    dedup_index_id, dedup_revision = dedup.outcomes_revision(shard, dedup.read_state(out))
     index_parts = layout.index_part_keys(out, shard)
     return ShardInputs(
         index=layout.read_index(out, shard, index_parts),
@@ -697,6 +699,7 @@ def read_inputs(out: ObjectStore, shard: str) -> ShardInputs:
         read_at=read_at,
         dedup=dedup.shard_outcomes(out, shard),
         dedup_revision=dedup_revision,
+        dedup_index_id=dedup_index_id,
     )
 
 
@@ -775,10 +778,11 @@ def distill_shard(
     fingerprint = _fingerprint(inputs, rules, pack)
     current = layout.read_current(out, shard)
     if current is not None and current["fingerprint"] == fingerprint:
-        if current.get("dedup_revision", 0) < inputs.dedup_revision:
-            # Same inputs at a newer dedup revision (what changed did not touch this shard's outcomes): the pointer
-            # says so, or pending_work would ask for this build again and again.
-            current = {**current, "dedup_revision": inputs.dedup_revision}
+        stamp = {"dedup_revision": inputs.dedup_revision, "dedup_index_id": inputs.dedup_index_id}
+        if {k: current.get(k) for k in stamp} != stamp and (inputs.dedup_revision or current.get("dedup_revision")):
+            # Same inputs, yet the index says the outcomes changed since (and changed back, or an index rebuilt to
+            # the same outcomes): the pointer says it is up to date, or pending_work would ask for it again and again.
+            current = {**current, **stamp}
             out.put_bytes(layout.distilled_current_key(shard), json.dumps(current, sort_keys=True).encode())
         _publish_manifest(out, shard, current)
         remove_old_builds(out, shard, current["build_id"], keep_builds_hours)
@@ -944,6 +948,7 @@ def commit_build(out: ObjectStore, build: Build, keep_builds_hours: float) -> Di
         "manifest_sha256": hashlib.sha256(manifest).hexdigest(),
         "retired": _retired(out, shard, build_id, current),
         "dedup_revision": build.inputs.dedup_revision,
+        "dedup_index_id": build.inputs.dedup_index_id,
     }
     out.put_bytes(layout.distilled_current_key(shard), json.dumps(pointer, sort_keys=True).encode())
     out.put_bytes(layout.distilled_manifest_key(shard), manifest)

@@ -146,7 +146,7 @@ def rescan_schedule(job: dg.UnresolvedAssetJobDefinition) -> dg.ScheduleDefiniti
     return full_rescan
 
 
-def pending_work(out: ObjectStore, shard: str) -> Counter:
+def pending_work(out: ObjectStore, shard: str, dedup_state: dict | None = None) -> Counter:
     """Items of a shard that have no outcome yet at the stage that takes them next, by stage (zero counts left out):
 
     - ``audio_wav``: index rows without an audio row or dead letter;
@@ -191,8 +191,7 @@ def pending_work(out: ObjectStore, shard: str) -> Counter:
     built = current["counts"].get("transcribed") if current else None
     # Or the dedup index changed the shard's outcomes (a copy found, an evaluation file registered or removed) after
     # the current build read them.
-    _, changed_at = dedup.outcomes_revision(out, shard)
-    stale = current is not None and changed_at > current.get("dedup_revision", 0)
+    stale = dedup.dataset_is_stale(current, shard, dedup_state if dedup_state is not None else dedup.read_state(out))
     counts["distilled_dataset"] = int(len(labelled) > 0 and (built != len(labelled) or stale))
     return +counts
 
@@ -239,8 +238,9 @@ def pending_work_sensor(job: dg.UnresolvedAssetJobDefinition) -> dg.SensorDefini
         period = int(now() // PENDING_RETRY_S)
         wanted, busy = {}, []
         active = _active_runs(context.instance)
+        dedup_state = dedup.read_state(out)  # once a tick, not once a shard
         for shard in shards:
-            pending = pending_work(out, shard)
+            pending = pending_work(out, shard, dedup_state)
             if not pending:
                 continue
             if active(shard):

@@ -454,14 +454,14 @@ def test_an_evaluation_file_registered_later_is_found_through_the_index_and_drop
     evals = _eval_table({"file:///eval/clip.mp3": speech["clip"], "file:///eval/other.wav": speech["voice:en-gb"]})
     report = dedup.update_index(out, ["shard-00000"], evals)
     assert report.new_segments == 0
-    matches = pq.read_table(tmp_path / "out" / dedup.EVAL_MATCHES_KEY).to_pylist()
+    matches = dedup.read_eval_matches(LocalStore(tmp_path / "out")).to_pylist()
     # 5-10 s holds 4.3 s of the clip; what a lookup finds is what checking the segments one by one finds.
     assert "m-orig-1" in {m["segment_id"] for m in matches}
     assert {m["eval_uri"] for m in matches} == {"file:///eval/clip.mp3"}
     direct = LocalStore(tmp_path / "direct")
     _fake_shard(direct, "shard-00000", "file:///train/orig.wav", "m-orig", speech["orig"])
     dedup.update_index(direct, ["shard-00000"], evals)
-    by_segment = pq.read_table(tmp_path / "direct" / dedup.EVAL_MATCHES_KEY).to_pylist()
+    by_segment = dedup.read_eval_matches(LocalStore(tmp_path / "direct")).to_pylist()
     assert {m["segment_id"] for m in matches} == {m["segment_id"] for m in by_segment}
     assert report.eval_matches["heldout"] == len(matches)
     assert dedup.read_state(out)["eval_checked"] == sorted(
@@ -469,11 +469,11 @@ def test_an_evaluation_file_registered_later_is_found_through_the_index_and_drop
     )
     # Nothing new: nothing is looked up or written again.
     assert dedup.update_index(out, ["shard-00000"], evals).eval_matches == {}
-    assert len(pq.read_table(tmp_path / "out" / dedup.EVAL_MATCHES_KEY)) == len(matches)
+    assert len(dedup.read_eval_matches(LocalStore(tmp_path / "out"))) == len(matches)
 
     # The clip is unregistered: its matches go (the segments are training data again).
     dedup.update_index(out, ["shard-00000"], evals.slice(1))
-    assert pq.read_table(tmp_path / "out" / dedup.EVAL_MATCHES_KEY).num_rows == 0
+    assert dedup.read_eval_matches(LocalStore(tmp_path / "out")).num_rows == 0
     assert dedup.shard_outcomes(out, "shard-00000") == {}
 
 
@@ -487,7 +487,7 @@ def test_a_short_evaluation_clip_inside_a_long_segment_is_caught(speech, tmp_pat
     evals = _eval_table({"file:///eval/short.wav": clip, "file:///eval/other.wav": speech["voice:en-gb"]})
     report = dedup.update_index(out, ["shard-00000"], evals)
     assert report.eval_matches["heldout"] == 1
-    (match,) = pq.read_table(tmp_path / dedup.EVAL_MATCHES_KEY).to_pylist()
+    (match,) = dedup.read_eval_matches(LocalStore(tmp_path)).to_pylist()
     assert match["segment_id"] == "m-long-0" and match["eval_uri"] == "file:///eval/short.wav"
     assert dedup.shard_outcomes(out, "shard-00000")["m-long-0"]["reason"] == dedup.EVAL_CONTAMINATION
 
@@ -613,7 +613,7 @@ def test_shard_runs_alone_skip_copies_and_a_later_evaluation_set_makes_their_dat
 
     config = {"ops": {"eval_sets": {"config": {"eval_sets": f"heldout={evals}"}}}}
     assert _materialize(out, media, ["eval_sets", "audio_fingerprints"], config=config).success
-    leaked = dedup.read_table(store, dedup.EVAL_MATCHES_KEY, dedup.EVAL_MATCHES_SCHEMA).to_pylist()
+    leaked = dedup.read_eval_matches(store).to_pylist()
     assert leaked and {m["uri"].rsplit("/", 1)[-1] for m in leaked} == {"c_other.wav"}
     (leaked_shard,) = {m["shard"] for m in leaked}
     assert {s: pending_work(store, s)["distilled_dataset"] for s in shards} == {
@@ -652,3 +652,64 @@ def test_registering_an_evaluation_file_later_finds_what_registering_it_first_fi
         for i in range(3):
             if min(end_s, 5 * i + 5) - max(start_s, 5 * i) >= 2.5:
                 assert f"m-orig-{i}" in found[direct], (length_s, i, found)
+
+
+class _DiesBeforeCommit(LocalStore):
+    """A store whose next write of the index's state fails, as if the run died just before its commit."""
+
+    die = True
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        if key == dedup.STATE_KEY and self.die:
+            self.die = False
+            raise OSError("killed before the commit")
+        super().put_bytes(key, data)
+
+
+def test_a_run_killed_before_its_commit_leaves_the_next_run_to_record_the_changed_outcomes(
+    speech, tmp_path: Path
+) -> None:
+    """The matches of an evaluation file registered later are written before state.json commits them; a run that
+    dies in between must not leave the next one thinking nothing changed (the shard's dataset would keep the copy)."""
+    out = _DiesBeforeCommit(tmp_path)
+    out.die = False
+    _fake_shard(out, "shard-00000", "file:///train/orig.wav", "m-orig", speech["orig"])
+    dedup.update_index(out, ["shard-00000"])
+    before = dedup.read_state(out)
+    evals = _eval_table({"file:///eval/clip.mp3": speech["clip"]})
+    out.die = True
+    with pytest.raises(OSError, match="killed before the commit"):
+        dedup.update_index(out, ["shard-00000"], evals)
+    assert dedup.read_state(out) == before and dedup.shard_outcomes(out, "shard-00000") == {}
+    report = dedup.update_index(out, ["shard-00000"], evals)
+    state = dedup.read_state(out)
+    assert report.touched_shards == ["shard-00000"] and state["outcomes_changed"]["shard-00000"] == state["revision"]
+    assert dedup.shard_outcomes(out, "shard-00000")
+
+
+def test_a_dataset_is_stale_when_its_shard_outcomes_changed_after_it_or_came_from_another_index() -> None:
+    state = {"index_id": "new", "outcomes_changed": {"s1": 5}}
+    built = {"dedup_index_id": "new", "dedup_revision": 5}
+    assert not dedup.dataset_is_stale(built, "s1", state)
+    assert dedup.dataset_is_stale({**built, "dedup_revision": 4}, "s1", state)
+    # The index was removed and rebuilt: its revisions count anew, so a higher old number proves nothing.
+    assert dedup.dataset_is_stale({"dedup_index_id": "old", "dedup_revision": 57}, "s1", state)
+    assert not dedup.dataset_is_stale({"dedup_index_id": "old", "dedup_revision": 57}, "s2", state)  # no outcomes
+    assert not dedup.dataset_is_stale(None, "s1", state)  # nothing built yet: other pending work says so
+
+
+def test_labelling_goes_on_when_the_dedup_index_cannot_be_updated(tmp_path: Path) -> None:
+    """An index the code refuses (another fingerprint version) fails audio_fingerprints, not the teacher's step."""
+    media, out = tmp_path / "media", tmp_path / "out"
+    media.mkdir()
+    speak(media / "a.wav", OTHER)
+    shard = next(
+        s
+        for s in shard_partitions.get_partition_keys()
+        if _materialize(out, media, ["media_index"], s).success and layout.read_index(LocalStore(out), s).num_rows
+    )
+    assert _materialize(out, media, ["audio_wav", "vad_segments", "segment_features"], shard).success
+    LocalStore(out).put_bytes(dedup.STATE_KEY, json.dumps({"generations": 1}).encode())  # an older index
+    result = _materialize(out, media, ["transcripts"], shard)
+    assert result.success and read_transcripts(LocalStore(out), shard).num_rows > 0
+    assert not _materialize(out, media, ["audio_fingerprints"], raise_on_error=False).success
