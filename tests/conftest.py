@@ -24,7 +24,7 @@ import dagster as dg  # noqa: E402
 import pytest  # noqa: E402
 
 from asr_assets.definitions import all_assets, all_checks  # noqa: E402
-from asr_assets.sample_corpus import FORMATS, Corpus, generate_corpus  # noqa: E402
+from asr_assets.sample_corpus import FORMATS, Corpus, _plan_files, generate_corpus  # noqa: E402
 from partitions import NUM_SHARDS, shard_of  # noqa: E402
 from resources.storage import LocalStore, StorageResource  # noqa: E402
 from resources.teachers import DEFAULT_SECOND_OPINION, TeacherResource  # noqa: E402
@@ -41,26 +41,46 @@ def _busiest(corpus: Corpus) -> tuple[str, int, int]:
     return shard, sum(1 for item in mine if not item.broken), sum(1 for item in mine if item.broken)
 
 
+def _teacher_seconds(corpus: Corpus, shard: str) -> float:
+    """A lower bound on the seconds the teacher packs into windows for a shard of the corpus: each sentence's speech
+    plus the 1 s gap after it in a window, leaving out every sentence that another good file says in the same voice
+    (the dedup index may skip it as a copy). Over 30 s, the shard needs at least two teacher windows."""
+    voices = {plan.rel_path: plan.voice for plan in _plan_files(0, NUM_FILES)}
+    good = [item for item in corpus.items if not item.broken]
+    said = Counter((voices[item.path], sentence) for item in good for sentence in item.sentences)
+    return sum(
+        end - start + 1.0
+        for item in good
+        if shard_of(uri_of(corpus, item.path), NUM_SHARDS) == shard
+        for (start, end), sentence in zip(item.speech, item.sentences, strict=True)
+        if said[(voices[item.path], sentence)] == 1
+    )
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
-    """The sample corpus, in a folder whose busiest shard holds good and broken files alike.
+    """The sample corpus, in a folder whose busiest shard holds good and broken files alike, and speech for more than
+    one teacher window.
 
     A file's shard is a hash of its absolute uri, so where pytest puts its temporary folder decides which shard gets
     which file. The folder is renamed (not regenerated) until one partition exercises both the good and the broken
-    paths; the choice depends only on the folder's path, so a given machine always picks the same one.
+    paths and labels its segments in at least two windows (a kill can then land between two of them:
+    test_fault_drills); the choice depends only on the folder's path, so a given machine always picks the same one.
     """
     base = tmp_path_factory.mktemp("corpora")
     corpus = generate_corpus(base / "corpus-0", seed=0, num_files=NUM_FILES)
     for attempt in range(1, 257):
-        _, good, broken = _busiest(corpus)
-        if good >= 2 and broken >= 1:
+        shard, good, broken = _busiest(corpus)
+        if good >= 2 and broken >= 1 and _teacher_seconds(corpus, shard) > 32.0:
             return corpus
         moved = base / f"corpus-{attempt}"
         corpus.media_dir.parent.rename(moved)
         corpus = dataclasses.replace(
             corpus, media_dir=moved / corpus.media_dir.name, references_path=moved / corpus.references_path.name
         )
-    raise RuntimeError(f"no folder under {base} gives a shard with both good and broken sample files")
+    raise RuntimeError(
+        f"no folder under {base} gives a shard with good and broken sample files and two teacher windows of speech"
+    )
 
 
 def uri_of(corpus: Corpus, path: str) -> str:
