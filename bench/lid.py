@@ -167,7 +167,7 @@ def main() -> None:
     run_ours(media, work, {"ASR_LANGUAGE": "auto"}, {})
     seconds = time.perf_counter() - started
     files = file_records(work / "out", media)
-    texts, _ = our_texts(work / "out", media)
+    texts, _, copies = our_texts(work / "out", media)
     peer = run_peer(media, sorted(references))
 
     single = [p for p, (lang, _) in references.items() if lang != "mixed"]
@@ -215,6 +215,8 @@ def main() -> None:
                 "turn_lid_accuracy_real": round(turn_accuracy(real_turns, files), 4),
                 "turn_lid_accuracy_espeak": round(turn_accuracy([t for t in turns if t not in real_turns], files), 4),
                 "turns": len(turns),
+                # Files holding a segment the dedup index skipped before the teacher as a copy (no label of ours).
+                "copy_files_skipped": sorted(copies),
                 "x_realtime_per_core": round(lid_speed(files, media), 1),
                 "wer_by_language": wer_by_language,
                 "mixed_files_wer": {
