@@ -200,6 +200,13 @@ def main() -> None:
     }
     mixed_errors = [label_errors(references[p][1], texts.get(p, ""), "en") for p in mixed]
     peer_mixed = [label_errors(references[p][1], peer[p][1], "en") for p in mixed]
+    real_mixed = sorted({t["path"] for t in real_turns})
+    real_errors = [label_errors(references[p][1], texts.get(p, ""), "en") for p in real_mixed]
+    peer_real = [label_errors(references[p][1], peer[p][1], "en") for p in real_mixed]
+
+    def rate(errors: list[tuple[int, int]]) -> float:
+        return round(sum(e for e, _ in errors) / max(sum(n for _, n in errors), 1), 4)
+
     print(
         json.dumps(
             {
@@ -219,10 +226,9 @@ def main() -> None:
                 "copy_files_skipped": sorted(copies),
                 "x_realtime_per_core": round(lid_speed(files, media), 1),
                 "wer_by_language": wer_by_language,
-                "mixed_files_wer": {
-                    "ours": round(sum(e for e, _ in mixed_errors) / max(sum(n for _, n in mixed_errors), 1), 4),
-                    "peer": round(sum(e for e, _ in peer_mixed) / max(sum(n for _, n in peer_mixed), 1), 4),
-                },
+                # Every label before filtering; the espeak file's misheard turns (Mandarin, German) dominate it.
+                "mixed_files_wer": {"ours": rate(mixed_errors), "peer": rate(peer_mixed)},
+                "mixed_files_wer_real": {"ours": rate(real_errors), "peer": rate(peer_real)},
                 "seconds": round(seconds, 1),
                 "cores": len(os.sched_getaffinity(0)),
             },
